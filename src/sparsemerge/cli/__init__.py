@@ -1,0 +1,1 @@
+"""Command line: one module per command group; each parses, validates and calls the API."""

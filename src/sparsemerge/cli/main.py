@@ -1,0 +1,61 @@
+"""``sparsemerge`` entry point.
+
+Each command group lives in its own module exposing ``register(subparsers)``; the module
+adds its sub-commands and sets ``func`` (called with the parsed arguments, returns an exit
+code). To add a command group, append its module name to ``COMMAND_MODULES``.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Optional, Sequence
+
+from sparsemerge.errors import SparsemergeError
+
+COMMAND_MODULES = [
+    "sparsemerge.cli.prune",  # prune, check
+    "sparsemerge.cli.eval",  # eval ppl
+    "sparsemerge.cli.demo",  # demo
+    "sparsemerge.cli.pack",  # pack, unpack, inspect           (storage)
+    "sparsemerge.cli.run",  # run, bench                      (execution)
+    "sparsemerge.cli.merge",  # merge, lmc, tv-stats            (merging)
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparsemerge",
+        description="Structured sparsity and model merging for edge inference.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:  # a command group not built yet
+                continue
+            raise
+        module.register(sub)
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except SparsemergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no output was written", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""``sparsemerge prune`` and ``sparsemerge check``."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+
+from sparsemerge.cli.common import add_overwrite, format_table
+from sparsemerge.errors import SparsemergeError
+
+PRUNE_RECORD = "sparsemerge_prune.json"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "prune",
+        help="prune a model to a sparsity pattern",
+        description="Prune SRC (HF folder, .safetensors, .gguf or 'smollm2') and write OUT as a Hugging Face folder.",
+    )
+    p.add_argument("src", help="HF folder, .safetensors or .gguf file, or a bundled model name (smollm2)")
+    p.add_argument("out", help="output Hugging Face folder")
+    p.add_argument("--recipe", help="YAML recipe with PruneConfig keys; command-line options override it")
+    p.add_argument("--pattern", help="2:4, 1:4, 4:8, block16:0.5, unstructured:0.6, unstructured-global:0.6 ... (default 2:4)")
+    p.add_argument("--method", help="magnitude (default), gradient, taylor, wanda, sparsegpt")
+    p.add_argument("--include", action="append", help="regex on module names to prune (repeatable; replaces the default)")
+    p.add_argument("--exclude", action="append", help="regex on module names to keep dense (repeatable; replaces the default)")
+    p.add_argument("--gamma", type=float, help="gradient weight in |W| + gamma*|grad W| (default 1.0)")
+    p.add_argument("--calib", help="calibration text: bbc, bbc:CATEGORY, FILE, hf:NAME (default bbc)")
+    p.add_argument("--nsamples", type=int, help="calibration windows (default 32)")
+    p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")
+    p.add_argument("--seed", type=int, help="seed for the calibration windows (default 0)")
+    p.add_argument("--dampening", type=float, help="SparseGPT: fraction of mean Hessian diagonal (default 0.01)")
+    p.add_argument("--blocksize", type=int, help="SparseGPT: column block size (default 128)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_overwrite(p)
+    p.set_defaults(func=run_prune)
+
+    c = sub.add_parser(
+        "check",
+        help="verify a model's weights against a sparsity pattern",
+        description="Check every targeted tensor of MODEL against PATTERN; exit 1 on any violation.",
+    )
+    c.add_argument("model", help="HF folder, .safetensors or .gguf file")
+    c.add_argument("--pattern", default="2:4")
+    c.add_argument("--include", action="append")
+    c.add_argument("--exclude", action="append")
+    c.add_argument("--quiet", action="store_true", help="print only the summary line")
+    c.set_defaults(func=run_check)
+
+
+def config_from_args(args: argparse.Namespace):
+    from sparsemerge.prune.config import PruneConfig
+
+    values: dict = {}
+    if args.recipe:
+        import yaml
+
+        try:
+            loaded = yaml.safe_load(Path(args.recipe).read_text())
+        except (OSError, yaml.YAMLError) as exc:
+            raise SparsemergeError(f"could not read recipe {args.recipe!r}: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise SparsemergeError(f"recipe {args.recipe!r} must be a mapping of PruneConfig keys")
+        values.update(loaded.get("prune", loaded))
+    for key in ("pattern", "method", "include", "exclude", "gamma", "calib", "nsamples", "seqlen", "seed", "dampening", "blocksize"):
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    values["progress"] = not args.no_progress
+    try:
+        return PruneConfig(**values)
+    except SparsemergeError:
+        raise
+    except Exception as exc:  # pydantic.ValidationError
+        raise SparsemergeError(f"invalid pruning options: {exc}") from exc
+
+
+def run_prune(args: argparse.Namespace) -> int:
+    from sparsemerge.io import ensure_writable, load_model, resolve_source, save_model
+    from sparsemerge.prune.api import prune_
+
+    config = config_from_args(args)
+    ensure_writable(args.out, args.overwrite)  # fail before any work
+    source = resolve_source(args.src)
+    loaded = load_model(source)
+    report = prune_(loaded.model, config, tokenizer=loaded.tokenizer)
+    record = report.to_json()
+    record["source"] = {"name": args.src, "kind": source.kind, "sha256": source.checksum()}
+    save_model(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, records={PRUNE_RECORD: record})
+    for name, reason in report.skipped:
+        print(f"skipped {name}: {reason}", file=sys.stderr)
+    print(
+        f"pruned {len(report.layers)} layers of {args.src} with {config.method} to {config.pattern}: "
+        f"sparsity {report.sparsity:.4f} of pruned weights, {report.seconds:.1f} s -> {args.out}"
+    )
+    return 0
+
+
+def run_check(args: argparse.Namespace) -> int:
+    from sparsemerge.io import open_tensor_source
+    from sparsemerge.masks import check_pattern, pattern_applicable
+    from sparsemerge.patterns import parse_pattern
+    from sparsemerge.prune.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+
+    pattern = parse_pattern(args.pattern)
+    include = [re.compile(r) for r in (args.include or DEFAULT_INCLUDE)]
+    exclude = [re.compile(r) for r in (args.exclude or DEFAULT_EXCLUDE)]
+    rows = []
+    violations = 0
+    with open_tensor_source(args.model) as tensors:
+        for name in tensors.names():
+            if not name.endswith(".weight"):
+                continue
+            module = name[: -len(".weight")]
+            if not any(r.search(module) for r in include) or any(r.search(module) for r in exclude):
+                continue
+            shape = tensors.shape(name)
+            if len(shape) != 2:
+                continue
+            reason = pattern_applicable(shape, pattern)
+            if reason is not None:
+                rows.append((module, "x".join(map(str, shape)), "-", "-", f"skipped: {reason}"))
+                continue
+            report = check_pattern(tensors.get(name), pattern)
+            violations += report.violations
+            rows.append((module, "x".join(map(str, shape)), f"{report.sparsity:.4f}", report.violations, "ok" if report.ok else "VIOLATES"))
+    if not rows:
+        raise SparsemergeError(f"no tensor of {args.model!r} matched the include/exclude regexes")
+    if not args.quiet:
+        print(format_table(["tensor", "shape", "sparsity", "violations", "status"], rows))
+    checked = sum(1 for r in rows if not r[4].startswith("skipped"))
+    print(f"{checked} tensors checked against {pattern}: {violations} violations")
+    return 1 if violations else 0

@@ -1,0 +1,1 @@
+"""Evaluation: text sources, perplexity, speed, reports."""

@@ -1,0 +1,28 @@
+"""Perplexity: ``exp(mean token NLL)`` over non-overlapping windows (pruning-literature protocol)."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+
+@torch.no_grad()
+def perplexity(model: Any, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, desc: str = "perplexity") -> float:
+    """``windows``: ``(n, seqlen)`` token ids. Each window predicts its tokens 2..seqlen."""
+    model.eval()
+    total_nll = 0.0
+    total_tokens = 0
+    bar = tqdm(total=windows.shape[0], desc=desc, disable=not progress, leave=False)
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size]
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        targets = batch[:, 1:]
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")
+        total_nll += float(nll)
+        total_tokens += targets.numel()
+        bar.update(batch.shape[0])
+    bar.close()
+    return math.exp(total_nll / total_tokens)

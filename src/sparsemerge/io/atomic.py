@@ -1,0 +1,75 @@
+"""Nothing is written half: outputs go to a temporary sibling and are renamed when complete.
+An existing output is replaced only with an explicit ``overwrite``."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from sparsemerge.errors import SparsemergeError
+
+
+def ensure_writable(out: "str | Path", overwrite: bool) -> Path:
+    """Fail early (before any work) when ``out`` exists and ``overwrite`` is not set."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise SparsemergeError(
+            f"output {str(out)!r} already exists; choose another path or pass --overwrite "
+            "(overwrite=True) to replace it"
+        )
+    if not out.parent.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextlib.contextmanager
+def atomic_output(out: "str | Path", overwrite: bool = False, is_dir: bool = True) -> Iterator[Path]:
+    """Yield a temporary path next to ``out``; on success move it to ``out``.
+
+    On any exception the temporary is removed and ``out`` (if it existed) is untouched.
+    """
+    out = ensure_writable(out, overwrite)
+    prefix = f".{out.name}.tmp-"
+    if is_dir:
+        tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    else:
+        fd, name = tempfile.mkstemp(prefix=prefix, dir=out.parent)
+        os.close(fd)
+        tmp = Path(name)
+    try:
+        yield tmp
+        _replace(tmp, out, overwrite)
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _replace(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.exists():
+        if not overwrite:  # appeared while we worked
+            raise SparsemergeError(f"output {str(out)!r} appeared while writing; not replacing it")
+        backup = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, backup)
+        os.replace(tmp, out)
+        _remove(backup)
+    else:
+        os.replace(tmp, out)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
+def write_json_atomic(path: "str | Path", data: Any, overwrite: bool = True) -> Path:
+    """Write ``data`` as indented JSON through a temporary file."""
+    with atomic_output(path, overwrite=overwrite, is_dir=False) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    return Path(path)

@@ -1,0 +1,53 @@
+"""Pruning configuration: a pydantic model that rejects unknown keys (YAML recipes validate into it)."""
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from sparsemerge.patterns import parse_pattern
+
+# Linear weights inside the repeated transformer blocks (…layers.3.mlp.up_proj, …h.3.attn.c_fc).
+DEFAULT_INCLUDE = [r"(^|\.)(layers|layer|h|blocks|block|decoder\.layers|encoder\.layer)\.\d+\..*"]
+# Embeddings, the output head and norms stay dense (chapter 10.1.6).
+DEFAULT_EXCLUDE = [r"(^|\.)(lm_head|embed_tokens|wte|wpe|embed_out|output)$", r"norm"]
+
+
+class PruneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pattern: str = Field("2:4", description="sparsity pattern, see sparsemerge.patterns")
+    method: str = Field("magnitude", description="a name from sparsemerge.prune.METHODS")
+    include: list[str] = Field(default_factory=lambda: list(DEFAULT_INCLUDE), description="regexes on module names to prune")
+    exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE), description="regexes on module names to keep dense")
+    layer_patterns: dict[str, str] = Field(
+        default_factory=dict, description="per-layer overrides: regex on module name -> pattern (first match wins)"
+    )
+    # gradient-aware scores |W| + gamma * |grad W| (chapter 10.1.7)
+    gamma: float = Field(1.0, ge=0.0)
+    # calibration data (gradient, taylor, wanda, sparsegpt)
+    calib: str = "bbc"
+    nsamples: int = Field(32, ge=1)
+    seqlen: int = Field(512, ge=2)
+    seed: int = 0
+    # SparseGPT (Frantar & Alistarh 2023)
+    dampening: float = Field(0.01, gt=0.0, description="fraction of the mean Hessian diagonal added to it")
+    blocksize: int = Field(128, ge=1, description="columns pruned and updated together")
+    sequential: bool = Field(True, description="calibrated methods: each block sees the pruned blocks before it")
+    progress: bool = Field(True, description="show progress bars")
+    sparsity_per_layer: Optional[list[float]] = Field(
+        None, description="Python API: one unstructured sparsity per transformer block (overrides pattern's)"
+    )
+
+    @field_validator("pattern")
+    @classmethod
+    def _valid_pattern(cls, value: str) -> str:
+        parse_pattern(value)
+        return value
+
+    @field_validator("layer_patterns")
+    @classmethod
+    def _valid_layer_patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        for pattern in value.values():
+            parse_pattern(pattern)
+        return value

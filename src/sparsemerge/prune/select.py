@@ -1,0 +1,63 @@
+"""Which tensors are pruned: Linear layers matched by include/exclude regexes, with a
+pattern each (per-layer overrides allowed). Weights the pattern cannot apply to (e.g. an
+input dimension not divisible by M) are reported and skipped, never silently mangled."""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from torch import nn
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.masks import pattern_applicable
+from sparsemerge.patterns import parse_pattern
+from sparsemerge.prune.base import Target
+
+
+def _compile(regexes: list[str], what: str) -> list[re.Pattern[str]]:
+    out = []
+    for text in regexes:
+        try:
+            out.append(re.compile(text))
+        except re.error as exc:
+            raise SparsemergeError(f"bad {what} regex {text!r}: {exc}") from None
+    return out
+
+
+def select_targets(model: nn.Module, config: Any) -> tuple[list[Target], list[tuple[str, str]]]:
+    """``(targets, skipped)`` where ``skipped`` holds ``(name, reason)`` pairs."""
+    include = _compile(config.include, "include")
+    exclude = _compile(config.exclude, "exclude")
+    overrides = [(re.compile(rx), parse_pattern(p)) for rx, p in config.layer_patterns.items()]
+    default = parse_pattern(config.pattern)
+    targets: list[Target] = []
+    skipped: list[tuple[str, str]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        if not any(rx.search(name) for rx in include) or any(rx.search(name) for rx in exclude):
+            continue
+        pattern = next((p for rx, p in overrides if rx.search(name)), default)
+        reason = pattern_applicable(tuple(module.weight.shape), pattern)
+        if reason is not None:
+            skipped.append((name, reason))
+            continue
+        targets.append(Target(name, module, pattern))
+    if not targets:
+        hint = f"; skipped: {skipped[:3]}" if skipped else ""
+        raise SparsemergeError(
+            f"no Linear layer matched include={config.include} and exclude={config.exclude}{hint}; "
+            "adjust --include/--exclude"
+        )
+    return targets, skipped
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The repeated transformer blocks: the longest ``nn.ModuleList`` in the model."""
+    best: tuple[str, nn.ModuleList] | None = None
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and (best is None or len(module) > len(best[1])):
+            best = (name, module)
+    if best is None:
+        raise SparsemergeError("could not find the transformer blocks (no nn.ModuleList in the model)")
+    return best
