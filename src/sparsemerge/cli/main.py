@@ -20,7 +20,8 @@ COMMAND_MODULES = [
     "sparsemerge.cli.demo",  # demo
     "sparsemerge.cli.pack",  # pack, unpack, inspect           (storage)
     "sparsemerge.cli.run",  # run, bench                      (execution)
-    "sparsemerge.cli.merge",  # merge, lmc, tv-stats            (merging)
+    "sparsemerge.cli.merge",  # merge                           (merging)
+    "sparsemerge.cli.analysis",  # lmc, tv-stats                (merge analysis)
 ]
 
 
