@@ -19,6 +19,8 @@ from sparsemerge.patterns import NM, Block, Pattern, Unstructured, parse_pattern
 # Up to this M a group's ranks come from pairwise comparisons (O(M^2) elementwise ops on
 # contiguous views), which beats torch.topk + scatter; above it we fall back to topk.
 _PAIRWISE_MAX_M = 8
+# On CPU a numba kernel (masks_fast.py) does the same ranking in one memory-bound pass.
+_FAST_MAX_M = 32
 
 
 def _check_scores(scores: torch.Tensor, what: str = "scores") -> None:
@@ -45,13 +47,29 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
             f"which is not divisible by {m}; exclude this tensor or choose another M"
         )
     groups = scores.reshape(-1, m)
-    if m <= _PAIRWISE_MAX_M:
+    if scores.device.type == "cpu" and scores.is_floating_point() and m <= _FAST_MAX_M:
+        from sparsemerge.masks_fast import nm_keep_cpu
+
+        keep = nm_keep_cpu(groups, n, m)
+    elif m <= _PAIRWISE_MAX_M:
         keep = _nm_keep_pairwise(groups, n, m)
     else:
         # A stable descending sort keeps the lower index first among equal scores.
         order = torch.sort(groups, dim=1, descending=True, stable=True).indices
         keep = torch.zeros_like(groups, dtype=torch.bool)
         keep.scatter_(1, order[:, :n], True)
+    return keep.reshape(scores.shape)
+
+
+def nm_mask_reference(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Pure-torch N:M mask (pairwise ranks or stable sort): the reference the fast path is tested against."""
+    NM(n, m)
+    groups = scores.reshape(-1, m)
+    if m <= _PAIRWISE_MAX_M:
+        return _nm_keep_pairwise(groups, n, m).reshape(scores.shape)
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices
+    keep = torch.zeros_like(groups, dtype=torch.bool)
+    keep.scatter_(1, order[:, :n], True)
     return keep.reshape(scores.shape)
 
 

@@ -10,7 +10,8 @@ from torch import nn
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.masks import check_pattern
-from sparsemerge.prune import gradient, magnitude  # noqa: F401  (register methods)
+from sparsemerge.patterns import Unstructured
+from sparsemerge.prune import gradient, magnitude, sparsegpt, wanda  # noqa: F401  (register methods)
 from sparsemerge.prune.base import METHODS, Target
 from sparsemerge.prune.config import PruneConfig
 from sparsemerge.prune.select import select_targets
@@ -59,6 +60,10 @@ def _numel(shape: list[int]) -> int:
     return out
 
 
+def _is_global(target: Target) -> bool:
+    return isinstance(target.pattern, Unstructured) and target.pattern.scope == "global"
+
+
 def check_finite(targets: list[Target]) -> None:
     for t in targets:
         if not torch.isfinite(t.weight).all():
@@ -95,8 +100,18 @@ def prune_(
     method.prune(model, targets, config, calibration)
     layers = []
     for t in targets:
+        if _is_global(t):  # a global budget is checked over all such layers together, below
+            sparsity = float((t.weight == 0).sum()) / t.weight.numel()
+            layers.append(LayerRecord(t.name, list(t.weight.shape), str(t.pattern), sparsity, 0))
+            continue
         report = check_pattern(t.weight.detach(), t.pattern)
         layers.append(LayerRecord(t.name, list(t.weight.shape), str(t.pattern), report.sparsity, report.violations))
+    global_targets = [t for t in targets if _is_global(t)]
+    if global_targets:
+        zeros = sum(int((t.weight == 0).sum()) for t in global_targets)
+        total = sum(t.weight.numel() for t in global_targets)
+        if zeros < round(global_targets[0].pattern.sparsity * total):
+            raise RuntimeError(f"pruning method {config.method} missed the global sparsity budget")
     bad = [r.name for r in layers if r.violations]
     if bad:  # a method that breaks its own pattern is a bug, not bad input
         raise RuntimeError(f"pruning method {config.method} left pattern violations in {bad[:5]}")
