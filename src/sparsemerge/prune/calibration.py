@@ -1,0 +1,215 @@
+"""Sequential calibration: walk a transformer one block at a time (SparseGPT/Wanda protocol).
+
+1. The inputs of the first block are captured for all calibration windows by a forward
+   pre-hook that records ``(hidden_states, kwargs)`` - in transformers 5 Llama these kwargs
+   carry ``position_embeddings``, ``position_ids``, ``attention_mask`` - and then raises
+   :class:`_StopForward`, so embeddings run once and no later block or head runs.
+2. For each block: forward hooks on its target Linears feed their inputs ``X`` (tokens x
+   in_features) to a per-layer statistics object (``stats.add(X)``); layers that read the
+   same tensor (q/k/v, gate/up) share one statistics object, so ``X^T X`` is computed once.
+3. The method prunes the block's layers from these statistics.
+4. The block's outputs become the next block's inputs: recomputed with the pruned weights
+   (``sequential=True``: each block sees the pruned blocks before it; Frantar & Alistarh
+   2023, Sec. 3) or taken from the dense pass of step 2 (``sequential=False``, "one-shot":
+   every layer sees the dense model's activations, as Wanda's simplest variant).
+
+Memory holds one block's input and output activations for the calibration set.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional, Protocol
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.patterns import Unstructured
+from sparsemerge.prune.base import PruningMethod, Target
+from sparsemerge.prune.select import find_blocks
+
+BATCH_SIZE = 8  # calibration windows per block forward
+
+
+class LayerStats(Protocol):
+    def add(self, x: torch.Tensor) -> None:
+        """Accumulate one batch of layer inputs ``x`` of shape ``(tokens, in_features)``."""
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook once the first block's inputs are recorded."""
+
+
+def _detach(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach()
+    if isinstance(value, tuple):
+        return tuple(_detach(v) for v in value)
+    if isinstance(value, list):
+        return [_detach(v) for v in value]
+    return value
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module, first_block: nn.Module, calibration: torch.Tensor, batch_size: int = BATCH_SIZE
+) -> list[tuple[torch.Tensor, tuple, dict[str, Any]]]:
+    """``[(hidden_states, extra_args, kwargs)]`` entering ``first_block``, one entry per batch."""
+    captured: list[tuple[torch.Tensor, tuple, dict[str, Any]]] = []
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict[str, Any]):
+        kwargs = dict(kwargs)
+        if args:
+            hidden, rest = args[0], tuple(args[1:])
+        elif "hidden_states" in kwargs:
+            hidden, rest = kwargs.pop("hidden_states"), ()
+        else:
+            raise SparsemergeError("could not find the hidden states entering the first transformer block")
+        captured.append((hidden.detach(), _detach(rest), _detach(kwargs)))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(hook, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in torch.split(calibration, batch_size):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            else:
+                raise SparsemergeError("the model's forward pass never reached its first transformer block")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def resolve_block_patterns(targets: list[Target], block_of: dict[str, int], config: Any, n_blocks: int) -> None:
+    """Apply ``config.sparsity_per_layer`` (one unstructured sparsity per block) and reject
+    patterns a block-by-block walk cannot honour (a global threshold needs all layers at once)."""
+    per_layer = getattr(config, "sparsity_per_layer", None)
+    if per_layer is not None:
+        if len(per_layer) != n_blocks:
+            raise SparsemergeError(
+                f"sparsity_per_layer has {len(per_layer)} values but the model has {n_blocks} transformer blocks; "
+                "give one sparsity per block"
+            )
+        for t in targets:
+            t.pattern = Unstructured(float(per_layer[block_of[t.name]]))
+    for t in targets:
+        if isinstance(t.pattern, Unstructured) and t.pattern.scope == "global":
+            raise SparsemergeError(
+                f"pattern {t.pattern} needs one threshold over all layers, but calibrated methods prune block by "
+                "block; use unstructured:S (per layer) or sparsity_per_layer in the Python API"
+            )
+
+
+@torch.no_grad()
+def walk_blocks(
+    model: nn.Module,
+    targets: list[Target],
+    calibration: Optional[torch.Tensor],
+    config: Any,
+    make_stats: Callable[[Target], LayerStats],
+    prune_layer: Callable[[Target, LayerStats], None],
+    desc: str = "calibrated pruning",
+) -> None:
+    """Prune ``targets`` block by block; ``prune_layer(target, stats)`` zeroes/updates its weight."""
+    if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
+        raise SparsemergeError("calibrated pruning needs calibration token ids of shape (nsamples, seqlen)")
+    _, blocks = find_blocks(model)
+    block_of_module = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    block_of: dict[str, int] = {}
+    for t in targets:
+        if id(t.module) not in block_of_module:
+            raise SparsemergeError(
+                f"layer {t.name} is outside the transformer blocks; calibrated methods prune only Linears inside "
+                "them - exclude it (e.g. --exclude lm_head)"
+            )
+        block_of[t.name] = block_of_module[id(t.module)]
+    resolve_block_patterns(targets, block_of, config, len(blocks))
+    sequential = bool(getattr(config, "sequential", True))
+    was_training = model.training
+    model.eval()
+    try:
+        batches = capture_block_inputs(model, blocks[0], calibration)
+        last = max(block_of.values())
+        bar = tqdm(range(last + 1), desc=desc, disable=not getattr(config, "progress", True), leave=False)
+        for index in bar:
+            block = blocks[index]
+            block_targets = [t for t in targets if block_of[t.name] == index]
+            stats, outputs = _collect(block, block_targets, batches, make_stats)
+            for t in block_targets:
+                prune_layer(t, stats[t.name])
+            del stats
+            if index == last:
+                break
+            if sequential and block_targets:
+                outputs = [_block_output(block(h, *rest, **kw)) for h, rest, kw in batches]
+            batches = [(out, rest, kw) for out, (_, rest, kw) in zip(outputs, batches)]
+        bar.close()
+    finally:
+        model.train(was_training)
+
+
+def _collect(
+    block: nn.Module, targets: list[Target], batches: list, make_stats: Callable[[Target], LayerStats]
+) -> tuple[dict[str, LayerStats], list[torch.Tensor]]:
+    """Run ``block`` densely over all batches, feeding its target layers' inputs to statistics."""
+    captured: dict[str, torch.Tensor] = {}
+    handles = [
+        t.module.register_forward_hook(lambda m, inp, out, name=t.name: captured.__setitem__(name, inp[0]))
+        for t in targets
+    ]
+    by_name = {t.name: t for t in targets}
+    stats: dict[str, LayerStats] = {}
+    owner: dict[str, str] = {}  # name -> name whose captured input feeds the shared statistics
+    outputs = []
+    try:
+        for hidden, rest, kwargs in batches:
+            captured.clear()
+            outputs.append(_block_output(block(hidden, *rest, **kwargs)))
+            missing = [t.name for t in targets if t.name not in captured]
+            if missing:
+                raise SparsemergeError(f"layers {missing} received no input during the block's forward pass")
+            if not stats:  # first batch: group layers reading the same tensor
+                seen: dict[int, str] = {}
+                for name, x in captured.items():
+                    first = seen.setdefault(id(x), name)
+                    owner[name] = first
+                    stats[name] = stats[first] if first != name else make_stats(by_name[name])
+            for name, first in owner.items():
+                if first == name:
+                    x = captured[name]
+                    stats[name].add(x.reshape(-1, x.shape[-1]))
+    finally:
+        for h in handles:
+            h.remove()
+        captured.clear()
+    return stats, outputs
+
+
+class CalibratedMethod(PruningMethod):
+    """A method that prunes each target from statistics of its calibration inputs."""
+
+    needs_calibration = True
+
+    def make_stats(self, target: Target, config: Any) -> LayerStats:
+        raise NotImplementedError  # abstract
+
+    def prune_layer(self, target: Target, stats: LayerStats, config: Any) -> None:
+        raise NotImplementedError  # abstract
+
+    def prune(self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]) -> None:
+        walk_blocks(
+            model,
+            targets,
+            calibration,
+            config,
+            lambda t: self.make_stats(t, config),
+            lambda t, s: self.prune_layer(t, s, config),
+            desc=f"{self.name} blocks",
+        )

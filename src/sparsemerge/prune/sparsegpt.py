@@ -1,0 +1,175 @@
+"""SparseGPT: one-shot OBS prune-and-reconstruct (Frantar & Alistarh 2023, arXiv:2301.00774).
+
+For a Linear layer ``W`` (out x in) with calibration inputs ``X`` (tokens x in), minimise
+``||W X^T - W' X^T||^2`` over ``W'`` with the pattern's zeros:
+
+* Hessian ``H = 2/n * X^T X`` (float32); dead inputs (``H_jj = 0``) get ``H_jj = 1`` and
+  ``W[:, j] = 0``; dampening ``H += lambda * mean(diag H) * I``.
+* ``U`` = upper Cholesky factor of ``H^-1`` (``H^-1 = U^T U``); its rows give the inverse
+  Hessians of the remaining columns after each elimination (Alg. 1 of the paper).
+* Columns are processed in blocks of ``blocksize``; within a block, column ``j`` is pruned
+  (``q = w_j * mask_j``), the error ``e = (w_j - q) / U_jj`` is propagated to the later
+  columns ``W[:, j:] -= e U[j, j:]``, and after the block the accumulated errors update all
+  remaining columns at once (lazy batch updates).
+* Masks: N:M - for every M consecutive columns, when the first is reached, keep the N with
+  the largest ``w^2 / U_jj^2`` per row (on the already-updated weights); unstructured - per
+  column block, zero the lowest ``w^2 / U_jj^2`` of the block; block patterns (rows x cols
+  tiles) - the mask is chosen once up front from the same saliency summed per tile, and the
+  OBS update reconstructs around it.
+
+If the Cholesky factorisation fails, the dampening is multiplied by 10 step by step (a
+warning says so) up to 100% of the mean diagonal.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.masks import block_mask
+from sparsemerge.patterns import NM, Block, Pattern, Unstructured, parse_pattern
+from sparsemerge.prune.base import METHODS, Target
+from sparsemerge.prune.calibration import CalibratedMethod
+
+MAX_DAMPENING = 1.0
+
+
+class Hessian:
+    """Running ``sum_t x_t x_t^T`` (float32) over calibration tokens; ``value`` is ``2/n`` of it."""
+
+    def __init__(self, in_features: int, device: "torch.device | None" = None) -> None:
+        self.xtx = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.tokens = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.float()
+        self.xtx.addmm_(x.T, x)
+        self.tokens += x.shape[0]
+
+    @property
+    def value(self) -> torch.Tensor:
+        """``H = 2/n * X^T X``."""
+        return self.xtx * (2.0 / max(self.tokens, 1))
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, dampening: float, name: str = "layer") -> tuple[torch.Tensor, float]:
+    """``(U, lambda)`` with ``U`` the upper Cholesky factor of ``(H + lambda mean(diag H) I)^-1``.
+
+    ``hessian`` must already have its dead diagonal entries set. On failure the dampening
+    fraction grows tenfold per step (with a warning) up to :data:`MAX_DAMPENING`.
+    """
+    if not torch.isfinite(hessian).all():
+        raise SparsemergeError(f"the calibration Hessian of {name} has NaN/Inf: the activations overflowed")
+    mean_diag = hessian.diagonal().mean()
+    idx = torch.arange(hessian.shape[0], device=hessian.device)
+    damp = dampening
+    while True:
+        h = hessian.clone()
+        h[idx, idx] += damp * mean_diag
+        lower, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            inv = torch.cholesky_inverse(lower)
+            upper, info = torch.linalg.cholesky_ex(inv, upper=True)
+            if int(info) == 0 and torch.isfinite(upper).all():
+                return upper, damp
+        if damp >= MAX_DAMPENING:
+            raise SparsemergeError(
+                f"the Hessian of {name} is not positive definite even with dampening {damp:g}; "
+                "use more calibration samples"
+            )
+        new = min(damp * 10.0, MAX_DAMPENING)
+        warnings.warn(f"SparseGPT: Cholesky failed for {name} with dampening {damp:g}; retrying with {new:g}", stacklevel=2)
+        damp = new
+
+
+@torch.no_grad()
+def sparsegpt_prune(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    pattern: "Pattern | str",
+    dampening: float = 0.01,
+    blocksize: int = 128,
+    name: str = "layer",
+) -> torch.Tensor:
+    """The pruned and reconstructed weight (float32, new tensor) of ``weight`` (out x in)."""
+    pattern = parse_pattern(pattern)
+    if isinstance(pattern, Unstructured) and pattern.scope != "layer":
+        raise SparsemergeError(f"sparsegpt cannot apply {pattern}: it prunes one layer at a time")
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise SparsemergeError(f"Hessian of {name} has shape {tuple(hessian.shape)}, expected ({cols}, {cols})")
+    if isinstance(pattern, NM) and cols % pattern.m:
+        raise SparsemergeError(f"{name}: input dimension {cols} not divisible by M={pattern.m}")
+    if blocksize < 1:
+        raise SparsemergeError(f"blocksize must be >= 1, got {blocksize}")
+    W = weight.detach().float().clone()
+    H = hessian.detach().float().clone()
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    U, _ = inverse_hessian_factor(H, dampening, name)
+    del H
+    d = U.diagonal()
+
+    fixed = None  # mask chosen up front (block patterns); True = prune
+    if isinstance(pattern, Block):
+        fixed = ~block_mask(W * W / (d * d).reshape(1, -1), pattern.rows, pattern.cols, pattern.sparsity)
+    if isinstance(pattern, NM):
+        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)  # groups never straddle blocks
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        d1 = d[i1:i2]
+        if fixed is not None:
+            mask1 = fixed[:, i1:i2].clone()
+        elif isinstance(pattern, Unstructured):
+            # zeros allotted so that the blocks add up to round(S * numel) exactly
+            k = int(round(pattern.sparsity * rows * i2)) - int(round(pattern.sparsity * rows * i1))
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+            if k > 0:
+                saliency = (W1 * W1 / (d1 * d1).reshape(1, -1)).flatten()
+                mask1.view(-1)[torch.topk(saliency, k, largest=False, sorted=False).indices] = True
+        else:
+            mask1 = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(count):
+            if isinstance(pattern, NM) and i % pattern.m == 0:
+                group = W1[:, i : i + pattern.m]
+                saliency = group * group / (d1[i : i + pattern.m] ** 2).reshape(1, -1)
+                drop = torch.topk(saliency, pattern.m - pattern.n, dim=1, largest=False).indices
+                mask1[:, i : i + pattern.m].scatter_(1, drop, True)
+            w = W1[:, i]
+            q = w.masked_fill(mask1[:, i], 0.0)
+            err = (w - q) / U1[i, i]
+            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1.masked_fill(mask1, 0.0)
+        if i2 < cols:
+            W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
+    return W
+
+
+@METHODS.register("sparsegpt")
+class SparseGPT(CalibratedMethod):
+    name = "sparsegpt"
+
+    def make_stats(self, target: Target, config: Any) -> Hessian:
+        return Hessian(target.weight.shape[1], target.weight.device)
+
+    @torch.no_grad()
+    def prune_layer(self, target: Target, stats: Hessian, config: Any) -> None:
+        new = sparsegpt_prune(
+            target.weight,
+            stats.value,
+            target.pattern,
+            dampening=getattr(config, "dampening", 0.01),
+            blocksize=getattr(config, "blocksize", 128),
+            name=target.name,
+        )
+        target.weight.copy_(new.to(target.weight.dtype))
