@@ -16,6 +16,13 @@ from sparsemerge.errors import SparsemergeError
 from sparsemerge.io.sources import ResolvedSource, gguf_as_hf_folder, resolve_source
 
 
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
 class TensorSource:
     """Names, shapes and dtypes without reading data; ``get(name)`` reads one tensor."""
 
@@ -93,6 +100,17 @@ class TensorSource:
         if path in self._torch_state:
             return tuple(self._torch_state[path][name].shape)
         return tuple(self._open(path).get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """The stored dtype of ``name`` without reading its data."""
+        path = self._where(name)
+        if path in self._torch_state:
+            return self._torch_state[path][name].dtype
+        code = self._open(path).get_slice(name).get_dtype()
+        try:
+            return SAFETENSORS_DTYPES[code]
+        except KeyError:
+            raise SparsemergeError(f"tensor {name!r} has unsupported dtype {code}") from None
 
     def get(self, name: str) -> torch.Tensor:
         path = self._where(name)

@@ -1,0 +1,56 @@
+"""``sparsemerge merge CONFIG.yaml OUT``: merge models as a mergekit-style config says."""
+from __future__ import annotations
+
+import argparse
+
+from sparsemerge.cli.common import add_overwrite, format_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "merge",
+        help="merge fine-tuned models (mergekit YAML configs)",
+        description=(
+            "Merge the models named in CONFIG (mergekit's YAML: merge_method, models or slices, base_model, "
+            "parameters, dtype, out_dtype, ...) into OUT, streaming one tensor at a time. "
+            "Methods: linear, model_soup, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, "
+            "breadcrumbs_ties, della, della_linear, slerp, model_stock, orthogonal, passthrough."
+        ),
+    )
+    p.add_argument("config", help="merge config YAML (mergekit format, plus sparsemerge keys)")
+    p.add_argument("out", help="output folder (Hugging Face model, or a PEFT LoRA adapter with --lora-rank)")
+    p.add_argument("--keep-pattern", help="project merged layer weights onto a sparsity pattern, e.g. 2:4")
+    p.add_argument("--keep-mask", choices=["merged", "base"], help="mask for --keep-pattern: merged magnitudes (default) or the base's support")
+    p.add_argument("--lora-rank", type=int, help="write the merge minus the base as a LoRA adapter of this rank (SVD)")
+    p.add_argument("--seed", type=int, help="seed for DARE/DELLA (overrides the config's seed)")
+    p.add_argument("--list-methods", action="store_true", help="print the merge methods and exit")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_overwrite(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from sparsemerge.merge import MERGE_METHODS, get_method, load_config, run_merge
+
+    if args.list_methods:
+        get_method("linear")
+        rows = [(n, MERGE_METHODS.get(n).reference) for n in MERGE_METHODS.names()]
+        print(format_table(["method", "reference"], rows, align="ll"))
+        return 0
+    config = load_config(args.config)
+    if args.seed is not None:
+        config = type(config)(**{**config.model_dump(), "seed": args.seed})
+    report = run_merge(
+        config, args.out, overwrite=args.overwrite, keep_pattern=args.keep_pattern, keep_mask=args.keep_mask,
+        lora_rank=args.lora_rank, progress=not args.no_progress,
+    )
+    line = f"merged {report.tensors} tensors with {report.method} in {report.seconds:.1f} s -> {args.out}"
+    if report.pattern:
+        pat = report.pattern
+        line += f"; {pat['tensors']} tensors kept on {pat['pattern']} (sparsity {pat['sparsity']:.4f}, {pat['violations']} violations)"
+    if report.lora:
+        errs = list(report.lora["relative_error"].values())
+        if errs:
+            line += f"; LoRA rank {report.lora['rank']}, mean relative error {sum(errs) / len(errs):.4f}"
+    print(line)
+    return 0

@@ -1,0 +1,252 @@
+"""The streaming merge engine: one output tensor at a time, from lazily opened inputs.
+
+For each planned tensor the engine reads that tensor from each input (memory-mapped
+safetensors), converts to the working dtype (``dtype:`` or the inputs' promoted dtype),
+resolves the method's parameters for that tensor (filters, gradients), merges, optionally
+projects onto an N:M pattern, converts to ``out_dtype`` and appends the bytes to the output
+shard. Peak memory is a few tensors. The output folder (config, tokenizer, generation
+config, shards, ``sparsemerge_merge.json``) appears atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.merge import mergekit_yaml as params_mod
+from sparsemerge.merge.base import MergeInputs, MethodSpec, get_method, seed_for
+from sparsemerge.merge.config import MergeConfig, load_config
+from sparsemerge.merge.lora import LoraAdapter, LoraTensorSource, is_lora_adapter, lora_config, lora_key, low_rank_factors
+from sparsemerge.merge.plan import Source, TensorJob, build_plan, split_layer
+from sparsemerge.merge.sparsity import PatternProjector
+from sparsemerge.merge.writer import PlannedTensor, StreamingShardWriter
+
+log = logging.getLogger(__name__)
+
+MERGE_RECORD = "sparsemerge_merge.json"
+TOKENIZER_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+    "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+)
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class MergeReport:
+    out: Path
+    method: str
+    tensors: int
+    seconds: float
+    files: list[str] = field(default_factory=list)
+    pattern: Optional[dict[str, Any]] = None
+    lora: Optional[dict[str, Any]] = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"method": self.method, "tensors": self.tensors, "seconds": round(self.seconds, 3),
+                "files": self.files, "keep_pattern": self.pattern, "lora": self.lora}
+
+
+def open_model(ref: str, config: MergeConfig) -> Source:
+    """A tensor source for a model reference: a checkpoint, a LoRA adapter folder, or ``BASE+ADAPTER``."""
+    from sparsemerge.io import open_tensor_source
+
+    if "+" in ref and not Path(ref).exists():
+        base_ref, adapter_ref = ref.split("+", 1)
+        return LoraTensorSource(open_tensor_source(base_ref), LoraAdapter(adapter_ref))
+    if Path(ref).is_dir() and is_lora_adapter(ref):
+        adapter = LoraAdapter(ref)
+        candidates = [c for c in (adapter.base_model, config.base_model) if c and c != ref]
+        for cand in candidates:
+            try:
+                return LoraTensorSource(open_tensor_source(cand), adapter)
+            except SparsemergeError:
+                continue
+        raise SparsemergeError(
+            f"LoRA adapter {ref!r}: its base {adapter.base_model!r} is not found locally; set base_model in the config "
+            f"or write the model as BASE+{ref}"
+        )
+    return open_tensor_source(ref)
+
+
+def _method_inputs(job: TensorJob, spec: MethodSpec, tensors: list[torch.Tensor], config: MergeConfig) -> MergeInputs:
+    globals_ = params_mod.resolve_globals(spec, job.slice_scopes, job.out_name, job.t)
+    if spec.base_is_input:
+        chosen = list(range(len(job.inputs)))
+    else:
+        chosen = [i for i, ref in enumerate(job.inputs) if not ref.is_base]
+    params = []
+    for i in chosen:
+        ref = job.inputs[i]
+        wanted = spec.model_params if (spec.base_is_input or not ref.is_base) else {}
+        params.append({k: params_mod.resolve(k, d, ref.scopes, job.out_name, job.t, f"{ref.model}:{job.out_name}") for k, d in wanted.items()})
+    base_pos = next((i for i, ref in enumerate(job.inputs) if ref.is_base), None)
+    gen = torch.Generator().manual_seed(seed_for(config.seed, job.out_name)) if spec.stochastic else None
+    return MergeInputs(
+        name=job.out_name,
+        tensors=[tensors[i] for i in chosen],
+        params=params,
+        base=tensors[base_pos] if base_pos is not None else None,
+        globals=globals_,
+        generator=gen,
+        base_index=chosen.index(base_pos) if (spec.base_is_input and base_pos is not None) else None,
+    )
+
+
+def run_merge(
+    config: "MergeConfig | str | Path | dict[str, Any]",
+    out: "str | Path",
+    overwrite: bool = False,
+    keep_pattern: Optional[str] = None,
+    keep_mask: Optional[str] = None,
+    lora_rank: Optional[int] = None,
+    progress: bool = False,
+) -> MergeReport:
+    """Merge as ``config`` says and write ``out`` (an HF folder, or a LoRA adapter with ``lora_rank``).
+
+    ``keep_pattern``/``keep_mask``/``lora_rank`` override the config's keys of the same names."""
+    from sparsemerge.io import atomic_output, ensure_writable
+
+    cfg = config if isinstance(config, MergeConfig) else load_config(config)
+    updates = {k: v for k, v in (("keep_pattern", keep_pattern), ("keep_mask", keep_mask), ("lora_rank", lora_rank)) if v is not None}
+    if updates:
+        cfg = MergeConfig(**{**cfg.model_dump(), **updates})
+    ensure_writable(out, overwrite)
+    spec = get_method(cfg.merge_method)
+    start = time.perf_counter()
+    sources: dict[str, Source] = {ref: open_model(ref, cfg) for ref in cfg.referenced_models()}
+    unknown = params_mod.unknown_parameters(spec, _all_scopes(cfg))
+    if unknown:
+        known = sorted(set(spec.global_params) | set(spec.model_params)) or ["(none)"]
+        raise SparsemergeError(f"merge method {spec.name!r} does not take parameter(s) {', '.join(unknown)}; it takes: {', '.join(known)}")
+    jobs = build_plan(cfg, spec, sources)
+    n_inputs = {len([i for i in j.inputs if spec.base_is_input or not i.is_base]) for j in jobs}
+    for n in n_inputs:
+        spec.check_counts(n, any(i.is_base for i in jobs[0].inputs) if jobs else False)
+    work_dtype = _DTYPES[cfg.dtype] if cfg.dtype else None
+    out_dtype = _DTYPES[cfg.out_dtype] if cfg.out_dtype else None
+    projector = PatternProjector(cfg.keep_pattern, cfg.keep_mask) if cfg.keep_pattern else None
+    lora_out = cfg.lora_rank is not None
+    if lora_out and not any(j.base for j in jobs):
+        raise SparsemergeError("writing a LoRA (lora_rank) needs a base_model: the adapter is the merge minus the base")
+    lora_targets = _lora_targets(jobs, sources) if lora_out else set()
+    planned = []
+    for j in jobs:
+        wd = work_dtype if (work_dtype and j.dtype.is_floating_point) else j.dtype
+        od = out_dtype if (out_dtype and j.dtype.is_floating_point) else wd
+        planned.append(PlannedTensor(j.out_name, j.shape, od))
+    with atomic_output(out, overwrite=overwrite) as tmp:
+        writer = None if lora_out else StreamingShardWriter(tmp, planned, cfg.shard_bytes, {"merged_by": "sparsemerge", "merge_method": spec.name})
+        lora_state: dict[str, torch.Tensor] = {}
+        lora_errors: dict[str, float] = {}
+        iterator = jobs
+        if progress:
+            from tqdm import tqdm
+
+            iterator = tqdm(jobs, desc=f"merge {spec.name}", unit="tensor")
+        try:
+            for job, plan in zip(iterator, planned):
+                raw = [sources[ref.model].get(ref.name) for ref in job.inputs]
+                if not raw[0].is_floating_point():
+                    merged = (raw[next((i for i, r in enumerate(job.inputs) if r.is_base), 0)]).clone()
+                else:
+                    wd = work_dtype or job.dtype
+                    tensors = [t.to(wd) for t in raw]
+                    merged = spec.fn(_method_inputs(job, spec, tensors, cfg))
+                    if projector is not None:
+                        base_t = tensors[next(i for i, r in enumerate(job.inputs) if r.is_base)] if job.base else None
+                        merged = projector(job.out_name, merged, base_t)
+                if lora_out:
+                    if job.out_name in lora_targets:
+                        base_t = raw[next(i for i, r in enumerate(job.inputs) if r.is_base)]
+                        b, a, err = low_rank_factors(merged.float() - base_t.float(), cfg.lora_rank)  # type: ignore[arg-type]
+                        lora_state[lora_key(job.out_name, "lora_A")] = a
+                        lora_state[lora_key(job.out_name, "lora_B")] = b
+                        lora_errors[job.out_name] = round(err, 6)
+                else:
+                    assert writer is not None
+                    writer.write(job.out_name, merged.to(plan.dtype))
+                del raw, merged
+            if writer is not None:
+                writer.finish()
+        finally:
+            if writer is not None:
+                writer.close()
+        report = MergeReport(Path(out), spec.name, len(jobs), 0.0)
+        if lora_out:
+            _write_lora(tmp, lora_state, cfg, sorted(lora_targets))
+            report.lora = {"rank": cfg.lora_rank, "relative_error": lora_errors}
+            report.files = ["adapter_model.safetensors"]
+        else:
+            report.files = list(writer.files) if writer else []
+            _copy_model_files(tmp, cfg, sources, jobs, out_dtype or work_dtype)
+        if projector is not None:
+            report.pattern = projector.summary()
+        report.seconds = time.perf_counter() - start
+        record = {"config": cfg.model_dump(exclude_none=True), **report.to_json()}
+        (tmp / MERGE_RECORD).write_text(json.dumps(record, indent=2, default=str) + "\n")
+    for src in sources.values():
+        close = getattr(src, "close", None)
+        if close:
+            close()
+    return report
+
+
+def _all_scopes(cfg: MergeConfig) -> list[Optional[dict[str, Any]]]:
+    scopes: list[Optional[dict[str, Any]]] = [cfg.parameters]
+    scopes += [m.parameters for m in cfg.models or []]
+    for sl in cfg.slices or []:
+        scopes.append(sl.parameters)
+        scopes += [s.parameters for s in sl.sources]
+    return scopes
+
+
+def _lora_targets(jobs: list[TensorJob], sources: dict[str, Source]) -> set[str]:
+    """Tensors written as LoRA factors: those some input adapter targets, else every 2-D
+    layer weight outside the norms (when the inputs are full models)."""
+    from sparsemerge.prune.config import DEFAULT_EXCLUDE
+
+    adapters = [s.adapter for s in sources.values() if isinstance(s, LoraTensorSource)]
+    if adapters:
+        return {t for a in adapters for t in a.targets()}
+    excl = [re.compile(r) for r in DEFAULT_EXCLUDE]
+    return {j.out_name for j in jobs if len(j.shape) == 2 and split_layer(j.out_name)
+            and not any(r.search(j.out_name[: -len(".weight")]) for r in excl)}
+
+
+def _write_lora(tmp: Path, state: dict[str, torch.Tensor], cfg: MergeConfig, targets: list[str]) -> None:
+    from safetensors.torch import save_file
+
+    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (tmp / "adapter_config.json").write_text(json.dumps(lora_config(int(cfg.lora_rank or 0), targets, cfg.base_model), indent=2) + "\n")
+
+
+def _copy_model_files(tmp: Path, cfg: MergeConfig, sources: dict[str, Source], jobs: list[TensorJob], dtype: Optional[torch.dtype]) -> None:
+    first_ref = cfg.base_model or (cfg.models[0].model if cfg.models else cfg.slices[0].sources[0].model)  # type: ignore[index]
+    ref_src = sources[first_ref]
+    model_config = dict(ref_src.config())
+    layers = {split_layer(j.out_name)[1] for j in jobs if split_layer(j.out_name)}  # type: ignore[index]
+    if model_config:
+        if layers and "num_hidden_layers" in model_config:
+            model_config["num_hidden_layers"] = len(layers)
+            if isinstance(model_config.get("layer_types"), list):
+                model_config["layer_types"] = (model_config["layer_types"] * len(layers))[: len(layers)]
+        if dtype is not None:
+            for key in ("torch_dtype", "dtype"):
+                if key in model_config:
+                    model_config[key] = str(dtype).replace("torch.", "")
+        (tmp / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
+    tok_ref = cfg.tokenizer_source if cfg.tokenizer_source not in (None, "base") else first_ref
+    tok_folder = Path(getattr(sources.get(tok_ref) or open_model(tok_ref, cfg), "folder"))
+    for name in TOKENIZER_FILES + ("generation_config.json",):
+        if (tok_folder / name).is_file():
+            shutil.copyfile(tok_folder / name, tmp / name)
+    if cfg.chat_template and len(cfg.chat_template) > 40:
+        (tmp / "chat_template.jinja").write_text(cfg.chat_template)
