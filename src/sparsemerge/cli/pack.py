@@ -1,0 +1,225 @@
+"""``sparsemerge pack``, ``sparsemerge unpack`` and ``sparsemerge inspect`` (compressed storage)."""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from sparsemerge.cli.common import add_overwrite, format_table
+from sparsemerge.errors import SparsemergeError
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    match = _SIZE.match(text)
+    if not match:
+        raise SparsemergeError(f"bad size {text!r}; use e.g. 500MB, 2GB or a byte count")
+    scale = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}[match.group(2).upper()]
+    return int(float(match.group(1)) * scale)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "pack",
+        help="write a compressed (sparse / quantized) checkpoint",
+        description="Pack SRC into OUT: targeted weights (the pruning include/exclude default) in a sparse "
+        "format, the rest dense; safetensors shards plus a manifest with a checksum per tensor.",
+    )
+    p.add_argument("src", help="HF folder, .safetensors or .gguf file, or smollm2")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--format", default="nm", help="nm (default), bitmask, coo, csr, bsr, dense, sparse-24-bitmask (compressed-tensors)")
+    p.add_argument("--pattern", default="2:4", help="N:M pattern of the nm format (default 2:4)")
+    p.add_argument("--metadata", default="entropy", help="nm position coding: bits2, index, entropy (default)")
+    p.add_argument("--quant", default="none", help="value codec: none (default), int8, int4")
+    p.add_argument("--group", type=int, default=128, help="quantization group size G (0 = per output channel; default 128)")
+    p.add_argument("--asymmetric", action="store_true", help="asymmetric quantization (scale + zero point)")
+    p.add_argument("--codebook", type=int, help="k-means codebook of K centroids (4..256) instead of --quant")
+    p.add_argument("--dense-quant", default="none", help="codec for 2-D tensors kept dense, e.g. the embedding: none, int8, int4")
+    p.add_argument("--dtype", default="keep", help="float dtype of stored values: keep (default), float16, bfloat16, float32")
+    p.add_argument("--block", type=int, default=16, help="bsr block size (default 16)")
+    p.add_argument("--include", action="append", help="regex on module names to pack sparse (repeatable)")
+    p.add_argument("--exclude", action="append", help="regex on module names to keep dense (repeatable)")
+    p.add_argument("--shard-size", default="2GB", help="maximum shard size (default 2GB)")
+    p.add_argument("--no-progress", action="store_true")
+    add_overwrite(p)
+    p.set_defaults(func=run_pack)
+
+    u = sub.add_parser("unpack", help="decode a packed checkpoint into a Hugging Face folder")
+    u.add_argument("packed", help="packed folder (or a compressed-tensors sparse-24-bitmask folder)")
+    u.add_argument("out", help="output Hugging Face folder")
+    u.add_argument("--dtype", default="keep", help="keep (the source dtype, default), float32, float16, bfloat16")
+    u.add_argument("--shard-size", default="5GB")
+    u.add_argument("--no-progress", action="store_true")
+    add_overwrite(u)
+    u.set_defaults(func=run_unpack)
+
+    i = sub.add_parser(
+        "inspect",
+        help="bytes and bits per weight of a checkpoint, or a size plan without a model",
+        description="inspect PATH: per tensor format, bytes, bits/weight and ratio against dense fp16/fp32. "
+        "inspect --plan SHAPE PATTERN...: the size of each format for a weight of SHAPE (e.g. 1024x1024) "
+        "pruned to each PATTERN (2:4, block16:0.5, unstructured:0.5), or a sparsity such as 0.75 to list "
+        "every N:M with M <= --max-m and its index overhead.",
+    )
+    i.add_argument("path", nargs="?", help="packed folder, compressed-tensors folder or HF folder")
+    i.add_argument("--plan", nargs="+", metavar="ARG", help="SHAPE PATTERN [PATTERN ...]")
+    i.add_argument("--value-bits", type=int, default=16, help="plan: bits per stored value (default 16, fp16)")
+    i.add_argument("--max-m", type=int, default=8, help="plan: largest M when a sparsity is given (default 8)")
+    i.add_argument("--all", action="store_true", help="list every tensor (default: the 40 largest)")
+    i.add_argument("--verify", action="store_true", help="also read every tensor and check its checksum")
+    i.set_defaults(func=run_inspect)
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    from sparsemerge.formats.model import PackConfig, pack
+
+    try:
+        config = PackConfig(
+            format=args.format,
+            pattern=args.pattern,
+            metadata=args.metadata,
+            quant=args.quant,
+            group_size=args.group,
+            symmetric=not args.asymmetric,
+            codebook=args.codebook,
+            dense_quant=args.dense_quant,
+            dtype=args.dtype,
+            block=args.block,
+            include=args.include,
+            exclude=args.exclude,
+            shard_size=parse_size(args.shard_size),
+        )
+    except SparsemergeError:
+        raise
+    except Exception as exc:  # pydantic.ValidationError
+        raise SparsemergeError(f"invalid pack options: {exc}") from None
+    report = pack(args.src, args.out, config, overwrite=args.overwrite, progress=not args.no_progress)
+    for name, reason in report.kept_dense:
+        print(f"kept dense {name}: {reason}", file=sys.stderr)
+    fp32 = 4 * report.numel
+    print(
+        f"packed {len(report.packed)} of {report.tensors} tensors as {config.format}: {report.nbytes:,} bytes "
+        f"({report.nbytes / fp32:.4f}x dense fp32, {8 * report.nbytes / max(report.numel, 1):.3f} bits/weight), "
+        f"{report.seconds:.1f} s -> {args.out}"
+    )
+    return 0
+
+
+def run_unpack(args: argparse.Namespace) -> int:
+    from sparsemerge.formats.model import unpack
+
+    out = unpack(args.packed, args.out, overwrite=args.overwrite, dtype=args.dtype, shard_size=parse_size(args.shard_size), progress=not args.no_progress)
+    print(f"unpacked {args.packed} -> {out}")
+    return 0
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    if args.plan:
+        return _plan(args)
+    if not args.path:
+        raise SparsemergeError("inspect needs a PATH, or --plan SHAPE PATTERN ...")
+    rows, total = inspect_rows(args.path, verify=args.verify)
+    shown = rows if args.all else sorted(rows, key=lambda r: -r[3])[:40]
+    table = [(n, f, s, b, bpw, r16, r32) for n, f, s, b, bpw, r16, r32 in shown]
+    print(format_table(["tensor", "format", "shape", "bytes", "bits/weight", "x fp16", "x fp32"], table))
+    if len(shown) < len(rows):
+        print(f"... {len(rows) - len(shown)} smaller tensors not shown (--all lists them)")
+    nbytes, numel = total
+    print(
+        f"total: {len(rows)} tensors, {nbytes:,} bytes, {8 * nbytes / max(numel, 1):.3f} bits/weight, "
+        f"{nbytes / max(2 * numel, 1):.4f}x dense fp16 ({2 * numel:,} B), {nbytes / max(4 * numel, 1):.4f}x dense fp32 ({4 * numel:,} B)"
+    )
+    return 0
+
+
+def inspect_rows(path: "str | Path", verify: bool = False) -> tuple[list[tuple[Any, ...]], tuple[int, int]]:
+    """(name, format, shape, bytes, bits/weight, bytes/fp16 bytes, bytes/fp32 bytes) per tensor."""
+    from sparsemerge.formats.model import MANIFEST_NAME, read_packed
+
+    folder = Path(path)
+    rows: list[tuple[Any, ...]] = []
+    nbytes_total = numel_total = 0
+    if folder.is_dir() and ((folder / MANIFEST_NAME).is_file() or _is_ct(folder)):
+        with read_packed(folder) as packed:
+            for name in packed.names():
+                record = packed.record(name)
+                shape = [int(s) for s in record["shape"]]
+                codec = (record.get("params") or {}).get("codec")
+                label = record["format"] + (f"+{codec['kind']}" if codec else "")
+                if record["format"] == "nm":
+                    params = record["params"]
+                    label = f"nm {params['n']}:{params['m']} {params['metadata']}" + (f"+{codec['kind']}" if codec else "")
+                if verify:
+                    packed.get(name)
+                rows.append(_row(name, label, shape, packed.nbytes(name)))
+    else:
+        from sparsemerge.io import open_tensor_source
+
+        with open_tensor_source(path) as source:
+            for name in source.names():
+                tensor = source.get(name)
+                rows.append(_row(name, f"dense {str(tensor.dtype).replace('torch.', '')}", list(tensor.shape), tensor.numel() * tensor.element_size()))
+    for row in rows:
+        nbytes_total += row[3]
+        numel_total += _numel(row[2])
+    return rows, (nbytes_total, numel_total)
+
+
+def _is_ct(folder: Path) -> bool:
+    from sparsemerge.formats.ct import is_ct_folder
+
+    return is_ct_folder(folder)
+
+
+def _numel(shape: Any) -> int:
+    out = 1
+    for s in (shape.split("x") if isinstance(shape, str) else shape):
+        if s != "":
+            out *= int(s)
+    return out
+
+
+def _row(name: str, label: str, shape: list[int], nbytes: int) -> tuple[Any, ...]:
+    numel = _numel(shape)
+    return (name, label, "x".join(map(str, shape)), nbytes, 8 * nbytes / max(numel, 1), nbytes / max(2 * numel, 1), nbytes / max(4 * numel, 1))
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from sparsemerge.formats.size import nm_overheads, plan
+
+    shape_text, *patterns = args.plan
+    match = re.match(r"^\s*(\d+)\s*[xX,]\s*(\d+)\s*$", shape_text)
+    if not match:
+        raise SparsemergeError(f"--plan needs SHAPE as ROWSxCOLS (e.g. 1024x1024), got {shape_text!r}")
+    shape = (int(match.group(1)), int(match.group(2)))
+    if args.value_bits % 8:
+        raise SparsemergeError(f"--value-bits must be a multiple of 8, got {args.value_bits}")
+    vb = args.value_bits // 8
+    if not patterns:
+        raise SparsemergeError("--plan needs at least one PATTERN after SHAPE, e.g. 2:4 or 0.75")
+    for text in patterns:
+        if re.match(r"^\s*0?\.\d+\s*$", text):
+            sparsity = float(text)
+            options = nm_overheads(sparsity, args.max_m)
+            print(f"N:M patterns with sparsity {sparsity:g} and M <= {args.max_m} (index overhead):")
+            table = [
+                (f"{o.n}:{o.m}", o.bits2, o.index, f"{o.entropy:.3f}", f"{o.index / o.m:.3f}", f"{o.entropy / o.m:.3f}")
+                for o in options
+            ]
+            print(format_table(["N:M", "bits2 b/group", "index b/group", "log2 C(M,N)", "index b/weight", "entropy b/weight"], table))
+            for o in options:
+                text_pattern = f"{o.n}:{o.m}"
+                _print_plan(shape, text_pattern, vb, plan(shape, text_pattern, vb))
+            continue
+        _print_plan(shape, text, vb, plan(shape, text, vb))
+    return 0
+
+
+def _print_plan(shape: tuple[int, int], pattern: str, vb: int, rows: list[Any]) -> None:
+    dense = rows[0].nbytes
+    print(f"\n{shape[0]}x{shape[1]} at {pattern}, {8 * vb}-bit values:")
+    table = [(r.format, r.detail, r.nbytes, r.bits_per_weight, r.ratio(dense)) for r in rows]
+    print(format_table(["format", "layout", "bytes", "bits/weight", "x smaller than dense"], table))

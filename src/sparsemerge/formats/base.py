@@ -1,0 +1,272 @@
+"""The interface every tensor format and every value codec implements.
+
+A *format* stores a 2-D weight ``(rows, cols)`` as named storage fields (tensors) plus
+JSON parameters; a *codec* replaces a format's ``values`` field by a smaller encoding
+(quantized integers, codebook indices). Model-level packing writes exactly
+``fields()`` and ``params()``; ``from_fields`` rebuilds the object, validating every field
+against the parameters, so a checkpoint that disagrees with its manifest is refused with the
+tensor named.
+
+Conversions between formats go through a hub: ``convert(obj, "csr")`` is
+``CSR.from_coo(obj.to_coo())``; a format that has no direct COO route goes via dense.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+import torch
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.registry import Registry
+
+FORMATS: "Registry[type[SparseFormat]]" = Registry("format")
+CODECS: "Registry[type[ValueCodec]]" = Registry("value codec")
+
+DTYPE_NAMES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+    "int8": torch.int8,
+    "uint8": torch.uint8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_from_name(name: str, what: str = "tensor") -> torch.dtype:
+    try:
+        return DTYPE_NAMES[name]
+    except KeyError:
+        raise SparsemergeError(f"{what}: unknown dtype {name!r}; known: {', '.join(DTYPE_NAMES)}") from None
+
+
+def need(fields: dict[str, torch.Tensor], key: str, dtype: "torch.dtype | None", shape: "tuple[int, ...] | None", what: str) -> torch.Tensor:
+    """Fetch one storage field and check its dtype and shape (a corrupt/mismatched file fails here)."""
+    if key not in fields:
+        raise SparsemergeError(f"{what}: storage field {key!r} is missing (have {sorted(fields)})")
+    tensor = fields[key]
+    if dtype is not None and tensor.dtype != dtype:
+        raise SparsemergeError(f"{what}: field {key!r} has dtype {dtype_name(tensor.dtype)}, expected {dtype_name(dtype)}")
+    if shape is not None and tuple(tensor.shape) != tuple(shape):
+        raise SparsemergeError(f"{what}: field {key!r} has shape {tuple(tensor.shape)}, expected {tuple(shape)}")
+    return tensor
+
+
+class ValueCodec(abc.ABC):
+    """Encodes a float tensor of values (2-D ``(rows, k)``; 1-D values are viewed as one row)."""
+
+    kind: ClassVar[str]
+    shape: tuple[int, ...]  # shape of the values this codec stands for
+
+    @abc.abstractmethod
+    def decode(self) -> torch.Tensor:
+        """The approximated values as float32, in :attr:`shape`."""
+
+    @abc.abstractmethod
+    def fields(self) -> dict[str, torch.Tensor]:
+        """Storage tensors (keys without the ``values.`` prefix)."""
+
+    @abc.abstractmethod
+    def params(self) -> dict[str, Any]:
+        """JSON parameters; ``params()["kind"]`` names the codec."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_fields(cls, shape: tuple[int, ...], params: dict[str, Any], fields: dict[str, torch.Tensor], what: str) -> "ValueCodec":
+        """Rebuild from storage; raise SparsemergeError naming ``what`` on any mismatch."""
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.fields().values())
+
+
+@dataclass(frozen=True)
+class CodecSpec:
+    """What to do with a format's values: ``kind`` none|int8|int4|codebook.
+
+    ``group_size``: quantization group of G consecutive stored values along a row; 0 means
+    one scale per row (per output channel). ``k``: codebook size (4..256).
+    """
+
+    kind: str = "none"
+    group_size: int = 128
+    symmetric: bool = True
+    k: int = 16
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("none", "int8", "int4", "codebook"):
+            raise SparsemergeError(f"unknown value codec {self.kind!r}; use none, int8, int4 or codebook")
+        if self.group_size < 0:
+            raise SparsemergeError(f"group size must be >= 0 (0 = per output channel), got {self.group_size}")
+        if self.kind == "codebook" and not 4 <= self.k <= 256:
+            raise SparsemergeError(f"codebook size k must be in 4..256, got {self.k}")
+
+    def encode(self, values: torch.Tensor) -> "torch.Tensor | ValueCodec":
+        if self.kind == "none":
+            return values
+        if self.kind == "codebook":
+            from sparsemerge.formats.codebook import fit_codebook
+
+            return fit_codebook(values, self.k)
+        from sparsemerge.formats.quant import quantize
+
+        return quantize(values, 8 if self.kind == "int8" else 4, self.group_size, self.symmetric)
+
+
+def codec_from_fields(shape: tuple[int, ...], params: dict[str, Any], fields: dict[str, torch.Tensor], what: str) -> ValueCodec:
+    import sparsemerge.formats.codebook  # noqa: F401  (registers)
+    import sparsemerge.formats.quant  # noqa: F401
+
+    if not isinstance(params, dict) or "kind" not in params:
+        raise SparsemergeError(f"{what}: codec parameters {params!r} have no 'kind'")
+    return CODECS.get(str(params["kind"])).from_fields(shape, params, fields, what)
+
+
+class SparseFormat(abc.ABC):
+    """A 2-D tensor ``(rows, cols)`` in a storage format.
+
+    Subclasses set ``name``, implement ``from_dense``, ``_dense_into`` (scatter the float
+    values into a zero tensor), ``_index_fields``, ``_params``, ``_from_index_fields`` and
+    ``check``. ``values`` are the stored values (float tensor), or a :class:`ValueCodec`
+    standing for them; :attr:`values_float` always gives floats.
+    """
+
+    name: ClassVar[str]
+    float_values_only: ClassVar[bool] = True
+    shape: tuple[int, int]
+    dtype: torch.dtype  # dtype of the dense tensor this stands for
+    values: "torch.Tensor | ValueCodec"
+
+    # --- construction -------------------------------------------------------------
+    @classmethod
+    @abc.abstractmethod
+    def from_dense(cls, dense: torch.Tensor, **params: Any) -> "SparseFormat":
+        """Encode a dense 2-D tensor."""
+
+    @abc.abstractmethod
+    def _values_shape(self) -> tuple[int, ...]:
+        """Shape of the float values array implied by the index fields."""
+
+    @abc.abstractmethod
+    def _dense_from_values(self, values: torch.Tensor) -> torch.Tensor:
+        """The dense tensor given float values of :meth:`_values_shape`."""
+
+    @abc.abstractmethod
+    def _index_fields(self) -> dict[str, torch.Tensor]:
+        """Storage fields other than the values."""
+
+    @abc.abstractmethod
+    def _params(self) -> dict[str, Any]:
+        """Format parameters besides shape, dtype and codec."""
+
+    @classmethod
+    @abc.abstractmethod
+    def _from_index_fields(
+        cls, shape: tuple[int, int], dtype: torch.dtype, params: dict[str, Any], fields: dict[str, torch.Tensor], what: str
+    ) -> "SparseFormat":
+        """Rebuild without values (``values`` set by :meth:`from_fields`)."""
+
+    @abc.abstractmethod
+    def check(self, full: bool = False) -> None:
+        """Raise SparsemergeError when the storage is inconsistent; ``full`` decodes everything."""
+
+    # --- shared behaviour -----------------------------------------------------------
+    @property
+    def values_float(self) -> torch.Tensor:
+        if isinstance(self.values, ValueCodec):
+            return self.values.decode().to(self.dtype)
+        return self.values
+
+    @property
+    def codec(self) -> Optional[ValueCodec]:
+        return self.values if isinstance(self.values, ValueCodec) else None
+
+    def to_dense(self) -> torch.Tensor:
+        return self._dense_from_values(self.values_float)
+
+    def with_codec(self, spec: CodecSpec) -> "SparseFormat":
+        """Encode the (float) values with a codec; returns self for ``kind == 'none'``."""
+        if spec.kind == "none":
+            return self
+        if self.codec is not None:
+            raise SparsemergeError(f"{self.name}: values are already encoded with {self.codec.kind}")
+        self.values = spec.encode(self.values)
+        return self
+
+    def fields(self) -> dict[str, torch.Tensor]:
+        out = dict(self._index_fields())
+        if isinstance(self.values, ValueCodec):
+            out.update({f"values.{k}": v for k, v in self.values.fields().items()})
+        else:
+            out["values"] = self.values
+        return out
+
+    def params(self) -> dict[str, Any]:
+        return {**self._params(), "codec": self.codec.params() if self.codec is not None else None}
+
+    @classmethod
+    def from_fields(
+        cls, shape: tuple[int, int], dtype: torch.dtype, params: dict[str, Any], fields: dict[str, torch.Tensor], what: str = "tensor"
+    ) -> "SparseFormat":
+        obj = cls._from_index_fields(tuple(shape), dtype, params, fields, what)  # type: ignore[arg-type]
+        vshape = obj._values_shape()
+        codec_params = params.get("codec")
+        if codec_params:
+            sub = {k[len("values."):]: v for k, v in fields.items() if k.startswith("values.")}
+            obj.values = codec_from_fields(vshape, codec_params, sub, what)
+        else:
+            obj.values = need(fields, "values", None, vshape, what)
+            if cls.float_values_only and not obj.values.is_floating_point():
+                raise SparsemergeError(f"{what}: field 'values' has dtype {dtype_name(obj.values.dtype)}, expected a float dtype")
+        return obj
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all storage fields (what the packed file holds for this tensor)."""
+        return sum(t.numel() * t.element_size() for t in self.fields().values())
+
+    @property
+    def numel(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.nbytes / max(self.numel, 1)
+
+    def to_coo(self) -> "SparseFormat":
+        from sparsemerge.formats.coo import COO
+
+        return COO.from_dense(self.to_dense())
+
+    @classmethod
+    def from_coo(cls, coo: "SparseFormat", **params: Any) -> "SparseFormat":
+        return cls.from_dense(coo.to_dense(), **params)
+
+    def __repr__(self) -> str:
+        codec = f", codec={self.codec.kind}" if self.codec is not None else ""
+        return f"{type(self).__name__}(shape={self.shape}, dtype={dtype_name(self.dtype)}, nbytes={self.nbytes}{codec})"
+
+
+def check_2d(dense: torch.Tensor, fmt: str) -> torch.Tensor:
+    if not isinstance(dense, torch.Tensor):
+        raise SparsemergeError(f"{fmt}: expected a torch.Tensor, got {type(dense).__name__}")
+    if dense.dim() != 2:
+        raise SparsemergeError(f"{fmt} stores 2-D weights (out_features, in_features); got shape {tuple(dense.shape)}")
+    if not dense.is_floating_point():
+        raise SparsemergeError(f"{fmt} stores float weights; got dtype {dtype_name(dense.dtype)}")
+    return dense.detach().cpu().contiguous()
+
+
+def convert(obj: SparseFormat, target: str, **params: Any) -> SparseFormat:
+    """Convert between formats through the COO hub (values are decoded; codecs are dropped)."""
+    import sparsemerge.formats  # noqa: F401  (registers every format)
+
+    return FORMATS.get(target).from_coo(obj.to_coo(), **params)
