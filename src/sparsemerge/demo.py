@@ -1,0 +1,150 @@
+"""The end-to-end demo behind ``sparsemerge demo`` (and ``make demo``).
+
+On the bundled SmolLM2-135M and the BBC News text: dense perplexity, then 2:4 pruning with
+every registered method (magnitude, gradient-aware, Wanda, SparseGPT, ...), each evaluated
+on the same held-out windows. Writes the pruned models, a JSON and a Markdown table and a
+bar chart into one output folder, and prints the table.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.io import atomic_output, load_model, resolve_source, save_model, write_json_atomic
+
+MARKER = "sparsemerge-demo.json"
+# Methods shown in order when registered; each row prunes a fresh copy of the dense model.
+DEMO_METHODS = ["magnitude", "gradient", "wanda", "sparsegpt"]
+
+
+@dataclass
+class DemoConfig:
+    model: str = "smollm2"
+    data: str = "bbc"
+    pattern: str = "2:4"
+    methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS))
+    seqlen: int = 512
+    max_windows: int = 8
+    nsamples: int = 16
+    gradient_nsamples: int = 4
+    seed: int = 0
+    out: str = "outputs/demo"
+    save_models: bool = True
+    progress: bool = True
+
+
+@dataclass
+class DemoRow:
+    name: str
+    pattern: str
+    sparsity: float
+    perplexity: float
+    prune_seconds: float
+    eval_seconds: float
+    folder: Optional[str] = None
+
+
+def prepare_output(out: Path) -> None:
+    """The demo may replace its own earlier output folder, never anything else."""
+    if out.exists() and not (out / MARKER).is_file():
+        raise SparsemergeError(
+            f"{str(out)!r} exists and is not an earlier demo output; pass another --out or remove it"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / MARKER, {"what": "sparsemerge demo output", "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+
+
+def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> list[DemoRow]:
+    from sparsemerge.eval.data import calibration_windows, eval_windows
+    from sparsemerge.eval.perplexity import perplexity
+    from sparsemerge.prune import METHODS
+    from sparsemerge.prune.api import prune_
+
+    out = Path(config.out)
+    prepare_output(out)
+    source = resolve_source(config.model)
+    echo(f"loading {config.model} ({source.kind}: {source.path}) ...")
+    loaded = load_model(source)
+    dense_state = {k: v.clone() for k, v in loaded.model.state_dict().items()}
+    windows = eval_windows(loaded.tokenizer, config.data, config.seqlen, config.max_windows)
+    echo(f"held-out text: {config.data}, {windows.shape[0]} windows x {config.seqlen} tokens")
+    calib = calibration_windows(loaded.tokenizer, config.data, config.nsamples, config.seqlen, config.seed)
+
+    rows: list[DemoRow] = []
+    start = time.perf_counter()
+    ppl = perplexity(loaded.model, windows, progress=config.progress, desc="dense perplexity")
+    rows.append(DemoRow("dense", "-", 0.0, ppl, 0.0, time.perf_counter() - start))
+    echo(f"dense: perplexity {ppl:.2f}")
+
+    methods = [m for m in config.methods if m in METHODS]
+    for method in methods:
+        loaded.model.load_state_dict(dense_state)
+        n_calib = config.gradient_nsamples if method in ("gradient", "taylor") else config.nsamples
+        prune_config = {"pattern": config.pattern, "method": method, "progress": config.progress, "seqlen": config.seqlen, "nsamples": n_calib}
+        report = prune_(loaded.model, prune_config, tokenizer=loaded.tokenizer, calibration=calib[:n_calib])
+        start = time.perf_counter()
+        ppl = perplexity(loaded.model, windows, progress=config.progress, desc=f"{method} perplexity")
+        eval_seconds = time.perf_counter() - start
+        folder = None
+        if config.save_models:
+            folder = out / f"{config.model}-{method}-{config.pattern.replace(':', 'of')}"
+            record = report.to_json()
+            record["source"] = {"name": config.model, "kind": source.kind, "sha256": source.checksum()}
+            save_model(loaded.model, loaded.tokenizer, folder, overwrite=True, records={"sparsemerge_prune.json": record})
+        rows.append(DemoRow(method, config.pattern, report.sparsity, ppl, report.seconds, eval_seconds, str(folder) if folder else None))
+        echo(f"{method} {config.pattern}: perplexity {ppl:.2f} (pruned in {report.seconds:.1f} s)")
+    loaded.model.load_state_dict(dense_state)
+    write_results(out, config, rows)
+    return rows
+
+
+def results_table(rows: list[DemoRow]) -> tuple[list[str], list[list[Any]]]:
+    dense = rows[0].perplexity
+    headers = ["model", "pattern", "sparsity", "perplexity", "x dense", "prune s", "eval s"]
+    body = [[r.name, r.pattern, r.sparsity, r.perplexity, r.perplexity / dense, r.prune_seconds, r.eval_seconds] for r in rows]
+    return headers, body
+
+
+def write_results(out: Path, config: DemoConfig, rows: list[DemoRow]) -> None:
+    from sparsemerge.cli.common import format_table
+
+    headers, body = results_table(rows)
+    write_json_atomic(out / "results.json", {"config": asdict(config), "rows": [asdict(r) for r in rows]})
+    markdown = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    markdown += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in body]
+    with atomic_output(out / "results.md", overwrite=True, is_dir=False) as tmp:
+        tmp.write_text("\n".join(markdown) + "\n")
+    with atomic_output(out / "results.txt", overwrite=True, is_dir=False) as tmp:
+        tmp.write_text(format_table(headers, body) + "\n")
+    plot_perplexity(out / "perplexity.png", rows)
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def plot_perplexity(path: Path, rows: list[DemoRow]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    names = [r.name if r.name == "dense" else f"{r.name}\n{r.pattern}" for r in rows]
+    values = [r.perplexity for r in rows]
+    bars = ax.bar(names, values, color=["#4c72b0"] + ["#dd8452"] * (len(rows) - 1))
+    ax.set_yscale("log")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("SmolLM2-135M on BBC News: dense vs pruned")
+    for bar, value in zip(bars, values):
+        ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
+    fig.tight_layout()
+    with atomic_output(path, overwrite=True, is_dir=False) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
