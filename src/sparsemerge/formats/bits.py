@@ -65,15 +65,17 @@ def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     nibble zero.
     """
     rows, k = codes.shape
-    u = (codes.to(torch.int16) & 0xF).to(torch.uint8)
+    u = codes.numpy().view(np.uint8) & np.uint8(0xF)
     if k % 2:
-        u = torch.cat([u, torch.zeros(rows, 1, dtype=torch.uint8)], dim=1)
-    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+        u = np.concatenate([u, np.zeros((rows, 1), dtype=np.uint8)], axis=1)
+    return torch.from_numpy(np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << np.uint8(4))))
 
 
 def unpack_nibbles(packed: torch.Tensor, k: int) -> torch.Tensor:
     """Inverse of :func:`pack_nibbles`: int8 codes in [-8, 7] of shape (rows, k)."""
-    low = (packed & 0xF).to(torch.int8)
-    high = (packed >> 4).to(torch.int8)
-    both = torch.stack([low, high], dim=2).reshape(packed.shape[0], -1)[:, :k]
-    return torch.where(both >= 8, both - 16, both).to(torch.int8).contiguous()
+    data = packed.numpy()
+    both = np.empty((data.shape[0], 2 * data.shape[1]), dtype=np.uint8)
+    both[:, 0::2] = data & np.uint8(0xF)
+    both[:, 1::2] = data >> np.uint8(4)
+    signed = (both[:, :k] ^ np.uint8(8)).view(np.int8) - np.int8(8)  # 4-bit two's complement
+    return torch.from_numpy(np.ascontiguousarray(signed))

@@ -26,7 +26,7 @@ import torch
 from sparsemerge.errors import PatternViolation, SparsemergeError
 from sparsemerge.formats.base import FORMATS, SparseFormat, check_2d, need
 from sparsemerge.formats.bits import packed_nbytes
-from sparsemerge.formats.nm_coding import CODINGS, coding_row_bits, decode_metadata, encode_metadata
+from sparsemerge.formats.nm_coding import CODINGS, coding_row_bits, decode_metadata, encode_metadata, select_slots
 from sparsemerge.patterns import NM, parse_pattern
 
 
@@ -88,23 +88,16 @@ class NMPacked(SparseFormat):
         if cols % m:
             raise SparsemergeError(f"N:M {n}:{m} needs the input dimension divisible by {m}; shape {rows}x{cols}")
         groups = dense.reshape(-1, m)
-        nonzero = groups != 0
-        count = nonzero.sum(dim=1)
-        bad = count > n
-        if bool(bad.any()):
-            first = int(bad.nonzero()[0])
+        positions, bad, first = select_slots(groups != 0, n)
+        if bad:
             gpr = cols // m
             raise PatternViolation(
-                f"not {n}:{m} sparse: {int(bad.sum())} of {groups.shape[0]} groups hold more than {n} nonzeros "
+                f"not {n}:{m} sparse: {bad} of {groups.shape[0]} groups hold more than {n} nonzeros "
                 f"(first: row {first // gpr}, columns {first % gpr * m}..{first % gpr * m + m - 1}); "
                 f"prune it first (sparsemerge prune --pattern {n}:{m}) or pack it with a general format (bitmask, csr)"
             )
-        # Slots: nonzeros first, then the lowest-index zeros (score = 2*[x != 0] - i/m).
-        score = nonzero.to(torch.float32) * 2 - torch.arange(m, dtype=torch.float32) / m
-        chosen = torch.topk(score, n, dim=1).indices
-        positions = torch.sort(chosen, dim=1).values
-        values = torch.gather(groups, 1, positions).reshape(rows, cols * n // m).contiguous()
-        return cls((rows, cols), dense.dtype, n, m, metadata, values, positions.to(torch.uint8).reshape(rows, -1).contiguous())
+        values = torch.gather(groups, 1, positions.to(torch.int64)).reshape(rows, cols * n // m).contiguous()
+        return cls((rows, cols), dense.dtype, n, m, metadata, values, positions.reshape(rows, -1).contiguous())
 
     def _values_shape(self) -> tuple[int, ...]:
         return (self.shape[0], self.kept_per_row)

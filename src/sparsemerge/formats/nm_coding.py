@@ -44,24 +44,78 @@ def binomial_table(m: int, n: int) -> torch.Tensor:
 def rank_groups(positions: torch.Tensor, m: int) -> torch.Tensor:
     """Colex ranks ``r = sum_i C(p_i, i)`` of ascending positions ``(groups, n)`` -> int64."""
     n = positions.shape[1]
-    table = binomial_table(m, n)
-    pos = positions.to(torch.int64)
-    rank = torch.zeros(pos.shape[0], dtype=torch.int64)
-    for i in range(n):
-        rank += table[pos[:, i], i + 1]
-    return rank
+    pos = np.ascontiguousarray(positions.numpy().astype(np.uint8, copy=False))
+    return torch.from_numpy(_rank(pos, binomial_table(m, n).numpy()))
 
 
 def unrank_groups(ranks: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Inverse of :func:`rank_groups`: ascending positions ``(groups, n)`` uint8 (greedy)."""
-    table = binomial_table(m, n)
-    r = ranks.to(torch.int64).clone()
-    out = torch.empty(r.shape[0], n, dtype=torch.uint8)
-    for i in range(n, 0, -1):
-        column = table[:, i].contiguous()
-        p = torch.searchsorted(column, r, right=True) - 1  # largest p with C(p, i) <= r
-        out[:, i - 1] = p.to(torch.uint8)
-        r -= column[p]
+    """Inverse of :func:`rank_groups`: ascending positions ``(groups, n)`` uint8 (greedy:
+    for i = n..1, p_i is the largest p with C(p, i) <= r, then r -= C(p_i, i))."""
+    r = np.ascontiguousarray(ranks.numpy().astype(np.int64, copy=False))
+    return torch.from_numpy(_unrank(r, n, m, binomial_table(m, n).numpy()))
+
+
+def select_slots(nonzero: torch.Tensor, n: int) -> "tuple[torch.Tensor, int, int]":
+    """Per group of M (rows of ``nonzero``): its N slots - the nonzeros, then the lowest-index
+    zeros - ascending, uint8 ``(groups, n)``; plus the number of groups with more than N
+    nonzeros and the first such group (-1 if none)."""
+    mask = np.ascontiguousarray(nonzero.numpy())
+    out = np.zeros((mask.shape[0], n), dtype=np.uint8)
+    bad, first = _select(mask, n, out)
+    return torch.from_numpy(out), int(bad), int(first)
+
+
+@numba.njit(cache=True, nogil=True)
+def _select(mask, n, out):  # pragma: no cover - compiled
+    groups, m = mask.shape
+    bad = 0
+    first = -1
+    for g in range(groups):
+        count = 0
+        for j in range(m):
+            if mask[g, j]:
+                count += 1
+        if count > n:
+            bad += 1
+            if first < 0:
+                first = g
+            continue
+        free = n - count  # lowest-index zeros fill the unused slots
+        k = 0
+        for j in range(m):
+            if mask[g, j] or free > 0:
+                if not mask[g, j]:
+                    free -= 1
+                out[g, k] = j
+                k += 1
+    return bad, first
+
+
+@numba.njit(cache=True, nogil=True)
+def _rank(pos, table):  # pragma: no cover - compiled
+    groups, n = pos.shape
+    out = np.zeros(groups, dtype=np.int64)
+    for g in range(groups):
+        r = 0
+        for i in range(n):
+            r += table[pos[g, i], i + 1]
+        out[g] = r
+    return out
+
+
+@numba.njit(cache=True, nogil=True)
+def _unrank(ranks, n, m, table):  # pragma: no cover - compiled
+    groups = ranks.shape[0]
+    out = np.zeros((groups, n), dtype=np.uint8)
+    for g in range(groups):
+        r = ranks[g]
+        p = m - 1
+        for i in range(n, 0, -1):
+            while p > 0 and table[p, i] > r:
+                p -= 1
+            out[g, i - 1] = p
+            r -= table[p, i]
+            p -= 1
     return out
 
 

@@ -143,8 +143,6 @@ def quantize(values: torch.Tensor, bits: int = 8, group_size: int = 128, symmetr
         raise SparsemergeError(f"quantize needs float values, got {dtype_name(values.dtype)}")
     shape = tuple(values.shape)
     x = _as_rows(values.detach().cpu()).to(torch.float32)
-    if not torch.isfinite(x).all():
-        raise SparsemergeError("cannot quantize values that contain NaN or infinity")
     rows, k = x.shape
     ng = n_groups_for(k, group_size)
     g = k if group_size == 0 else group_size
@@ -155,6 +153,7 @@ def quantize(values: torch.Tensor, bits: int = 8, group_size: int = 128, symmetr
     qmin = -(2 ** (bits - 1))
     if symmetric:
         absmax = groups.abs().amax(dim=2) if k else torch.zeros(rows, 1)
+        _check_finite(absmax)
         scale = absmax / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         q = torch.clamp(torch.round(groups / scale[..., None]), -qmax, qmax)
@@ -162,6 +161,7 @@ def quantize(values: torch.Tensor, bits: int = 8, group_size: int = 128, symmetr
     else:
         lo = torch.clamp(groups.amin(dim=2), max=0.0) if k else torch.zeros(rows, 1)
         hi = torch.clamp(groups.amax(dim=2), min=0.0) if k else torch.zeros(rows, 1)
+        _check_finite(hi - lo)
         scale = (hi - lo) / (qmax - qmin)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
@@ -169,6 +169,12 @@ def quantize(values: torch.Tensor, bits: int = 8, group_size: int = 128, symmetr
         zero_point = zp.to(torch.int8).contiguous()
     codes = q.reshape(rows, -1)[:, :k].to(torch.int8).contiguous()
     return QuantizedValues(codes, scale.to(torch.float32).contiguous(), zero_point, bits, group_size, symmetric, shape)
+
+
+def _check_finite(extent: torch.Tensor) -> None:
+    # A NaN or infinity in a group makes its extent non-finite (cheaper than scanning x).
+    if not bool(torch.isfinite(extent).all()):
+        raise SparsemergeError("cannot quantize values that contain NaN or infinity")
 
 
 def dequantize(codec: QuantizedValues) -> torch.Tensor:
