@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from sparsemerge.cli.common import add_overwrite, format_table
+from sparsemerge.errors import SparsemergeError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,8 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "breadcrumbs_ties, della, della_linear, slerp, model_stock, orthogonal, passthrough."
         ),
     )
-    p.add_argument("config", help="merge config YAML (mergekit format, plus sparsemerge keys)")
-    p.add_argument("out", help="output folder (Hugging Face model, or a PEFT LoRA adapter with --lora-rank)")
+    p.add_argument("config", nargs="?", help="merge config YAML (mergekit format, plus sparsemerge keys)")
+    p.add_argument("out", nargs="?", help="output folder (Hugging Face model, or a PEFT LoRA adapter with --lora-rank)")
     p.add_argument("--keep-pattern", help="project merged layer weights onto a sparsity pattern, e.g. 2:4")
     p.add_argument("--keep-mask", choices=["merged", "base"], help="mask for --keep-pattern: merged magnitudes (default) or the base's support")
     p.add_argument("--lora-rank", type=int, help="write the merge minus the base as a LoRA adapter of this rank (SVD)")
@@ -37,6 +38,8 @@ def run(args: argparse.Namespace) -> int:
         rows = [(n, MERGE_METHODS.get(n).reference) for n in MERGE_METHODS.names()]
         print(format_table(["method", "reference"], rows, align="ll"))
         return 0
+    if not args.config or not args.out:
+        raise SparsemergeError("merge needs CONFIG.yaml and OUT (or --list-methods)")
     config = load_config(args.config)
     if args.seed is not None:
         config = type(config)(**{**config.model_dump(), "seed": args.seed})
