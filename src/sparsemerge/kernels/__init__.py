@@ -1,0 +1,18 @@
+"""Sparse execution: the row-blocked N:M layout, CPU (numba) and CUDA (semi-structured)
+kernels with a pure-torch reference, and ``SparseLinear`` with the in-place swap."""
+from sparsemerge.kernels.dispatch import KERNELS, choose_kernel, force_kernel
+from sparsemerge.kernels.layout import BlockedNM, pack_blocked, to_dense
+from sparsemerge.kernels.sparse_linear import SparseLinear, SparsifyConfig, SparsifyReport, sparsify_
+
+__all__ = [
+    "KERNELS",
+    "choose_kernel",
+    "force_kernel",
+    "BlockedNM",
+    "pack_blocked",
+    "to_dense",
+    "SparseLinear",
+    "SparsifyConfig",
+    "SparsifyReport",
+    "sparsify_",
+]

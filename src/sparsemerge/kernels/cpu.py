@@ -1,0 +1,349 @@
+"""numba CPU kernels for the row-blocked N:M layout (``kernels/layout.py``).
+
+Batch 1 (decoding) is memory-bound: a 2:4 float32 layer reads half the value bytes of the
+dense one plus 4 bits of metadata per group (``0.5 + 1/16`` of dense = 0.5625), INT8
+``0.125 + 1/32``, INT4 ``0.0625 + 1/32`` (chapter 10.1.8). The 2:4 kernels work on blocks
+of R = 64 output rows: for every group of 4 inputs they broadcast ``x[4g..4g+3]`` and pick
+each row's two inputs with bit tests on the metadata word and two blends per slot
+(``vptestnmd`` + ``vblendmps`` on AVX-512), then two FMAs. Quantized codes are accumulated
+unscaled per quantization group and scaled once per group: ``acc += s * sum (c - z) x``.
+
+Batch > 1 (and general N:M at any batch) uses one kernel that decodes each (group, slot)
+run of R values once and updates ``acc[r, :B] += w[r] * xT[g*m + p[r], :B]`` vectorized over
+the batch, so the work per weight is shared by the batch (only kept weights are read).
+
+Why helpers: numba/LLVM vectorizes a float reduction in a separate ``@njit(fastmath=True)``
+function called from the ``prange`` body, but not when the loop is written inside the
+``prange`` loop itself. Thresholds in the bit tests are int32 arrays so that the tests stay
+32-bit (numba widens integer arithmetic on scalars to 64 bits).
+"""
+from __future__ import annotations
+
+import numba
+import numpy as np
+import torch
+from numba import njit, prange
+
+from sparsemerge.kernels.layout import BLOCK_ROWS, BlockedNM
+
+R = BLOCK_ROWS
+BITS = np.array([np.uint32(1) << np.uint32(i) for i in range(32)], dtype=np.uint32)
+FP16_SCALE = np.float32(2.0**112)  # (bits of |h| << 13) as float32 * 2^112 == |h| for finite halves
+
+# value kinds of the general kernel
+F32, BF16, F16, Q8, Q4 = 0, 1, 2, 3, 4
+
+
+# ---------------------------------------------------------------- 2:4 batch 1, float32
+@njit(fastmath=True, cache=True)
+def _g24_f32_block(vals, meta, x, out, blk, bits):
+    acc = np.zeros(R, np.float32)
+    G = vals.shape[1]
+    for g in range(G):
+        m = meta[blk, g >> 3]
+        j = (g & 7) * 4
+        b0 = bits[j]
+        b1 = bits[j + 1]
+        b2 = bits[j + 2]
+        b3 = bits[j + 3]
+        x0 = x[4 * g]
+        x1 = x[4 * g + 1]
+        x2 = x[4 * g + 2]
+        x3 = x[4 * g + 3]
+        v0 = vals[blk, g, 0]
+        v1 = vals[blk, g, 1]
+        for r in range(R):
+            mm = m[r]
+            xa = x2 if (mm & b1) else (x1 if (mm & b0) else x0)
+            xb = x3 if (mm & b3) else (x2 if (mm & b2) else x1)
+            acc[r] += v0[r] * xa + v1[r] * xb
+    for r in range(R):
+        out[blk * R + r] = acc[r]
+
+
+@njit(parallel=True, cache=True)
+def gemv24_f32(vals, meta, x, out, bits):
+    for blk in prange(vals.shape[0]):
+        _g24_f32_block(vals, meta, x, out, blk, bits)
+
+
+# ---------------------------------------------------------------- 2:4 batch 1, bf16 / fp16 values
+@njit(fastmath=True, cache=True)
+def _g24_half_block(vals, kind, meta, x, out, blk, bits, scale16):
+    acc = np.zeros(R, np.float32)
+    tmp = np.empty(2 * R, np.uint32)
+    tmpf = tmp.view(np.float32)
+    G = vals.shape[1]
+    for g in range(G):
+        v = vals[blk, g]  # (2, R) uint16
+        if kind == BF16:
+            for r in range(R):
+                tmp[r] = np.uint32(v[0, r]) << np.uint32(16)
+                tmp[R + r] = np.uint32(v[1, r]) << np.uint32(16)
+        else:
+            for r in range(R):
+                h0 = np.uint32(v[0, r])
+                h1 = np.uint32(v[1, r])
+                tmp[r] = (h0 & np.uint32(0x7FFF)) << np.uint32(13)
+                tmp[R + r] = (h1 & np.uint32(0x7FFF)) << np.uint32(13)
+            for r in range(R):
+                s0 = np.float32(-1.0) if np.uint32(v[0, r]) & np.uint32(0x8000) else np.float32(1.0)
+                s1 = np.float32(-1.0) if np.uint32(v[1, r]) & np.uint32(0x8000) else np.float32(1.0)
+                tmpf[r] = tmpf[r] * scale16 * s0
+                tmpf[R + r] = tmpf[R + r] * scale16 * s1
+        m = meta[blk, g >> 3]
+        j = (g & 7) * 4
+        b0 = bits[j]
+        b1 = bits[j + 1]
+        b2 = bits[j + 2]
+        b3 = bits[j + 3]
+        x0 = x[4 * g]
+        x1 = x[4 * g + 1]
+        x2 = x[4 * g + 2]
+        x3 = x[4 * g + 3]
+        for r in range(R):
+            mm = m[r]
+            xa = x2 if (mm & b1) else (x1 if (mm & b0) else x0)
+            xb = x3 if (mm & b3) else (x2 if (mm & b2) else x1)
+            acc[r] += tmpf[r] * xa + tmpf[R + r] * xb
+    for r in range(R):
+        out[blk * R + r] = acc[r]
+
+
+@njit(parallel=True, cache=True)
+def gemv24_half(vals, kind, meta, x, out, bits, scale16):
+    for blk in prange(vals.shape[0]):
+        _g24_half_block(vals, kind, meta, x, out, blk, bits, scale16)
+
+
+# ---------------------------------------------------------------- 2:4 batch 1, INT8 / INT4 codes
+@njit(fastmath=True, cache=True)
+def _g24_q_block(codes, bits4, meta, scale, zero, has_zero, gps, x, out, blk, bits):
+    acc = np.zeros(R, np.float32)
+    part = np.zeros(R, np.float32)
+    G = codes.shape[1]
+    Q = scale.shape[1]
+    for q in range(Q):
+        for r in range(R):
+            part[r] = 0.0
+        g1 = min(G, (q + 1) * gps)
+        zq = zero[blk, q] if has_zero else scale[blk, q]  # (R,), unused when symmetric
+        for g in range(q * gps, g1):
+            m = meta[blk, g >> 3]
+            j = (g & 7) * 4
+            b0 = bits[j]
+            b1 = bits[j + 1]
+            b2 = bits[j + 2]
+            b3 = bits[j + 3]
+            x0 = x[4 * g]
+            x1 = x[4 * g + 1]
+            x2 = x[4 * g + 2]
+            x3 = x[4 * g + 3]
+            if bits4:
+                c = codes[blk, g, 0]  # (R,) uint8: slot 0 low nibble, slot 1 high nibble
+                for r in range(R):
+                    mm = m[r]
+                    xa = x2 if (mm & b1) else (x1 if (mm & b0) else x0)
+                    xb = x3 if (mm & b3) else (x2 if (mm & b2) else x1)
+                    cr = np.int32(c[r])
+                    c0 = np.float32(cr & 15) - zq[r]
+                    c1 = np.float32(cr >> 4) - zq[r]
+                    part[r] += c0 * xa + c1 * xb
+            elif has_zero:
+                c0v = codes[blk, g, 0]
+                c1v = codes[blk, g, 1]
+                for r in range(R):
+                    mm = m[r]
+                    xa = x2 if (mm & b1) else (x1 if (mm & b0) else x0)
+                    xb = x3 if (mm & b3) else (x2 if (mm & b2) else x1)
+                    part[r] += (np.float32(c0v[r]) - zq[r]) * xa + (np.float32(c1v[r]) - zq[r]) * xb
+            else:
+                c0v = codes[blk, g, 0]
+                c1v = codes[blk, g, 1]
+                for r in range(R):
+                    mm = m[r]
+                    xa = x2 if (mm & b1) else (x1 if (mm & b0) else x0)
+                    xb = x3 if (mm & b3) else (x2 if (mm & b2) else x1)
+                    part[r] += np.float32(c0v[r]) * xa + np.float32(c1v[r]) * xb
+        sq = scale[blk, q]
+        for r in range(R):
+            acc[r] += part[r] * sq[r]
+    for r in range(R):
+        out[blk * R + r] = acc[r]
+
+
+@njit(parallel=True, cache=True)
+def gemv24_q(codes, bits4, meta, scale, zero, has_zero, gps, x, out, bits):
+    for blk in prange(codes.shape[0]):
+        _g24_q_block(codes, bits4, meta, scale, zero, has_zero, gps, x, out, blk, bits)
+
+
+# ---------------------------------------------------------------- general: any N:M, any batch
+@njit(fastmath=True, cache=True)
+def _decode_run(vals, kind, blk, g, s, scale, zero, has_zero, gps, w, tmp, scale16):
+    """w[:R] <- float32 values of slot s of group g in block blk."""
+    if kind == F32:
+        v = vals[blk, g, s]
+        for r in range(R):
+            w[r] = v[r]
+    elif kind == BF16:
+        v = vals[blk, g, s]
+        for r in range(R):
+            tmp[r] = np.uint32(v[r]) << np.uint32(16)
+        wf = tmp.view(np.float32)
+        for r in range(R):
+            w[r] = wf[r]
+    elif kind == F16:
+        v = vals[blk, g, s]
+        for r in range(R):
+            tmp[r] = (np.uint32(v[r]) & np.uint32(0x7FFF)) << np.uint32(13)
+        wf = tmp.view(np.float32)
+        for r in range(R):
+            sign = np.float32(-1.0) if np.uint32(v[r]) & np.uint32(0x8000) else np.float32(1.0)
+            w[r] = wf[r] * scale16 * sign
+    else:
+        q = g // gps
+        sq = scale[blk, q]
+        if kind == Q8:
+            v = vals[blk, g, s]
+            for r in range(R):
+                w[r] = np.float32(v[r])
+        else:
+            v = vals[blk, g, s >> 1]
+            sh = 4 * (s & 1)
+            for r in range(R):
+                w[r] = np.float32((np.int32(v[r]) >> sh) & 15)
+        if has_zero:
+            zq = zero[blk, q]
+            for r in range(R):
+                w[r] = (w[r] - zq[r]) * sq[r]
+        else:
+            for r in range(R):
+                w[r] = w[r] * sq[r]
+
+
+@njit(fastmath=True, cache=True)
+def _positions(meta, index, is24, blk, g, s, p):
+    if is24:
+        m = meta[blk, g >> 3]
+        sh = 4 * (g & 7)
+        for r in range(R):
+            c = (np.int64(m[r]) >> sh) & 15
+            if s == 0:
+                p[r] = (c & 1) + ((c >> 1) & 1)
+            else:
+                p[r] = 1 + ((c >> 2) & 1) + ((c >> 3) & 1)
+    else:
+        ix = index[blk, g, s]
+        for r in range(R):
+            p[r] = ix[r]
+
+
+@njit(fastmath=True, cache=True)
+def _axpy_rows(acc, w, p, xt, base):
+    B = xt.shape[1]
+    for r in range(R):
+        wr = w[r]
+        xr = xt[base + p[r]]
+        ar = acc[r]
+        for b in range(B):
+            ar[b] += wr * xr[b]
+
+
+@njit(fastmath=True, cache=True)
+def _gather_rows(acc1, w, p, x1, base):
+    for r in range(R):
+        acc1[r] += w[r] * x1[base + p[r]]
+
+
+@njit(fastmath=True, cache=True)
+def _general_block(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, blk, scale16):
+    B = xt.shape[1]
+    G = xt.shape[0] // m
+    acc = np.zeros((R, B), np.float32)
+    acc1 = np.zeros(R, np.float32)
+    w = np.empty(R, np.float32)
+    p = np.empty(R, np.int64)
+    tmp = np.empty(R, np.uint32)
+    x1 = xt[:, 0]
+    for g in range(G):
+        for s in range(n):
+            _decode_run(vals, kind, blk, g, s, scale, zero, has_zero, gps, w, tmp, scale16)
+            _positions(meta, index, is24, blk, g, s, p)
+            if B == 1:
+                _gather_rows(acc1, w, p, x1, g * m)
+            else:
+                _axpy_rows(acc, w, p, xt, g * m)
+    for r in range(R):
+        if B == 1:
+            out[0, blk * R + r] = acc1[r]
+        else:
+            for b in range(B):
+                out[b, blk * R + r] = acc[r, b]
+
+
+@njit(parallel=True, cache=True)
+def general_matmul(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, scale16):
+    for blk in prange(vals.shape[0]):
+        _general_block(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, blk, scale16)
+
+
+# ---------------------------------------------------------------- Python entry point
+_EMPTY3_F = np.zeros((1, 1, 1), np.float32)
+_EMPTY3_U32 = np.zeros((1, 1, 1), np.uint32)
+_EMPTY4_U8 = np.zeros((1, 1, 1, 1), np.uint8)
+
+
+def _np(t: "torch.Tensor | None", empty: np.ndarray) -> np.ndarray:
+    return empty if t is None else t.numpy()
+
+
+def _value_kind(layer: BlockedNM) -> tuple[int, np.ndarray]:
+    v = layer.values
+    if layer.codec == "int8":
+        return Q8, v.numpy()
+    if layer.codec == "int4":
+        return Q4, v.numpy()
+    if v.dtype == torch.float32:
+        return F32, v.numpy()
+    kind = BF16 if v.dtype == torch.bfloat16 else F16
+    return kind, v.view(torch.int16).numpy().view(np.uint16)
+
+
+def sync_threads() -> None:
+    """Use as many numba threads as torch does (both default to the cores available)."""
+    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if numba.get_num_threads() != want:
+        numba.set_num_threads(want)
+
+
+def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
+    """``x (B, cols)`` float32 CPU -> ``(B, rows)``. ``path``: "auto", "gemv24" or "general"."""
+    sync_threads()
+    x = x.detach().to(torch.float32).contiguous()
+    B = x.shape[0]
+    rows_pad = layer.values.shape[0] * R
+    kind, vals = _value_kind(layer)
+    meta = _np(layer.meta, _EMPTY3_U32) if layer.meta is None else layer.meta.numpy().view(np.uint32)
+    scale = _np(layer.scale, _EMPTY3_F)
+    zero = _np(layer.zero, _EMPTY3_F)
+    has_zero = layer.zero is not None
+    gps = layer.groups_per_scale
+    use24 = path == "gemv24" or (path == "auto" and B == 1 and layer.is_24)
+    if use24:
+        if not (layer.is_24 and B == 1):
+            raise ValueError("the gemv24 path needs a 2:4 layer and batch 1")
+        xn = x[0].numpy()
+        out = np.empty(rows_pad, np.float32)
+        if kind == F32:
+            gemv24_f32(vals, meta, xn, out, BITS)
+        elif kind in (BF16, F16):
+            gemv24_half(vals, kind, meta, xn, out, BITS, FP16_SCALE)
+        else:
+            gemv24_q(vals, kind == Q4, meta, scale, zero, has_zero, gps, xn, out, BITS)
+        return torch.from_numpy(out[: layer.rows]).unsqueeze(0)
+    xt = np.ascontiguousarray(x.numpy().T)  # (cols, B)
+    out2 = np.empty((B, rows_pad), np.float32)
+    index = _np(layer.index, _EMPTY4_U8)
+    general_matmul(vals, kind, layer.n, layer.m, meta, index, layer.is_24, scale, zero, has_zero, gps, xt, out2, FP16_SCALE)
+    return torch.from_numpy(out2[:, : layer.rows])

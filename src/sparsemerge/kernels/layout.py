@@ -1,0 +1,260 @@
+"""The row-blocked N:M execution layout that the CPU kernels read (pure tensor functions).
+
+A weight ``W`` of shape ``(rows, cols)`` that keeps ``n`` of every ``m`` consecutive inputs
+(chapter 10.1.3, 10.2.7) is stored in blocks of ``R = 64`` output rows. Inside a block the
+``R`` values of one (group, slot) are contiguous, so a batch-1 kernel reads one stream and
+works on 16 rows per AVX-512 vector; the input element is chosen per row by
+compare-and-blend (2:4) or by a gather (general N:M)::
+
+    values[b, g, s, r]   value of slot s (0..n-1) of group g in row b*R + r  (float or int8)
+    packed[b, g, k, r]   INT4: slots 2k (low nibble) and 2k+1 (high nibble), unsigned codes
+    meta[b, w, r]        2:4 only, uint32: 4 bits per group g = 8w + j at bits 4j..4j+3:
+                         bit0 = p0 >= 1, bit1 = p0 == 2, bit2 = p1 >= 2, bit3 = p1 == 3
+                         for the kept positions p0 < p1 (so x is picked by two blends each)
+    index[b, g, s, r]    general N:M, uint8: position 0..m-1 of slot s
+    scale[b, q, r]       per quantization group q (q = g // (group_size / m)); one q per row
+                         when per-channel; zero[b, q, r] the zero point (int4 always; 8 when
+                         symmetric)
+
+Dequantization: ``w = (code - zero) * scale``; ``y_i = sum_g sum_s w_{i,g,s} x[g*m + p_{i,g,s}]``.
+Rows are padded to a multiple of R with zero values (outputs sliced off).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.patterns import NM
+
+BLOCK_ROWS = 64
+CODECS = ("none", "int8", "int4")
+VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+QMAX = {"int8": 127, "int4": 7}
+
+
+@dataclass
+class BlockedNM:
+    """A layer in the row-blocked layout (see module docstring). Tensors live on one device."""
+
+    rows: int
+    cols: int
+    n: int
+    m: int
+    codec: str  # "none" | "int8" | "int4"
+    values: torch.Tensor  # (nb, G, n, R) float/int8, or (nb, G, ceil(n/2), R) uint8 for int4
+    meta: Optional[torch.Tensor]  # 2:4: (nb, ceil(G/8), R) int32 (bit pattern of uint32)
+    index: Optional[torch.Tensor]  # general N:M: (nb, G, n, R) uint8
+    scale: Optional[torch.Tensor] = None  # (nb, Q, R) float32
+    zero: Optional[torch.Tensor] = None  # (nb, Q, R) float32 or None (symmetric int8)
+    group_size: Optional[int] = None  # input columns per scale; None = per channel
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def groups(self) -> int:
+        return self.cols // self.m
+
+    @property
+    def is_24(self) -> bool:
+        return self.n == 2 and self.m == 4
+
+    @property
+    def groups_per_scale(self) -> int:
+        """Groups of m inputs that share one scale (all of them when per channel)."""
+        return self.groups if self.group_size is None else self.group_size // self.m
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = ("values", "meta", "index", "scale", "zero")
+        return {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def to(self, device: "torch.device | str") -> "BlockedNM":
+        out = BlockedNM(**{**self.__dict__})
+        for k, t in self.tensors().items():
+            setattr(out, k, t.to(device))
+        return out
+
+
+def _check_inputs(weight: torch.Tensor, n: int, m: int, codec: str, group_size: Optional[int]) -> None:
+    NM(n, m)  # validates 0 < n < m
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise SparsemergeError(f"expected a 2-D weight (out_features, in_features), got {getattr(weight, 'shape', weight)!r}")
+    if weight.shape[1] % m:
+        raise SparsemergeError(
+            f"N:M {n}:{m} groups the input dimension in runs of {m}, but it is {weight.shape[1]}; "
+            "keep this layer dense (exclude it) or choose another M"
+        )
+    if codec not in CODECS:
+        raise SparsemergeError(f"unknown codec {codec!r}; expected one of {', '.join(CODECS)}")
+    if group_size is not None:
+        if codec == "none":
+            raise SparsemergeError("group_size applies to int8/int4 codecs only; drop it or pick --quant int8|int4")
+        if group_size <= 0 or group_size % m:
+            raise SparsemergeError(f"group_size must be a positive multiple of M={m} input columns, got {group_size}; e.g. 128")
+    if not weight.is_floating_point() or not torch.isfinite(weight).all():
+        raise SparsemergeError("the weight must be a finite floating-point tensor; check the checkpoint")
+
+
+def kept_positions(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """``(rows, G, n)`` ascending in-group positions of the kept slots of an N:M weight.
+
+    Groups with fewer than n nonzeros are filled with zero-valued positions; a group with
+    more than n nonzeros raises (the weight is not N:M; prune it first).
+    """
+    rows, cols = weight.shape
+    nz = (weight != 0).reshape(rows, cols // m, m)
+    over = int((nz.sum(-1) > n).sum())
+    if over:
+        raise SparsemergeError(
+            f"weight of shape {rows}x{cols} is not {n}:{m} sparse: {over} groups hold more than {n} nonzeros; "
+            f"prune it first (sparsemerge prune --pattern {n}:{m}) or pass prune=True"
+        )
+    # nonzeros first (stable), then the first n positions in ascending order
+    order = torch.sort((~nz).to(torch.int8), dim=-1, stable=True).indices[..., :n]
+    return torch.sort(order, dim=-1).values
+
+
+def quantize_groups(vals: torch.Tensor, codec: str, gps: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Symmetric absmax quantization of kept values ``vals (rows, G, n)``.
+
+    ``scale = max|w| / qmax`` over each run of ``gps`` groups of a row (qmax 127 for int8,
+    7 for int4), ``code = clamp(round(w / scale), -qmax-1, qmax)``; int4 codes are stored
+    unsigned (+8) with zero point 8. Returns ``(codes, scale (rows, Q), zero or None)``.
+    """
+    rows, g, n = vals.shape
+    q = -(-g // gps)
+    padded = torch.zeros(rows, q * gps, n, dtype=torch.float32)
+    padded[:, :g] = vals.float()
+    absmax = padded.reshape(rows, q, gps * n).abs().amax(-1)
+    qmax = QMAX[codec]
+    scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
+    per = scale.repeat_interleave(gps, dim=1)[:, :g, None]
+    codes = torch.clamp(torch.round(vals.float() / per), -qmax - 1, qmax)
+    if codec == "int8":
+        return codes.to(torch.int8), scale, None
+    return (codes + 8).to(torch.uint8), scale, torch.full_like(scale, 8.0)
+
+
+def _block(t: torch.Tensor, rows_pad: int, fill: float = 0) -> torch.Tensor:
+    """(rows, ...) -> (nb, ..., R): rows padded, then the row index moved innermost."""
+    rows = t.shape[0]
+    if rows_pad != rows:
+        pad = torch.full((rows_pad - rows, *t.shape[1:]), fill, dtype=t.dtype)
+        t = torch.cat([t, pad])
+    t = t.reshape(rows_pad // BLOCK_ROWS, BLOCK_ROWS, *t.shape[1:])
+    return t.movedim(1, -1).contiguous()
+
+
+def encode_24_meta(pos: torch.Tensor) -> torch.Tensor:
+    """(rows, G, 2) positions -> (rows, ceil(G/8)) int32 words of 4-bit blend codes."""
+    p0, p1 = pos[..., 0].long(), pos[..., 1].long()
+    code = (p0 >= 1).long() | ((p0 == 2).long() << 1) | ((p1 >= 2).long() << 2) | ((p1 == 3).long() << 3)
+    rows, g = code.shape
+    words = -(-g // 8)
+    full = torch.zeros(rows, words * 8, dtype=torch.long)
+    full[:, :g] = code
+    shifts = torch.arange(8, dtype=torch.long) * 4
+    word = (full.reshape(rows, words, 8) << shifts).sum(-1)
+    return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+
+
+def decode_24_meta(meta_rows: torch.Tensor, groups: int) -> torch.Tensor:
+    """Inverse of :func:`encode_24_meta`: (rows, W) int32 -> (rows, G, 2) positions."""
+    word = meta_rows.long() & 0xFFFFFFFF
+    shifts = torch.arange(8, dtype=torch.long) * 4
+    code = ((word[..., None] >> shifts) & 15).reshape(word.shape[0], -1)[:, :groups]
+    p0 = (code & 1) + ((code >> 1) & 1)
+    p1 = 1 + ((code >> 2) & 1) + ((code >> 3) & 1)
+    return torch.stack([p0, p1], -1)
+
+
+def pack_blocked(
+    weight: torch.Tensor,
+    n: int = 2,
+    m: int = 4,
+    codec: str = "none",
+    group_size: Optional[int] = None,
+    value_dtype: str = "float32",
+    positions: Optional[torch.Tensor] = None,
+    codes: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
+) -> BlockedNM:
+    """Pack an N:M weight ``(rows, cols)`` into the blocked layout.
+
+    ``positions (rows, G, n)`` and ``codes = (codes (rows, G, n), scale (rows, Q), zero)``
+    may be given (e.g. from a packed checkpoint) so that no re-selection or re-quantization
+    happens; otherwise they are computed from the weight.
+    """
+    _check_inputs(weight, n, m, codec, group_size)
+    if value_dtype not in VALUE_DTYPES:
+        raise SparsemergeError(f"unknown value dtype {value_dtype!r}; expected one of {', '.join(VALUE_DTYPES)}")
+    weight = weight.detach().cpu()
+    rows, cols = weight.shape
+    g = cols // m
+    pos = kept_positions(weight, n, m) if positions is None else positions.long()
+    vals = torch.gather(weight.float().reshape(rows, g, m), 2, pos)  # (rows, G, n)
+    rows_pad = -(-rows // BLOCK_ROWS) * BLOCK_ROWS
+    gps = g if group_size is None else group_size // m
+    meta = index = scale = zero = None
+    if n == 2 and m == 4:
+        meta = _block(encode_24_meta(pos), rows_pad)
+    else:
+        index = _block(pos.to(torch.uint8), rows_pad)
+    if codec == "none":
+        values = _block(vals.to(VALUE_DTYPES[value_dtype]), rows_pad)
+    else:
+        if codes is None:
+            q, s, z = quantize_groups(vals, codec, gps)
+        else:
+            q, s, z = codes
+        if codec == "int4":
+            if n % 2:
+                q = torch.cat([q, torch.full_like(q[..., :1], 8)], -1)  # pad slot decodes to 0
+            q = q.to(torch.uint8)
+            q = q[..., 0::2] | (q[..., 1::2] << 4)
+            z = torch.full_like(s, 8.0) if z is None else z
+        values = _block(q, rows_pad, fill=8 if codec == "int4" else 0)
+        scale = _block(s.float(), rows_pad, fill=1.0)
+        zero = None if z is None else _block(z.float(), rows_pad, fill=8.0 if codec == "int4" else 0.0)
+    return BlockedNM(rows, cols, n, m, codec, values, meta, index, scale, zero, group_size)
+
+
+def unblock(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """(nb, ..., R) -> (rows, ...): inverse of the row blocking."""
+    t = t.movedim(-1, 1)
+    return t.reshape(t.shape[0] * t.shape[1], *t.shape[2:])[:rows]
+
+
+def positions_of(layer: BlockedNM) -> torch.Tensor:
+    """(rows, G, n) int64 kept positions."""
+    if layer.meta is not None:
+        return decode_24_meta(unblock(layer.meta, layer.rows).cpu(), layer.groups).to(layer.values.device)
+    return unblock(layer.index, layer.rows).long()
+
+
+def dequantized_values(layer: BlockedNM) -> torch.Tensor:
+    """(rows, G, n) float32 values ``(code - zero) * scale``."""
+    v = unblock(layer.values, layer.rows)
+    if layer.codec == "none":
+        return v.float()
+    if layer.codec == "int4":
+        v = torch.stack([v & 15, v >> 4], -1).reshape(*v.shape[:2], -1)[..., : layer.n]
+    v = v.float()
+    gps = layer.groups_per_scale
+    s = unblock(layer.scale, layer.rows).repeat_interleave(gps, dim=1)[:, : layer.groups, None]
+    if layer.zero is not None:
+        z = unblock(layer.zero, layer.rows).repeat_interleave(gps, dim=1)[:, : layer.groups, None]
+        v = v - z
+    return v * s
+
+
+def to_dense(layer: BlockedNM) -> torch.Tensor:
+    """The (rows, cols) float32 weight the layout represents (for tests and fallbacks)."""
+    vals = dequantized_values(layer)
+    pos = positions_of(layer)
+    dense = torch.zeros(layer.rows, layer.groups, layer.m, dtype=torch.float32, device=vals.device)
+    dense.scatter_(2, pos, vals)
+    return dense.reshape(layer.rows, layer.cols)

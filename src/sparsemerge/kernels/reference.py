@@ -1,0 +1,27 @@
+"""Pure-PyTorch reference for every kernel: ``y = x W^T`` read straight from the blocked
+N:M layout, without building the dense weight.
+
+``y[b, i] = sum_g sum_s w[i, g, s] * x[b, g*m + p[i, g, s]]`` (chapter 10.1.3: only the kept
+weights and their in-group positions take part). The gather touches ``B * rows * G * n``
+elements, so this is for correctness checks and fallbacks, not speed.
+"""
+from __future__ import annotations
+
+import torch
+
+from sparsemerge.kernels.layout import BlockedNM, dequantized_values, positions_of
+
+
+def reference_matmul(layer: BlockedNM, x: torch.Tensor) -> torch.Tensor:
+    """``x (B, cols)`` float32 -> ``(B, rows)`` float32, computed from the packed values."""
+    vals = dequantized_values(layer).to(x.device)  # (rows, G, n)
+    pos = positions_of(layer).to(x.device)  # (rows, G, n)
+    g = layer.groups
+    cols_idx = pos + (torch.arange(g, device=x.device) * layer.m)[None, :, None]  # (rows, G, n)
+    out = torch.empty(x.shape[0], layer.rows, dtype=torch.float32, device=x.device)
+    chunk = max(1, (1 << 22) // max(1, layer.rows * g * layer.n))  # bound the gathered size
+    for start in range(0, x.shape[0], chunk):
+        xb = x[start : start + chunk].float()
+        picked = xb[:, cols_idx]  # (b, rows, G, n)
+        out[start : start + chunk] = (picked * vals).sum(dim=(-1, -2))
+    return out

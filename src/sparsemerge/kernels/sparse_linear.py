@@ -1,0 +1,195 @@
+"""``SparseLinear``: a Linear layer held in a packed N:M format, and the in-place swap.
+
+``y = x W^T + b`` is computed from the packed values (float32/float16/bfloat16, or INT8 /
+INT4 codes with per-channel or per-group scales) and their in-group positions, never from
+a dense weight (CPU); on CUDA 2:4 layers go through the semi-structured sparse tensor cores
+(chapter 10.1.3, 10.2.7). Inference only: no gradients flow through it.
+"""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+from pydantic import BaseModel, ConfigDict, field_validator
+from torch import nn
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.kernels.dispatch import run_kernel
+from sparsemerge.kernels.layout import VALUE_DTYPES, BlockedNM, pack_blocked, to_dense
+from sparsemerge.masks import nm_mask
+from sparsemerge.patterns import NM, parse_pattern
+
+_TENSORS = ("values", "meta", "index", "scale", "zero")
+
+
+class SparseLinear(nn.Module):
+    """A packed N:M linear layer (see ``kernels/layout.py`` for the storage)."""
+
+    def __init__(self, layout: BlockedNM, bias: Optional[torch.Tensor] = None) -> None:
+        super().__init__()
+        self.in_features = layout.cols
+        self.out_features = layout.rows
+        self.n, self.m = layout.n, layout.m
+        self.codec = layout.codec
+        self.group_size = layout.group_size
+        for name in _TENSORS:
+            self.register_buffer(name, getattr(layout, name))
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self._cuda_cache: Optional[tuple[torch.device, torch.Tensor]] = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dense(
+        cls,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        n: int = 2,
+        m: int = 4,
+        codec: Optional[str] = None,
+        group_size: Optional[int] = None,
+        value_dtype: str = "float32",
+        prune: bool = False,
+    ) -> "SparseLinear":
+        """Pack a dense N:M-pruned ``weight (out, in)``; ``prune=True`` applies the magnitude
+        N:M mask first (``M_ij = 1[|w_ij| in TopN(group)]``), else a non-N:M weight raises."""
+        weight = weight.detach().cpu().float()
+        if prune:
+            weight = weight * nm_mask(weight.abs(), n, m)
+        layout = pack_blocked(weight, n, m, codec or "none", group_size, value_dtype)
+        return cls(layout, bias)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **kwargs) -> "SparseLinear":
+        return cls.from_dense(linear.weight, linear.bias, **kwargs)
+
+    @property
+    def layout(self) -> BlockedNM:
+        return BlockedNM(
+            self.out_features, self.in_features, self.n, self.m, self.codec,
+            self.values, self.meta, self.index, self.scale, self.zero, self.group_size,
+        )
+
+    @property
+    def value_dtype(self) -> str:
+        if self.codec != "none":
+            return self.codec
+        return {v: k for k, v in VALUE_DTYPES.items()}[self.values.dtype]
+
+    def packed_nbytes(self) -> int:
+        return self.layout.nbytes() + (0 if self.bias is None else self.bias.numel() * 4)
+
+    def to_dense(self) -> torch.Tensor:
+        """The (out, in) float32 weight this layer represents (tests, fallbacks)."""
+        return to_dense(self.layout)
+
+    # ------------------------------------------------------------------ CUDA
+    def cuda_weight(self, device: torch.device) -> torch.Tensor:
+        """The weight for the CUDA path, built once per device: semi-structured when possible."""
+        from sparsemerge.kernels.cuda import to_semi_structured
+
+        if self._cuda_cache is not None and self._cuda_cache[0] == device:
+            return self._cuda_cache[1]
+        dtype = self.values.dtype if self.values.dtype in (torch.float16, torch.bfloat16) else torch.float16
+        dense = to_dense(self.layout.to("cpu")).to(device=device, dtype=dtype)
+        if self.n == 2 and self.m == 4:
+            weight, reason = to_semi_structured(dense)
+        else:
+            weight, reason = dense, f"{self.n}:{self.m} is not 2:4"
+        self.cuda_fallback_reason = reason
+        self._cuda_cache = (device, weight)
+        return weight
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise SparsemergeError(f"SparseLinear expects inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        with torch.no_grad():
+            y = run_kernel(self, x2 if x2.device.type == "cuda" else x2.float())
+            if self.bias is not None:
+                y = y + self.bias.to(y.device)
+        return y.to(x.dtype).reshape(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        gs = "per-channel" if self.group_size is None else f"group {self.group_size}"
+        q = f", {self.codec} {gs}" if self.codec != "none" else f", {self.value_dtype}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.n}:{self.m}{q}, bias={self.bias is not None}"
+
+
+# ---------------------------------------------------------------------- in-place swap
+DEFAULT_INCLUDE = [r"(^|\.)(layers|layer|h|blocks|block|decoder\.layers|encoder\.layer)\.\d+\..*"]
+DEFAULT_EXCLUDE = [r"(^|\.)(lm_head|embed_tokens|wte|wpe|embed_out|output)$", r"norm"]
+
+
+class SparsifyConfig(BaseModel):
+    """What :func:`sparsify_` swaps and how it stores the values."""
+
+    model_config = ConfigDict(extra="forbid")
+    pattern: str = "2:4"
+    quant: Literal["none", "int8", "int4"] = "none"
+    group_size: Optional[int] = None
+    value_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    include: list[str] = DEFAULT_INCLUDE
+    exclude: list[str] = DEFAULT_EXCLUDE
+    prune: bool = False  # apply the magnitude N:M mask to layers that are not N:M yet
+
+    @field_validator("pattern")
+    @classmethod
+    def _nm(cls, value: str) -> str:
+        if not isinstance(parse_pattern(value), NM):
+            raise SparsemergeError(f"SparseLinear runs N:M patterns only (e.g. 2:4), got {value!r}")
+        return value
+
+
+@dataclass
+class SparsifyReport:
+    swapped: list[str] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    dense_bytes: int = 0
+    packed_bytes: int = 0
+    seconds: float = 0.0
+
+
+def sparsify_(model: nn.Module, config: "SparsifyConfig | None" = None) -> SparsifyReport:
+    """Replace the matching ``nn.Linear`` layers of ``model`` by ``SparseLinear`` in place."""
+    config = config or SparsifyConfig()
+    pattern = parse_pattern(config.pattern)
+    try:
+        include = [re.compile(r) for r in config.include]
+        exclude = [re.compile(r) for r in config.exclude]
+    except re.error as exc:
+        raise SparsemergeError(f"bad include/exclude regex: {exc}") from None
+    report = SparsifyReport()
+    start = time.perf_counter()
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, nn.Linear):
+            continue
+        if not any(r.search(name) for r in include) or any(r.search(name) for r in exclude):
+            continue
+        if module.in_features % pattern.m:
+            report.skipped.append((name, f"input dimension {module.in_features} not divisible by M={pattern.m}"))
+            continue
+        try:
+            new = SparseLinear.from_linear(
+                module, n=pattern.n, m=pattern.m, codec=config.quant, group_size=config.group_size,
+                value_dtype=config.value_dtype, prune=config.prune,
+            )
+        except SparsemergeError as exc:
+            raise SparsemergeError(f"layer {name}: {exc}") from None
+        report.dense_bytes += module.weight.numel() * module.weight.element_size()
+        report.packed_bytes += new.layout.nbytes()
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, new.to(module.weight.device))
+        report.swapped.append(name)
+    if not report.swapped:
+        raise SparsemergeError(
+            f"no Linear layer matched include={config.include} and exclude={config.exclude}"
+            + (f"; skipped: {report.skipped[:3]}" if report.skipped else "")
+        )
+    report.seconds = time.perf_counter() - start
+    return report
