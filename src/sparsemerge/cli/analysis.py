@@ -1,0 +1,120 @@
+"""``sparsemerge lmc`` (linear mode connectivity) and ``sparsemerge tv-stats`` (task-vector statistics)."""
+from __future__ import annotations
+
+import argparse
+import math
+
+from sparsemerge.cli.common import add_overwrite, format_table
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "lmc",
+        help="loss / perplexity along the line (1-a) A + a B (linear mode connectivity)",
+        description="Evaluate held-out loss and perplexity of (1-a) A + a B for a grid of a in [0, 1] "
+        "(chapter 10.3.1), print a table with the barrier over the straight line between the end losses, "
+        "and optionally plot it. A and B must share the architecture (same tensor names and shapes).",
+    )
+    p.add_argument("model_a", help="model A: HF folder, .safetensors (with config.json) or .gguf file, or smollm2")
+    p.add_argument("model_b", help="model B, same architecture as A")
+    p.add_argument("--data", default="bbc", help="bbc (held-out split), bbc:CATEGORY, FILE, folder, hf:NAME[:CONFIG][:SPLIT]")
+    p.add_argument("--grid", type=int, default=11, help="number of points in [0, 1], ends included (default 11)")
+    p.add_argument("--seqlen", type=int, default=256)
+    p.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows per point")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--out", help="write a plot (.png, .pdf, .svg)")
+    p.add_argument("--json", dest="json_out", help="write the curve as JSON")
+    p.add_argument("--no-progress", action="store_true")
+    add_overwrite(p)
+    p.set_defaults(func=run_lmc)
+
+    t = sub.add_parser(
+        "tv-stats",
+        help="cosine similarity and sign conflicts between task vectors",
+        description="Task vectors tau_i = M_i - BASE (chapter 10.3.2). Prints, per model pair, the cosine "
+        "similarity, the sign-conflict rate (opposite signs among coordinates where both are nonzero) and the "
+        "overlap; the norm of each task vector; and the rate over all models. A model may be a PEFT LoRA "
+        "adapter folder (read as BASE + B A * scale).",
+    )
+    t.add_argument("base", help="the common base model")
+    t.add_argument("models", nargs="+", help="two or more fine-tuned models (or LoRA adapters) of BASE")
+    t.add_argument("--by-layer-type", action="store_true", help="also break the statistics down by layer type (q_proj, mlp ...)")
+    t.add_argument("--density", type=float, help="first trim each task vector to this top-|tau| fraction per tensor (TIES trim)")
+    t.add_argument("--include", action="append", help="regex on tensor names to include (repeatable; default all)")
+    t.add_argument("--json", dest="json_out", help="write the statistics as JSON")
+    t.add_argument("--no-progress", action="store_true")
+    add_overwrite(t)
+    t.set_defaults(func=run_tv_stats)
+
+
+def _write_json(path: str, data: dict, overwrite: bool) -> None:
+    from sparsemerge.io import ensure_writable, write_json_atomic
+
+    ensure_writable(path, overwrite)
+    write_json_atomic(path, data)
+
+
+def run_lmc(args: argparse.Namespace) -> int:
+    from sparsemerge.errors import SparsemergeError
+    from sparsemerge.io import ensure_writable
+    from sparsemerge.merge.lmc import LMCConfig, lmc_curve, plot_lmc
+
+    for out in (args.out, args.json_out):  # fail before any work
+        if out:
+            ensure_writable(out, args.overwrite)
+    try:
+        config = LMCConfig(
+            grid=args.grid, data=args.data, seqlen=args.seqlen, max_windows=args.max_windows,
+            batch_size=args.batch_size, progress=not args.no_progress,
+        )
+    except ValueError as exc:  # pydantic.ValidationError
+        raise SparsemergeError(f"invalid lmc options: {exc}") from exc
+    result = lmc_curve(args.model_a, args.model_b, config)
+    rows = [[f"{p.alpha:.3f}", p.loss, p.perplexity, result.linear_baseline(p.alpha), result.barrier_at(p)] for p in result.points]
+    print(f"A = {args.model_a}\nB = {args.model_b}\n{result.windows} windows x {result.seqlen} tokens of {args.data}")
+    print(format_table(["a", "loss", "perplexity", "linear loss", "barrier"], rows))
+    print(f"barrier max_a [L(a) - ((1-a) L(A) + a L(B))] = {result.barrier:.4f} nats")
+    if args.out:
+        plot_lmc(result, args.out, overwrite=args.overwrite)
+        print(f"plot -> {args.out}")
+    if args.json_out:
+        _write_json(args.json_out, result.to_json(), args.overwrite)
+        print(f"json -> {args.json_out}")
+    return 0
+
+
+def _pct(x: float) -> str:
+    return "nan" if math.isnan(x) else f"{100 * x:.2f}%"
+
+
+def run_tv_stats(args: argparse.Namespace) -> int:
+    from sparsemerge.merge.analysis import task_vector_stats
+
+    if args.json_out:
+        from sparsemerge.io import ensure_writable
+
+        ensure_writable(args.json_out, args.overwrite)
+    stats = task_vector_stats(
+        args.base, args.models, by_layer_type=args.by_layer_type, density=args.density,
+        include=args.include, progress=not args.no_progress,
+    )
+    names = stats.models
+    trim = f", trimmed to density {args.density}" if args.density else ""
+    print(f"task vectors of {len(names)} models against {args.base} ({stats.tensors} tensors{trim})")
+    print(format_table(["model", "||tau||"], [[n, f"{v:.4g}"] for n, v in zip(names, stats.norms)]))
+    print()
+    rows = [[names[i], names[j], f"{s.cosine:.4f}", _pct(s.conflict_rate), _pct(s.overlap)] for (i, j), s in sorted(stats.pairs.items())]
+    print(format_table(["model A", "model B", "cosine", "sign conflict", "overlap"], rows, align="llrrr"))
+    print(f"\nall {len(names)} models: {_pct(stats.all_conflict_rate)} of coordinates where >= 2 task vectors are nonzero have conflicting signs")
+    if args.by_layer_type:
+        print()
+        rows = [
+            [kind, f"{names[i]} / {names[j]}", f"{s.cosine:.4f}", _pct(s.conflict_rate)]
+            for kind, pairs in sorted(stats.by_type.items())
+            for (i, j), s in sorted(pairs.items())
+        ]
+        print(format_table(["layer type", "pair", "cosine", "sign conflict"], rows, align="llrr"))
+    if args.json_out:
+        _write_json(args.json_out, stats.to_json(), args.overwrite)
+        print(f"json -> {args.json_out}")
+    return 0

@@ -1,0 +1,1 @@
+"""Training: fine-tuning recipes (full and LoRA) for task models (:mod:`sparsemerge.train.finetune`)."""
