@@ -12,9 +12,10 @@ compare-and-blend (2:4) or by a gather (general N:M)::
                          bit0 = p0 >= 1, bit1 = p0 == 2, bit2 = p1 >= 2, bit3 = p1 == 3
                          for the kept positions p0 < p1 (so x is picked by two blends each)
     index[b, g, s, r]    general N:M, uint8: position 0..m-1 of slot s
-    scale[b, q, r]       per quantization group q (q = g // (group_size / m)); one q per row
-                         when per-channel; zero[b, q, r] the zero point (int4 always; 8 when
-                         symmetric)
+    scale[b, q, r]       per quantization group q of ``group_size`` stored values
+                         (q = g // (group_size / n)); one q per row when per channel;
+                         zero[b, q, r] the zero point (int4 always, 8 when symmetric; int8
+                         only when asymmetric). Codes follow formats/quant.py.
 
 Dequantization: ``w = (code - zero) * scale``; ``y_i = sum_g sum_s w_{i,g,s} x[g*m + p_{i,g,s}]``.
 Rows are padded to a multiple of R with zero values (outputs sliced off).
@@ -32,7 +33,6 @@ from sparsemerge.patterns import NM
 BLOCK_ROWS = 64
 CODECS = ("none", "int8", "int4")
 VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-QMAX = {"int8": 127, "int4": 7}
 
 
 @dataclass
@@ -49,7 +49,7 @@ class BlockedNM:
     index: Optional[torch.Tensor]  # general N:M: (nb, G, n, R) uint8
     scale: Optional[torch.Tensor] = None  # (nb, Q, R) float32
     zero: Optional[torch.Tensor] = None  # (nb, Q, R) float32 or None (symmetric int8)
-    group_size: Optional[int] = None  # input columns per scale; None = per channel
+    group_size: Optional[int] = None  # stored (kept) values per scale; None = per channel
     extra: dict = field(default_factory=dict)
 
     @property
@@ -63,7 +63,7 @@ class BlockedNM:
     @property
     def groups_per_scale(self) -> int:
         """Groups of m inputs that share one scale (all of them when per channel)."""
-        return self.groups if self.group_size is None else self.group_size // self.m
+        return self.groups if self.group_size is None else self.group_size // self.n
 
     def tensors(self) -> dict[str, torch.Tensor]:
         names = ("values", "meta", "index", "scale", "zero")
@@ -93,8 +93,11 @@ def _check_inputs(weight: torch.Tensor, n: int, m: int, codec: str, group_size: 
     if group_size is not None:
         if codec == "none":
             raise SparsemergeError("group_size applies to int8/int4 codecs only; drop it or pick --quant int8|int4")
-        if group_size <= 0 or group_size % m:
-            raise SparsemergeError(f"group_size must be a positive multiple of M={m} input columns, got {group_size}; e.g. 128")
+        if group_size <= 0 or group_size % n:
+            raise SparsemergeError(
+                f"group_size counts stored (kept) values per scale and must be a positive multiple of N={n}, "
+                f"got {group_size}; e.g. 128 (or omit it for one scale per output channel)"
+            )
     if not weight.is_floating_point() or not torch.isfinite(weight).all():
         raise SparsemergeError("the weight must be a finite floating-point tensor; check the checkpoint")
 
@@ -118,25 +121,33 @@ def kept_positions(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     return torch.sort(order, dim=-1).values
 
 
-def quantize_groups(vals: torch.Tensor, codec: str, gps: int) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
-    """Symmetric absmax quantization of kept values ``vals (rows, G, n)``.
-
-    ``scale = max|w| / qmax`` over each run of ``gps`` groups of a row (qmax 127 for int8,
-    7 for int4), ``code = clamp(round(w / scale), -qmax-1, qmax)``; int4 codes are stored
-    unsigned (+8) with zero point 8. Returns ``(codes, scale (rows, Q), zero or None)``.
+def quantize_slots(
+    vals: torch.Tensor, codec: str, group_size: Optional[int], symmetric: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Quantize kept values ``vals (rows, G, n)`` with the storage codec
+    (:func:`sparsemerge.formats.quant.quantize`: ``scale = absmax / qmax``,
+    ``q = clamp(round(x / scale), -qmax, qmax)``, or the asymmetric form with a zero point)
+    over runs of ``group_size`` stored values per row (None: per output channel).
+    Returns layout codes ``(rows, G, n)`` (int8 for INT8; unsigned ``q + 8`` for INT4), the
+    scale ``(rows, Q)`` and the zero point ``(rows, Q)`` or None.
     """
+    from sparsemerge.formats.quant import quantize
+
     rows, g, n = vals.shape
-    q = -(-g // gps)
-    padded = torch.zeros(rows, q * gps, n, dtype=torch.float32)
-    padded[:, :g] = vals.float()
-    absmax = padded.reshape(rows, q, gps * n).abs().amax(-1)
-    qmax = QMAX[codec]
-    scale = torch.where(absmax > 0, absmax / qmax, torch.ones_like(absmax))
-    per = scale.repeat_interleave(gps, dim=1)[:, :g, None]
-    codes = torch.clamp(torch.round(vals.float() / per), -qmax - 1, qmax)
+    qv = quantize(vals.reshape(rows, g * n), 8 if codec == "int8" else 4, group_size or 0, symmetric)
+    return codes_from_quantized(qv.codes, qv.scale, qv.zero_point, codec, (rows, g, n))
+
+
+def codes_from_quantized(
+    codes: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], codec: str, shape: tuple[int, int, int]
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """Storage codes (int8, INT4 sign-extended; ``x = (q - zp) * scale``) -> layout codes."""
+    q = codes.reshape(shape)
+    z = None if zero_point is None else zero_point.float()
     if codec == "int8":
-        return codes.to(torch.int8), scale, None
-    return (codes + 8).to(torch.uint8), scale, torch.full_like(scale, 8.0)
+        return q.to(torch.int8), scale.float(), z
+    u = (q.to(torch.int16) + 8).to(torch.uint8)  # unsigned nibble, zero point shifted by 8
+    return u, scale.float(), (torch.full_like(scale.float(), 8.0) if z is None else z + 8.0)
 
 
 def _block(t: torch.Tensor, rows_pad: int, fill: float = 0) -> torch.Tensor:
@@ -179,44 +190,54 @@ def pack_blocked(
     codec: str = "none",
     group_size: Optional[int] = None,
     value_dtype: str = "float32",
-    positions: Optional[torch.Tensor] = None,
-    codes: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
+    symmetric: bool = True,
 ) -> BlockedNM:
-    """Pack an N:M weight ``(rows, cols)`` into the blocked layout.
-
-    ``positions (rows, G, n)`` and ``codes = (codes (rows, G, n), scale (rows, Q), zero)``
-    may be given (e.g. from a packed checkpoint) so that no re-selection or re-quantization
-    happens; otherwise they are computed from the weight.
-    """
+    """Pack an N:M weight ``(rows, cols)`` into the blocked layout (quantizing if asked)."""
     _check_inputs(weight, n, m, codec, group_size)
-    if value_dtype not in VALUE_DTYPES:
-        raise SparsemergeError(f"unknown value dtype {value_dtype!r}; expected one of {', '.join(VALUE_DTYPES)}")
     weight = weight.detach().cpu()
     rows, cols = weight.shape
+    pos = kept_positions(weight, n, m)
+    vals = torch.gather(weight.float().reshape(rows, cols // m, m), 2, pos)  # (rows, G, n)
+    codes = None if codec == "none" else quantize_slots(vals, codec, group_size, symmetric)
+    return pack_slots(rows, cols, n, m, pos, vals, codec, codes, group_size, value_dtype)
+
+
+def pack_slots(
+    rows: int,
+    cols: int,
+    n: int,
+    m: int,
+    positions: torch.Tensor,
+    vals: Optional[torch.Tensor],
+    codec: str = "none",
+    codes: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
+    group_size: Optional[int] = None,
+    value_dtype: str = "float32",
+) -> BlockedNM:
+    """Block already selected slots: ``positions (rows, G, n)``; float ``vals (rows, G, n)``
+    or, for int8/int4, layout ``codes = (q (rows, G, n), scale (rows, Q), zero or None)``
+    (see :func:`codes_from_quantized`)."""
+    if value_dtype not in VALUE_DTYPES:
+        raise SparsemergeError(f"unknown value dtype {value_dtype!r}; expected one of {', '.join(VALUE_DTYPES)}")
     g = cols // m
-    pos = kept_positions(weight, n, m) if positions is None else positions.long()
-    vals = torch.gather(weight.float().reshape(rows, g, m), 2, pos)  # (rows, G, n)
+    pos = positions.reshape(rows, g, n).long()
     rows_pad = -(-rows // BLOCK_ROWS) * BLOCK_ROWS
-    gps = g if group_size is None else group_size // m
     meta = index = scale = zero = None
     if n == 2 and m == 4:
         meta = _block(encode_24_meta(pos), rows_pad)
     else:
         index = _block(pos.to(torch.uint8), rows_pad)
     if codec == "none":
-        values = _block(vals.to(VALUE_DTYPES[value_dtype]), rows_pad)
+        values = _block(vals.reshape(rows, g, n).to(VALUE_DTYPES[value_dtype]), rows_pad)
     else:
-        if codes is None:
-            q, s, z = quantize_groups(vals, codec, gps)
-        else:
-            q, s, z = codes
+        q, s, z = codes
         if codec == "int4":
             if n % 2:
                 q = torch.cat([q, torch.full_like(q[..., :1], 8)], -1)  # pad slot decodes to 0
             q = q.to(torch.uint8)
             q = q[..., 0::2] | (q[..., 1::2] << 4)
             z = torch.full_like(s, 8.0) if z is None else z
-        values = _block(q, rows_pad, fill=8 if codec == "int4" else 0)
+        values = _block(q.contiguous(), rows_pad, fill=8 if codec == "int4" else 0)
         scale = _block(s.float(), rows_pad, fill=1.0)
         zero = None if z is None else _block(z.float(), rows_pad, fill=8.0 if codec == "int4" else 0.0)
     return BlockedNM(rows, cols, n, m, codec, values, meta, index, scale, zero, group_size)

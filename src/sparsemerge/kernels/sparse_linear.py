@@ -18,7 +18,7 @@ from torch import nn
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.kernels.dispatch import run_kernel
-from sparsemerge.kernels.layout import VALUE_DTYPES, BlockedNM, pack_blocked, to_dense
+from sparsemerge.kernels.layout import VALUE_DTYPES, BlockedNM, codes_from_quantized, pack_blocked, pack_slots, to_dense
 from sparsemerge.masks import nm_mask
 from sparsemerge.patterns import NM, parse_pattern
 
@@ -52,13 +52,42 @@ class SparseLinear(nn.Module):
         group_size: Optional[int] = None,
         value_dtype: str = "float32",
         prune: bool = False,
+        symmetric: bool = True,
     ) -> "SparseLinear":
         """Pack a dense N:M-pruned ``weight (out, in)``; ``prune=True`` applies the magnitude
-        N:M mask first (``M_ij = 1[|w_ij| in TopN(group)]``), else a non-N:M weight raises."""
+        N:M mask first (``M_ij = 1[|w_ij| in TopN(group)]``), else a non-N:M weight raises.
+        ``codec`` None/"none", "int8" or "int4"; ``group_size`` stored values per scale
+        (None: per output channel), as in :mod:`sparsemerge.formats.quant`."""
         weight = weight.detach().cpu().float()
         if prune:
             weight = weight * nm_mask(weight.abs(), n, m)
-        layout = pack_blocked(weight, n, m, codec or "none", group_size, value_dtype)
+        layout = pack_blocked(weight, n, m, codec or "none", group_size or None, value_dtype, symmetric)
+        return cls(layout, bias)
+
+    @classmethod
+    def from_packed(cls, packed, bias: Optional[torch.Tensor] = None) -> "SparseLinear":
+        """Build from a storage object ``formats.nm.NMPacked`` without re-selecting or
+        re-quantizing: float values keep their dtype (float32/float16/bfloat16), INT8/INT4
+        codes keep their scales and zero points. Other codecs (codebook) are decoded to float32."""
+        from sparsemerge.formats.nm import NMPacked
+        from sparsemerge.formats.quant import QuantizedValues
+
+        if not isinstance(packed, NMPacked):
+            raise SparsemergeError(f"SparseLinear.from_packed needs an N:M packed tensor (format nm), got {type(packed).__name__}")
+        rows, cols = packed.shape
+        n, m = packed.n, packed.m
+        g = cols // m
+        pos = packed.positions().reshape(rows, g, n)
+        vals = packed.values
+        if isinstance(vals, QuantizedValues) and (vals.group_size == 0 or vals.group_size % n == 0):
+            gs = vals.group_size or None
+            codes = codes_from_quantized(vals.codes, vals.scale, vals.zero_point, vals.kind, (rows, g, n))
+            layout = pack_slots(rows, cols, n, m, pos, None, vals.kind, codes, gs)
+        elif isinstance(vals, torch.Tensor) and vals.dtype in VALUE_DTYPES.values():
+            name = {v: k for k, v in VALUE_DTYPES.items()}[vals.dtype]
+            layout = pack_slots(rows, cols, n, m, pos, vals.reshape(rows, g, n), "none", None, None, name)
+        else:  # codebook, odd group sizes: exact float32 values of the stored codes
+            layout = pack_slots(rows, cols, n, m, pos, packed.values_float.float().reshape(rows, g, n))
         return cls(layout, bias)
 
     @classmethod
@@ -131,7 +160,8 @@ class SparsifyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     pattern: str = "2:4"
     quant: Literal["none", "int8", "int4"] = "none"
-    group_size: Optional[int] = None
+    group_size: Optional[int] = None  # stored values per scale; None/0 = per output channel
+    symmetric: bool = True
     value_dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     include: list[str] = DEFAULT_INCLUDE
     exclude: list[str] = DEFAULT_EXCLUDE
@@ -176,7 +206,7 @@ def sparsify_(model: nn.Module, config: "SparsifyConfig | None" = None) -> Spars
         try:
             new = SparseLinear.from_linear(
                 module, n=pattern.n, m=pattern.m, codec=config.quant, group_size=config.group_size,
-                value_dtype=config.value_dtype, prune=config.prune,
+                value_dtype=config.value_dtype, prune=config.prune, symmetric=config.symmetric,
             )
         except SparsemergeError as exc:
             raise SparsemergeError(f"layer {name}: {exc}") from None
