@@ -123,7 +123,7 @@ def run_inspect(args: argparse.Namespace) -> int:
         raise SparsemergeError("inspect needs a PATH, or --plan SHAPE PATTERN ...")
     rows, total = inspect_rows(args.path, verify=args.verify)
     shown = rows if args.all else sorted(rows, key=lambda r: -r[3])[:40]
-    table = [(n, f, s, b, bpw, r16, r32) for n, f, s, b, bpw, r16, r32 in shown]
+    table = [(n, f, s, f"{b:,}", bpw, r16, r32) for n, f, s, b, bpw, r16, r32 in shown]
     print(format_table(["tensor", "format", "shape", "bytes", "bits/weight", "x fp16", "x fp32"], table))
     if len(shown) < len(rows):
         print(f"... {len(rows) - len(shown)} smaller tensors not shown (--all lists them)")
@@ -221,5 +221,5 @@ def _plan(args: argparse.Namespace) -> int:
 def _print_plan(shape: tuple[int, int], pattern: str, vb: int, rows: list[Any]) -> None:
     dense = rows[0].nbytes
     print(f"\n{shape[0]}x{shape[1]} at {pattern}, {8 * vb}-bit values:")
-    table = [(r.format, r.detail, r.nbytes, r.bits_per_weight, r.ratio(dense)) for r in rows]
+    table = [(r.format, r.detail, f"{r.nbytes:,}", r.bits_per_weight, r.ratio(dense)) for r in rows]
     print(format_table(["format", "layout", "bytes", "bits/weight", "x smaller than dense"], table))

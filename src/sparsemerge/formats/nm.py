@@ -26,7 +26,7 @@ import torch
 from sparsemerge.errors import PatternViolation, SparsemergeError
 from sparsemerge.formats.base import FORMATS, SparseFormat, check_2d, need
 from sparsemerge.formats.bits import packed_nbytes
-from sparsemerge.formats.nm_coding import CODINGS, coding_row_bits, decode_metadata, encode_metadata, select_slots
+from sparsemerge.formats.nm_coding import CODINGS, ENTROPY_MAX_COMBINATIONS, coding_row_bits, decode_metadata, encode_metadata, select_slots
 from sparsemerge.patterns import NM, parse_pattern
 
 
@@ -83,6 +83,10 @@ class NMPacked(SparseFormat):
         NM(n, m)
         if metadata not in CODINGS:
             raise SparsemergeError(f"unknown N:M metadata coding {metadata!r}; use one of {', '.join(CODINGS)}")
+        if metadata == "entropy" and math.comb(m, n) > ENTROPY_MAX_COMBINATIONS:
+            raise SparsemergeError(
+                f"entropy coding supports C(M,N) < 2**32; C({m},{n}) = {math.comb(m, n)} is larger - use --metadata index"
+            )
         dense = check_2d(dense, "nm")
         rows, cols = dense.shape
         if cols % m:
