@@ -1,0 +1,152 @@
+"""Load a model for sparse execution: a packed checkpoint (``sparsemerge pack``) or a pruned
+Hugging Face folder converted on load, with its N:M layers as ``SparseLinear``.
+
+Packed checkpoints are built on the ``meta`` device and filled tensor by tensor, so the
+dense weights of packed layers are never allocated; their values, codes and scales are
+taken as stored (no re-quantization).
+"""
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.kernels.sparse_linear import SparseLinear, SparsifyConfig, SparsifyReport, sparsify_
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SparseModel:
+    model: Any
+    tokenizer: Any
+    kind: str  # "packed" | "hf-converted" | "dense"
+    load_seconds: float
+    swapped: list[str] = field(default_factory=list)
+    report: Optional[SparsifyReport] = None
+
+
+def is_packed_folder(path: "str | os.PathLike[str]") -> bool:
+    from sparsemerge.formats.model import MANIFEST_NAME
+
+    p = Path(path)
+    return p.is_dir() and (p / MANIFEST_NAME).is_file()
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes held by parameters and buffers (tied tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type == "meta" or t.data_ptr() in seen:
+            continue
+        seen.add(t.data_ptr())
+        total += t.numel() * t.element_size()
+    return total
+
+
+def load_packed(path: "str | os.PathLike[str]", dense: bool = False, verify: bool = True) -> SparseModel:
+    """A packed checkpoint as a model: N:M tensors become SparseLinear (``dense=True``:
+    every tensor decoded to a plain dense model, the baseline of ``bench``)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sparsemerge.formats.model import read_packed
+    from sparsemerge.formats.nm import NMPacked
+    from sparsemerge.io.sources import _load_tokenizer
+
+    start = time.perf_counter()
+    folder = Path(path)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as exc:
+        raise SparsemergeError(f"packed checkpoint {str(folder)!r} has no usable config.json ({exc}); repack it from an HF folder") from None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    swapped = []
+    state: dict[str, torch.Tensor] = {}
+    with read_packed(folder) as ckpt:
+        for name in ckpt.names():
+            obj = ckpt.get_format(name, verify=verify)
+            module_name = name[: -len(".weight")] if name.endswith(".weight") else None
+            module = _get(model, module_name) if module_name else None
+            if not dense and isinstance(obj, NMPacked) and isinstance(module, nn.Linear):
+                bias = None
+                if module.bias is not None:
+                    bias_name = module_name + ".bias"
+                    bias = ckpt.get_dense(bias_name, verify=verify).float() if bias_name in ckpt else None
+                _replace(model, module_name, SparseLinear.from_packed(obj, bias))
+                swapped.append(module_name)
+            else:
+                state[name] = obj.to_dense().float()
+    for name in [k for k in state if k.endswith(".bias") and k[: -len(".bias")] in swapped]:
+        del state[name]
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise SparsemergeError(f"packed checkpoint {str(folder)!r} holds tensors the config does not know: {unexpected[:5]}")
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+    _materialize_rest(model)
+    still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
+    if still_meta:
+        raise SparsemergeError(f"packed checkpoint {str(folder)!r} lacks tensors {still_meta[:5]}")
+    model.eval()
+    return SparseModel(model, _load_tokenizer(folder), "dense" if dense else "packed", time.perf_counter() - start, swapped)
+
+
+def _materialize_rest(model: nn.Module) -> None:
+    """Non-persistent buffers (rotary ``inv_freq``) are not in checkpoints: rebuild the
+    modules that own them from their config, on the CPU."""
+    for name, module in list(model.named_modules()):
+        own = list(module.named_buffers(recurse=False))
+        if own and any(t.device.type == "meta" for _, t in own) and hasattr(module, "config"):
+            _replace(model, name, type(module)(module.config))
+
+
+def _get(model: nn.Module, name: str) -> Optional[nn.Module]:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def load_for_run(
+    spec: str,
+    quant: str = "none",
+    group_size: Optional[int] = None,
+    pattern: str = "2:4",
+    prune: bool = False,
+    dense: bool = False,
+) -> SparseModel:
+    """Packed folder -> SparseLinear model as stored (``quant`` must be 'none' there: the
+    codes come from the checkpoint); HF folder / file / 'smollm2' -> loaded, then its N:M
+    layers converted with ``quant``. ``dense=True`` gives the dense float32 baseline."""
+    from sparsemerge.io import load_model
+
+    if is_packed_folder(spec):
+        if quant != "none" and not dense:
+            raise SparsemergeError(
+                f"{spec!r} is a packed checkpoint whose values are already encoded; drop --quant "
+                "(re-pack with 'sparsemerge pack --quant ...' to change the codec)"
+            )
+        return load_packed(spec, dense=dense)
+    start = time.perf_counter()
+    loaded = load_model(spec)
+    if dense:
+        return SparseModel(loaded.model, loaded.tokenizer, "dense", time.perf_counter() - start)
+    report = sparsify_(loaded.model, SparsifyConfig(pattern=pattern, quant=quant, group_size=group_size, prune=prune))
+    gc.collect()
+    return SparseModel(loaded.model, loaded.tokenizer, "hf-converted", time.perf_counter() - start, report.swapped, report)
