@@ -19,6 +19,9 @@ task-vector methods use ``weight = --weight`` (default 0.5) per specialist, ``de
 (default 0.5; breadcrumbs keeps 0.9 and drops the top ``gamma = 0.01``); ``slerp`` (two models only)
 interpolates the first two specialists at ``t = 0.5``; ``passthrough`` stitches the first half of
 the layers of the first specialist onto the second half of the second. Stochastic methods use seed 0.
+``greedy_soup`` (:func:`sparsemerge.merge.greedy_soup`, in memory) adds specialists best-first while
+the validation perplexity does not rise; its validation set is the next ``--val-windows`` held-out
+windows of each evaluated category, disjoint from the windows of the table.
 
 Run (after make_task_models.py; about 1 minute per model on one thread of a shared 2-core VM)::
 
@@ -44,7 +47,7 @@ import torch  # noqa: E402
 DEFAULT_MODELS = Path(os.environ.get("SPARSEMERGE_TASK_MODELS", "/work/main/outputs/task-models"))
 METHODS = [
     "linear", "model_soup", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-    "breadcrumbs_ties", "della", "della_linear", "model_stock", "orthogonal", "slerp", "passthrough",
+    "breadcrumbs_ties", "della", "della_linear", "model_stock", "orthogonal", "slerp", "passthrough", "greedy_soup",
 ]
 
 
@@ -74,15 +77,38 @@ def recipe(method: str, base: Path, specialists: list[Path], weight: float, dens
             "dtype": "float32", "seed": 0}
 
 
-def evaluate(path: Path, windows: dict[str, torch.Tensor]) -> dict[str, float]:
+def evaluate_model(model: Any, windows: dict[str, torch.Tensor]) -> dict[str, float]:
     from sparsemerge.eval.perplexity import perplexity
-    from sparsemerge.io import load_model
 
-    model = load_model(path).model
     out = {cat: perplexity(model, w, batch_size=2, progress=False) for cat, w in windows.items()}
     out["mean"] = math.exp(sum(math.log(v) for v in out.values()) / len(out))
-    del model
     return out
+
+
+def evaluate(path: Path, windows: dict[str, torch.Tensor]) -> dict[str, float]:
+    from sparsemerge.io import load_model
+
+    return evaluate_model(load_model(path).model, windows)
+
+
+def run_greedy_soup(base: Path, specialists: list[Path], val: torch.Tensor, test: dict[str, torch.Tensor]) -> tuple[dict[str, float], list[int]]:
+    """Greedy soup of the specialists scored by perplexity on ``val``; returns its test perplexities and the chosen indices."""
+    from safetensors.torch import load_file
+
+    from sparsemerge.eval.perplexity import perplexity
+    from sparsemerge.io import load_model
+    from sparsemerge.merge import greedy_soup
+
+    model = load_model(base).model
+    candidates = [{k: v for f in sorted(p.glob("*.safetensors")) for k, v in load_file(str(f)).items()} for p in specialists]
+
+    def score(state: dict[str, torch.Tensor]) -> float:
+        model.load_state_dict(state, strict=False)
+        return perplexity(model, val, batch_size=2, progress=False)
+
+    result = greedy_soup(candidates, score)
+    model.load_state_dict(result.state_dict, strict=False)
+    return evaluate_model(model, test), result.chosen
 
 
 def main(argv: "list[str] | None" = None) -> int:
@@ -95,6 +121,7 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--windows", type=int, default=6, help="held-out windows per category")
+    parser.add_argument("--val-windows", type=int, default=1, help="greedy soup: validation windows per category")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, help="where merges are written (default MODELS/merges; removed after evaluation)")
     parser.add_argument("--keep", action="store_true", help="keep the merged models")
@@ -120,7 +147,9 @@ def main(argv: "list[str] | None" = None) -> int:
         return 2
     eval_cats = args.eval_categories or [*cats, "entertainment"]
     tokenizer = load_model(base).tokenizer
-    windows = {c: eval_windows(tokenizer, f"bbc:{c}", args.seqlen, args.windows) for c in eval_cats}
+    heldout = {c: eval_windows(tokenizer, f"bbc:{c}", args.seqlen, args.windows + args.val_windows) for c in eval_cats}
+    windows = {c: w[: args.windows] for c, w in heldout.items()}
+    val = torch.cat([w[args.windows :] for w in heldout.values()])
     layers = json.loads((base / "config.json").read_text())["num_hidden_layers"]
     work = args.work or args.models / "merges"
     work.mkdir(parents=True, exist_ok=True)
@@ -134,7 +163,7 @@ def main(argv: "list[str] | None" = None) -> int:
         write_json_atomic(args.json, {"setup": setup, "results": results})
 
     setup = {"models": str(args.models), "specialists": cats, "eval_categories": eval_cats, "seqlen": args.seqlen,
-             "windows": args.windows, "weight": args.weight, "density": args.density, "threads": args.threads}
+             "windows": args.windows, "val_windows": args.val_windows, "weight": args.weight, "density": args.density, "threads": args.threads}
     print(f"{len(cats)} specialists ({', '.join(cats)}); held-out perplexity, {args.windows} x {args.seqlen} tokens per category")
     print(format_table(headers, []))
     start = time.perf_counter()
@@ -142,6 +171,11 @@ def main(argv: "list[str] | None" = None) -> int:
     for c, path in zip(cats, specialists):
         record(f"specialist {c}", "specialist", evaluate(path, windows))
     for method in args.methods:
+        if method == "greedy_soup":
+            t0 = time.perf_counter()
+            ppl, chosen = run_greedy_soup(base, specialists, val, windows)
+            record(f"merge greedy_soup ({'+'.join(cats[i] for i in chosen)})", "merge", ppl, time.perf_counter() - t0)
+            continue
         out = work / method
         config = recipe(method, base, specialists, args.weight, args.density, layers)
         t0 = time.perf_counter()
