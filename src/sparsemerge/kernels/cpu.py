@@ -310,11 +310,27 @@ def _value_kind(layer: BlockedNM) -> tuple[int, np.ndarray]:
     return kind, v.view(torch.int16).numpy().view(np.uint16)
 
 
+_threads = [0]
+
+
 def sync_threads() -> None:
     """Use as many numba threads as torch does (both default to the cores available)."""
     want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
-    if numba.get_num_threads() != want:
+    if _threads[0] != want:
         numba.set_num_threads(want)
+        _threads[0] = want
+
+
+def _plan(layer: BlockedNM) -> tuple:
+    """numpy views of the layer's tensors, computed once per layout object."""
+    plan = layer.extra.get("cpu_plan")
+    if plan is None:
+        kind, vals = _value_kind(layer)
+        meta = _EMPTY3_U32 if layer.meta is None else layer.meta.numpy().view(np.uint32)
+        plan = (kind, vals, meta, _np(layer.index, _EMPTY4_U8), _np(layer.scale, _EMPTY3_F), _np(layer.zero, _EMPTY3_F),
+                layer.zero is not None, layer.groups_per_scale, layer.values.shape[0] * R)
+        layer.extra["cpu_plan"] = plan
+    return plan
 
 
 def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
@@ -322,18 +338,12 @@ def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto") -> torch.T
     sync_threads()
     x = x.detach().to(torch.float32).contiguous()
     B = x.shape[0]
-    rows_pad = layer.values.shape[0] * R
-    kind, vals = _value_kind(layer)
-    meta = _np(layer.meta, _EMPTY3_U32) if layer.meta is None else layer.meta.numpy().view(np.uint32)
-    scale = _np(layer.scale, _EMPTY3_F)
-    zero = _np(layer.zero, _EMPTY3_F)
-    has_zero = layer.zero is not None
-    gps = layer.groups_per_scale
+    kind, vals, meta, index, scale, zero, has_zero, gps, rows_pad = _plan(layer)
     use24 = path == "gemv24" or (path == "auto" and B == 1 and layer.is_24)
     if use24:
         if not (layer.is_24 and B == 1):
             raise ValueError("the gemv24 path needs a 2:4 layer and batch 1")
-        xn = x[0].numpy()
+        xn = x.numpy().reshape(-1)
         out = np.empty(rows_pad, np.float32)
         if kind == F32:
             gemv24_f32(vals, meta, xn, out, BITS)
@@ -344,6 +354,5 @@ def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto") -> torch.T
         return torch.from_numpy(out[: layer.rows]).unsqueeze(0)
     xt = np.ascontiguousarray(x.numpy().T)  # (cols, B)
     out2 = np.empty((B, rows_pad), np.float32)
-    index = _np(layer.index, _EMPTY4_U8)
     general_matmul(vals, kind, layer.n, layer.m, meta, index, layer.is_24, scale, zero, has_zero, gps, xt, out2, FP16_SCALE)
     return torch.from_numpy(out2[:, : layer.rows])

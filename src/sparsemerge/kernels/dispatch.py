@@ -54,9 +54,15 @@ def force_kernel(name: Optional[str]) -> Iterator[None]:
         _state.forced = old
 
 
+_loaded = [False]
+
+
 def _ensure_loaded() -> None:
-    # importing the modules registers their kernels
-    import sparsemerge.kernels.backends  # noqa: F401
+    # importing the module registers the kernels
+    if not _loaded[0]:
+        import sparsemerge.kernels.backends  # noqa: F401
+
+        _loaded[0] = True
 
 
 def choose_kernel(layer: object, x: torch.Tensor) -> Kernel:
@@ -69,12 +75,23 @@ def choose_kernel(layer: object, x: torch.Tensor) -> Kernel:
             raise SparsemergeError(f"kernel {forced!r} was forced but cannot run this layer: {reason}")
         return kernel
     reasons = []
-    for kernel in sorted((KERNELS.get(n) for n in KERNELS.names()), key=lambda k: k.priority):
+    for kernel in _by_priority():
         reason = kernel.supports(layer, x)
         if reason is None:
             return kernel
         reasons.append(f"{kernel.name}: {reason}")
     raise SparsemergeError("no kernel can run this layer: " + "; ".join(reasons))
+
+
+_sorted: list = [(), -1]
+
+
+def _by_priority() -> tuple:
+    names = KERNELS.names()
+    if _sorted[1] != len(names):
+        _sorted[0] = tuple(sorted((KERNELS.get(n) for n in names), key=lambda k: k.priority))
+        _sorted[1] = len(names)
+    return _sorted[0]
 
 
 def run_kernel(layer: object, x: torch.Tensor) -> torch.Tensor:

@@ -143,10 +143,14 @@ def load_for_run(
                 "(re-pack with 'sparsemerge pack --quant ...' to change the codec)"
             )
         return load_packed(spec, dense=dense)
+    try:
+        config = SparsifyConfig(pattern=pattern, quant=quant, group_size=group_size, prune=prune)
+    except ValueError as exc:  # pydantic.ValidationError
+        raise SparsemergeError(f"invalid sparse execution options: {exc}") from None
     start = time.perf_counter()
     loaded = load_model(spec)
     if dense:
         return SparseModel(loaded.model, loaded.tokenizer, "dense", time.perf_counter() - start)
-    report = sparsify_(loaded.model, SparsifyConfig(pattern=pattern, quant=quant, group_size=group_size, prune=prune))
+    report = sparsify_(loaded.model, config)
     gc.collect()
     return SparseModel(loaded.model, loaded.tokenizer, "hf-converted", time.perf_counter() - start, report.swapped, report)

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.kernels.dispatch import run_kernel
+from sparsemerge.kernels.dispatch import choose_kernel, forced_kernel
 from sparsemerge.kernels.layout import VALUE_DTYPES, BlockedNM, codes_from_quantized, pack_blocked, pack_slots, to_dense
 from sparsemerge.masks import nm_mask
 from sparsemerge.patterns import NM, parse_pattern
@@ -96,10 +96,21 @@ class SparseLinear(nn.Module):
 
     @property
     def layout(self) -> BlockedNM:
-        return BlockedNM(
-            self.out_features, self.in_features, self.n, self.m, self.codec,
-            self.values, self.meta, self.index, self.scale, self.zero, self.group_size,
-        )
+        """The layout over the current buffers (cached; rebuilt after ``.to()``/``load_state_dict``)."""
+        cached = self.__dict__.get("_layout")
+        if cached is None or cached.values is not self.values:
+            cached = BlockedNM(
+                self.out_features, self.in_features, self.n, self.m, self.codec,
+                self.values, self.meta, self.index, self.scale, self.zero, self.group_size,
+            )
+            self.__dict__["_layout"] = cached
+        return cached
+
+    def _apply(self, fn, recurse: bool = True):
+        self.__dict__.pop("_layout", None)
+        self.__dict__.pop("_kernel", None)
+        self._cuda_cache = None
+        return super()._apply(fn, recurse)
 
     @property
     def value_dtype(self) -> str:
@@ -137,11 +148,19 @@ class SparseLinear(nn.Module):
             raise SparsemergeError(f"SparseLinear expects inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        with torch.no_grad():
-            y = run_kernel(self, x2 if x2.device.type == "cuda" else x2.float())
-            if self.bias is not None:
-                y = y + self.bias.to(y.device)
-        return y.to(x.dtype).reshape(*lead, self.out_features)
+        # the kernel choice depends only on the device and a forced name: cache it (per-call
+        # overhead matters at batch 1, where a small layer takes tens of microseconds)
+        key = (x2.device.type, forced_kernel())
+        cached = self.__dict__.get("_kernel")
+        if cached is None or cached[0] != key:
+            cached = (key, choose_kernel(self, x2))
+            self.__dict__["_kernel"] = cached
+        y = cached[1].run(self, x2 if x2.device.type == "cuda" else x2.float())
+        if self.bias is not None:
+            y = y + self.bias.to(y.device)
+        if y.dtype != x.dtype:
+            y = y.to(x.dtype)
+        return y.reshape(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         gs = "per-channel" if self.group_size is None else f"group {self.group_size}"
