@@ -25,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--method", help="magnitude (default), gradient, taylor, wanda, sparsegpt")
     p.add_argument("--include", action="append", help="regex on module names to prune (repeatable; replaces the default)")
     p.add_argument("--exclude", action="append", help="regex on module names to keep dense (repeatable; replaces the default)")
-    p.add_argument("--gamma", type=float, help="gradient weight in |W| + gamma*|grad W| (default 1.0)")
+    p.add_argument("--gamma", type=float, help="gradient weight in |W| + gamma*c*|grad W| (default 0.1)")
     p.add_argument("--calib", help="calibration text: bbc, bbc:CATEGORY, FILE, hf:NAME (default bbc)")
     p.add_argument("--nsamples", type=int, help="calibration windows (default 32)")
     p.add_argument("--seqlen", type=int, help="tokens per calibration window (default 512)")

@@ -24,7 +24,7 @@ class PruneConfig(BaseModel):
         default_factory=dict, description="per-layer overrides: regex on module name -> pattern (first match wins)"
     )
     # gradient-aware scores |W| + gamma * |grad W| (chapter 10.1.7)
-    gamma: float = Field(1.0, ge=0.0)
+    gamma: float = Field(0.1, ge=0.0, description="chosen by benchmarks/bench_gradient_gamma.py")
     # calibration data (gradient, taylor, wanda, sparsegpt)
     calib: str = "bbc"
     nsamples: int = Field(32, ge=1)
