@@ -87,6 +87,14 @@ def _pct(x: float) -> str:
     return "nan" if math.isnan(x) else f"{100 * x:.2f}%"
 
 
+def _short_names(paths: list[str]) -> list[str]:
+    """Folder names when they tell the models apart, else the paths as given."""
+    from pathlib import Path
+
+    short = [Path(p).name or p for p in paths]
+    return short if len(set(short)) == len(short) else list(paths)
+
+
 def run_tv_stats(args: argparse.Namespace) -> int:
     from sparsemerge.merge.analysis import task_vector_stats
 
@@ -98,7 +106,7 @@ def run_tv_stats(args: argparse.Namespace) -> int:
         args.base, args.models, by_layer_type=args.by_layer_type, density=args.density,
         include=args.include, progress=not args.no_progress,
     )
-    names = stats.models
+    names = _short_names(stats.models)
     trim = f", trimmed to density {args.density}" if args.density else ""
     print(f"task vectors of {len(names)} models against {args.base} ({stats.tensors} tensors{trim})")
     print(format_table(["model", "||tau||"], [[n, f"{v:.4g}"] for n, v in zip(names, stats.norms)]))
@@ -108,12 +116,16 @@ def run_tv_stats(args: argparse.Namespace) -> int:
     print(f"\nall {len(names)} models: {_pct(stats.all_conflict_rate)} of coordinates where >= 2 task vectors are nonzero have conflicting signs")
     if args.by_layer_type:
         print()
+        changed = {k: p for k, p in sorted(stats.by_type.items()) if any(s.norm_a2 > 0 or s.norm_b2 > 0 for s in p.values())}
         rows = [
             [kind, f"{names[i]} / {names[j]}", f"{s.cosine:.4f}", _pct(s.conflict_rate)]
-            for kind, pairs in sorted(stats.by_type.items())
+            for kind, pairs in changed.items()
             for (i, j), s in sorted(pairs.items())
         ]
         print(format_table(["layer type", "pair", "cosine", "sign conflict"], rows, align="llrr"))
+        unchanged = sorted(set(stats.by_type) - set(changed))
+        if unchanged:
+            print(f"unchanged in every model (task vector 0): {', '.join(unchanged)}")
     if args.json_out:
         _write_json(args.json_out, stats.to_json(), args.overwrite)
         print(f"json -> {args.json_out}")
