@@ -148,17 +148,22 @@ class NMPacked(SparseFormat):
         return obj
 
     def check(self, full: bool = False) -> None:
+        """Shapes and dtypes; ``full`` also validates every group's positions and that the
+        stored metadata re-encodes to the same bytes."""
         rows, cols = self.shape
         k = self.kept_per_row
         pos = self._positions
         if tuple(pos.shape) != (rows, k) or pos.dtype != torch.uint8:
             raise SparsemergeError(f"nm: positions have shape {tuple(pos.shape)}, expected {(rows, k)} uint8")
+        vshape = tuple(self.codec.shape) if self.codec is not None else tuple(self.values.shape)  # type: ignore[union-attr]
+        if vshape != (rows, k):
+            raise SparsemergeError(f"nm: values have shape {vshape}, expected {(rows, k)}")
+        if not full:
+            return
         groups = pos.reshape(-1, self.n).to(torch.int64)
         if groups.numel() and (int(groups.max()) >= self.m or (self.n > 1 and bool((groups[:, 1:] <= groups[:, :-1]).any()))):
             raise SparsemergeError("nm: positions must be ascending within a group and < M")
-        if tuple(self.values_float.shape) != (rows, k):
-            raise SparsemergeError(f"nm: values have shape {tuple(self.values_float.shape)}, expected {(rows, k)}")
-        if full and self._stream is not None:
+        if self._stream is not None:
             fresh = encode_metadata(groups, self.coding, self.n, self.m, rows)
             if not torch.equal(fresh, self._stream):
                 raise SparsemergeError("nm: stored metadata does not re-encode to the same bytes")

@@ -14,8 +14,9 @@ A group keeps exactly N of its M slots, at positions ``p_1 < ... < p_N``. Three 
     ``V = sum_j r_j * C(M,N)**j`` (``r_0`` least significant), stored in
     ``B = bitlength(C(M,N)**G - 1) = ceil(G * log2 C(M,N))`` bits: at most one bit per row
     above the entropy bound ``log2 C(M,N)`` bits per group (2.585 for 2:4). Coded with
-    multi-limb integer arithmetic in numba: Horner steps ``V = V*C + r`` (encode) and long
-    division by C (decode), O(G * B / 32) per row.
+    multi-limb integer arithmetic in numba, d digits at a time (D = C**d < 2**32, d = 12
+    for 2:4): Horner steps ``V = V*D + c`` (encode) and long division by D (decode),
+    O(G/d * B/32) limb operations per row.
 
 All three are tensor-wide bitstreams (:mod:`sparsemerge.formats.bits` bit order) with a
 fixed number of bits per row, so row ``i`` starts at bit ``i * row_bits``.
@@ -191,19 +192,34 @@ def _check_entropy(combos: int, n: int, m: int) -> None:
         )
 
 
+def _chunk(combos: int) -> tuple[int, int]:
+    """Digits per limb operation: the largest d with C**d < 2**32 (12 for C = 6), and C**d."""
+    d = 1
+    while combos ** (d + 1) < 2**32:
+        d += 1
+    return d, combos**d
+
+
 @numba.njit(cache=True, nogil=True)
-def _entropy_encode(ranks, combos, row_bits, out):  # pragma: no cover - compiled
+def _entropy_encode_kernel(ranks, combos, d, big, row_bits, out):  # pragma: no cover - compiled
+    # V = sum_j r_j C^j = sum_i c_i D^i with D = C^d and c_i the i-th run of d digits;
+    # Horner over the runs from the top: V = V * D + c_i.
     rows, groups = ranks.shape
     nlimbs = row_bits // 32 + 2
     limbs = np.zeros(nlimbs, dtype=np.uint64)
     mask = np.uint64(0xFFFFFFFF)
+    nchunks = (groups + d - 1) // d
     for r in range(rows):
         limbs[:] = 0
         used = 1
-        for j in range(groups - 1, -1, -1):  # Horner: V = V * C + r_j
-            carry = np.uint64(ranks[r, j])
+        for ci in range(nchunks - 1, -1, -1):
+            c = np.uint64(0)
+            top = min(groups, (ci + 1) * d)
+            for j in range(top - 1, ci * d - 1, -1):
+                c = c * combos + np.uint64(ranks[r, j])
+            carry = c
             for i in range(used):
-                t = limbs[i] * combos + carry
+                t = limbs[i] * big + carry
                 limbs[i] = t & mask
                 carry = t >> np.uint64(32)
             if carry != 0:
@@ -217,10 +233,11 @@ def _entropy_encode(ranks, combos, row_bits, out):  # pragma: no cover - compile
 
 
 @numba.njit(cache=True, nogil=True)
-def _entropy_decode(stream, combos, row_bits, ranks):  # pragma: no cover - compiled
+def _entropy_decode_kernel(stream, combos, d, big, row_bits, ranks):  # pragma: no cover - compiled
     rows, groups = ranks.shape
     nlimbs = row_bits // 32 + 2
     limbs = np.zeros(nlimbs, dtype=np.uint64)
+    nchunks = (groups + d - 1) // d
     for r in range(rows):
         limbs[:] = 0
         base = r * row_bits
@@ -231,15 +248,30 @@ def _entropy_decode(stream, combos, row_bits, ranks):  # pragma: no cover - comp
         used = nlimbs
         while used > 0 and limbs[used - 1] == 0:
             used -= 1
-        for j in range(groups):  # r_j = V mod C; V = V // C
+        for ci in range(nchunks):  # c = V mod D; V = V // D; then c's d digits
             rem = np.uint64(0)
             for i in range(used - 1, -1, -1):
                 cur = (rem << np.uint64(32)) | limbs[i]
-                limbs[i] = cur // combos
-                rem = cur % combos
-            ranks[r, j] = rem
+                limbs[i] = cur // big
+                rem = cur % big
             while used > 0 and limbs[used - 1] == 0:
                 used -= 1
-        if used != 0:  # V >= C**G: not a valid code
+            top = min(groups, (ci + 1) * d)
+            for j in range(ci * d, top):
+                ranks[r, j] = rem % combos
+                rem = rem // combos
+            if rem != 0:  # digits beyond G: not a valid code
+                return False
+        if used != 0:  # V >= C**G
             return False
     return True
+
+
+def _entropy_encode(ranks: np.ndarray, combos: np.uint64, row_bits: int, out: np.ndarray) -> None:
+    d, big = _chunk(int(combos))
+    _entropy_encode_kernel(ranks, combos, d, np.uint64(big), row_bits, out)
+
+
+def _entropy_decode(stream: np.ndarray, combos: np.uint64, row_bits: int, ranks: np.ndarray) -> bool:
+    d, big = _chunk(int(combos))
+    return bool(_entropy_decode_kernel(stream, combos, d, np.uint64(big), row_bits, ranks))

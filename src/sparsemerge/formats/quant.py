@@ -34,6 +34,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import numba
+import numpy as np
 import torch
 
 from sparsemerge.errors import SparsemergeError
@@ -86,10 +88,12 @@ class QuantizedValues(ValueCodec):
         return _expand(self.scale, self.codes.shape[1], self.group_size)
 
     def decode(self) -> torch.Tensor:
-        q = self.codes.to(torch.float32)
-        if self.zero_point is not None:
-            q = q - _expand(self.zero_point, q.shape[1], self.group_size).to(torch.float32)
-        return (q * self.expanded_scale()).reshape(self.shape)
+        codes = self.codes.numpy()
+        out = np.empty(codes.shape, dtype=np.float32)
+        zp = self.zero_point.numpy() if self.zero_point is not None else np.zeros(self.scale.shape, dtype=np.int8)
+        g = codes.shape[1] if self.group_size == 0 else self.group_size
+        _dequantize_rows(codes, self.scale.numpy(), zp, max(g, 1), out)
+        return torch.from_numpy(out).reshape(self.shape)
 
     def fields(self) -> dict[str, torch.Tensor]:
         out = {"codes": self.packed_codes(), "scale": self.scale}
@@ -142,39 +146,71 @@ def quantize(values: torch.Tensor, bits: int = 8, group_size: int = 128, symmetr
     if not values.is_floating_point():
         raise SparsemergeError(f"quantize needs float values, got {dtype_name(values.dtype)}")
     shape = tuple(values.shape)
-    x = _as_rows(values.detach().cpu()).to(torch.float32)
+    x = np.ascontiguousarray(_as_rows(values.detach().cpu()).to(torch.float32).numpy())
     rows, k = x.shape
     ng = n_groups_for(k, group_size)
     g = k if group_size == 0 else group_size
-    width = ng * g if k else 0
-    padded = torch.nn.functional.pad(x, (0, width - k)) if width > k else x
-    groups = padded.reshape(rows, ng, max(g, 1)) if k else padded.reshape(rows, 1, 0)
     qmax = 2 ** (bits - 1) - 1
     qmin = -(2 ** (bits - 1))
-    if symmetric:
-        absmax = groups.abs().amax(dim=2) if k else torch.zeros(rows, 1)
-        _check_finite(absmax)
-        scale = absmax / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        q = torch.clamp(torch.round(groups / scale[..., None]), -qmax, qmax)
-        zero_point = None
-    else:
-        lo = torch.clamp(groups.amin(dim=2), max=0.0) if k else torch.zeros(rows, 1)
-        hi = torch.clamp(groups.amax(dim=2), min=0.0) if k else torch.zeros(rows, 1)
-        _check_finite(hi - lo)
-        scale = (hi - lo) / (qmax - qmin)
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        zp = torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
-        q = torch.clamp(torch.round(groups / scale[..., None]) + zp[..., None], qmin, qmax)
-        zero_point = zp.to(torch.int8).contiguous()
-    codes = q.reshape(rows, -1)[:, :k].to(torch.int8).contiguous()
-    return QuantizedValues(codes, scale.to(torch.float32).contiguous(), zero_point, bits, group_size, symmetric, shape)
-
-
-def _check_finite(extent: torch.Tensor) -> None:
-    # A NaN or infinity in a group makes its extent non-finite (cheaper than scanning x).
-    if not bool(torch.isfinite(extent).all()):
+    codes = np.zeros((rows, k), dtype=np.int8)
+    scale = np.ones((rows, ng), dtype=np.float32)
+    zp = np.zeros((rows, ng), dtype=np.int8)
+    if k and not _quantize_rows(x, max(g, 1), qmin, qmax, symmetric, codes, scale, zp):
         raise SparsemergeError("cannot quantize values that contain NaN or infinity")
+    zero_point = None if symmetric else torch.from_numpy(zp)
+    return QuantizedValues(torch.from_numpy(codes), torch.from_numpy(scale), zero_point, bits, group_size, symmetric, shape)
+
+
+@numba.njit(cache=True, nogil=True)
+def _quantize_rows(x, g, qmin, qmax, symmetric, codes, scale, zp):  # pragma: no cover - compiled
+    """The module docstring's formulas in float32, one pass per group; False on NaN/inf."""
+    rows, k = x.shape
+    fqmin = np.float32(qmin)
+    fqmax = np.float32(qmax)
+    for r in range(rows):
+        for gi in range(scale.shape[1]):
+            start = gi * g
+            stop = min(start + g, k)
+            lo = np.float32(0.0)
+            hi = np.float32(0.0)
+            for j in range(start, stop):
+                v = x[r, j]
+                if not np.isfinite(v):
+                    return False
+                if v < lo:
+                    lo = v
+                if v > hi:
+                    hi = v
+            if symmetric:
+                absmax = max(hi, -lo)
+                s = absmax / fqmax
+                if not s > 0:
+                    s = np.float32(1.0)
+                scale[r, gi] = s
+                for j in range(start, stop):
+                    q = np.rint(x[r, j] / s)
+                    codes[r, j] = np.int8(min(max(q, -fqmax), fqmax))
+            else:
+                s = (hi - lo) / (fqmax - fqmin)
+                if not s > 0:
+                    s = np.float32(1.0)
+                z = min(max(np.rint(fqmin - lo / s), fqmin), fqmax)
+                scale[r, gi] = s
+                zp[r, gi] = np.int8(z)
+                for j in range(start, stop):
+                    q = np.rint(x[r, j] / s) + z
+                    codes[r, j] = np.int8(min(max(q, fqmin), fqmax))
+    return True
+
+
+@numba.njit(cache=True, nogil=True)
+def _dequantize_rows(codes, scale, zp, g, out):  # pragma: no cover - compiled
+    """x_hat = (q - zp) * scale, float32."""
+    rows, k = codes.shape
+    for r in range(rows):
+        for j in range(k):
+            gi = j // g
+            out[r, j] = np.float32(np.int32(codes[r, j]) - np.int32(zp[r, gi])) * scale[r, gi]
 
 
 def dequantize(codec: QuantizedValues) -> torch.Tensor:

@@ -59,7 +59,7 @@ class ShardWriter:
             if key in self._pending or key in self._seen:
                 raise SparsemergeError(f"storage key {key!r} is written twice")
             self._seen.add(key)
-            self._pending[key] = tensor.detach().cpu().contiguous().clone()
+            self._pending[key] = tensor.detach().cpu().contiguous()
         self._pending_bytes += size
         self.total_bytes += size
 
