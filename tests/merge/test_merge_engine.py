@@ -267,3 +267,29 @@ def test_cli_merge(family, tmp_path, capsys):
     assert cli_main(["merge", str(config), str(tmp_path / "o"), "--no-progress"]) == 2
     assert "already exists" in capsys.readouterr().err
     assert cli_main(["merge", str(config), str(tmp_path / "o"), "--no-progress", "--overwrite"]) == 0
+
+
+def test_packed_sparse_quantized_task_vector_round_trip(family, tmp_path, capsys):
+    from sparsemerge.formats.model import read_packed
+    from sparsemerge.merge.task_vectors import apply_packed_task_vector
+
+    _, base, tuned = family
+    config = tmp_path / "dare.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "dare_ties", "base_model": str(base),
+                                      "parameters": {"weight": 1.0, "density": 0.2},
+                                      "models": [{"model": str(m)} for m in tuned[:2]]}))
+    assert cli_main(["merge", str(config), str(tmp_path / "m"), "--no-progress", "--task-vector-out", str(tmp_path / "tv")]) == 0
+    assert "task vector:" in capsys.readouterr().out
+    with read_packed(tmp_path / "tv") as tv:
+        key = "model.layers.0.mlp.up_proj.weight"
+        assert tv.record(key)["format"] == "bitmask" and tv.record(key)["params"]["codec"]["kind"] == "int8"
+        total = sum(tv.nbytes(n) for n in tv.names())
+    merged_bytes = (tmp_path / "m" / "model.safetensors").stat().st_size
+    assert total < 0.5 * merged_bytes
+    apply_packed_task_vector(base, tmp_path / "tv", tmp_path / "rebuilt")
+    rebuilt, merged, b = tensors(tmp_path / "rebuilt"), tensors(tmp_path / "m"), tensors(base)
+    tau = merged[key] - b[key]
+    err = (rebuilt[key] - merged[key]).abs().max().item()
+    assert err <= tau.abs().max().item() / 100  # int8 per-group rounding
+    assert int(((rebuilt[key] != b[key]) & (tau == 0)).sum()) == 0  # zeros of tau stay exact
+    assert (rebuilt[key] != b[key]).float().mean().item() > 0.5 * (tau != 0).float().mean().item()

@@ -254,3 +254,32 @@ def test_ties_result_between_agreeing_values(seed, k):
     out = merge_tensors("ties", xs, base=base, weights=[1.0] * k)
     stack = torch.stack(xs)
     assert (out <= stack.max(0).values + 1e-6).all() and (out >= stack.min(0).values - 1e-6).all()
+
+
+def _trim_by_argsort(tensor, density):
+    k = max(1, int(density * tensor.numel()))
+    mask = torch.zeros(tensor.numel())
+    mask[torch.argsort(tensor.abs().reshape(-1).float(), descending=True)[:k]] = 1
+    return tensor * mask.reshape_as(tensor)
+
+
+def _outliers_by_sort(tensor, density, gamma):
+    n = tensor.numel()
+    target, top = int(density * n), int(gamma * n)
+    bottom = max(0, n - target - top)
+    mask = torch.zeros(n)
+    mask[torch.sort(tensor.abs().reshape(-1).float()).indices[bottom : bottom + target]] = 1
+    return tensor * mask.reshape_as(tensor)
+
+
+@settings(max_examples=60, deadline=None)
+@given(numel=st.integers(1, 300), density=st.floats(0.01, 0.99), gamma=st.floats(0.0, 0.2),
+       levels=st.integers(1, 6), zeros=st.floats(0, 0.9), seed=st.integers(0, 2**16))
+def test_selection_without_full_sort_equals_sorting(numel, density, gamma, levels, zeros, seed):
+    """The O(n) kthvalue selection gives exactly the sort-based result, ties and zeros included."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(-levels, levels + 1, (numel,), generator=g).float() * (torch.rand(numel, generator=g) >= zeros)
+    if seed % 2:
+        x = x + 0.001 * torch.randn(numel, generator=g)  # mostly distinct values
+    assert torch.equal(ops.magnitude_trim(x, density), _trim_by_argsort(x, density))
+    assert torch.equal(ops.magnitude_outliers(x, density, gamma), _outliers_by_sort(x, density, gamma))

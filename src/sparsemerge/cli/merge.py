@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from sparsemerge.cli.common import add_overwrite, format_table
 from sparsemerge.errors import SparsemergeError
@@ -23,6 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-pattern", help="project merged layer weights onto a sparsity pattern, e.g. 2:4")
     p.add_argument("--keep-mask", choices=["merged", "base"], help="mask for --keep-pattern: merged magnitudes (default) or the base's support")
     p.add_argument("--lora-rank", type=int, help="write the merge minus the base as a LoRA adapter of this rank (SVD)")
+    p.add_argument("--task-vector-out", metavar="DIR", help="also write the merged task vector (merge - base) as a sparse, quantized packed checkpoint")
+    p.add_argument("--tv-format", default="bitmask", help="packed format of the task vector: bitmask (default), csr, coo, nm, dense")
+    p.add_argument("--tv-quant", default="int8", choices=["none", "int8", "int4"], help="value codec of the task vector (default int8)")
     p.add_argument("--seed", type=int, help="seed for DARE/DELLA (overrides the config's seed)")
     p.add_argument("--list-methods", action="store_true", help="print the merge methods and exit")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
@@ -43,6 +47,12 @@ def run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     if args.seed is not None:
         config = type(config)(**{**config.model_dump(), "seed": args.seed})
+    if args.task_vector_out:
+        from sparsemerge.io import ensure_writable
+
+        if not config.base_model:
+            raise SparsemergeError("--task-vector-out needs a base_model in the config (the task vector is merge - base)")
+        ensure_writable(args.task_vector_out, args.overwrite)
     report = run_merge(
         config, args.out, overwrite=args.overwrite, keep_pattern=args.keep_pattern, keep_mask=args.keep_mask,
         lora_rank=args.lora_rank, progress=not args.no_progress,
@@ -56,4 +66,12 @@ def run(args: argparse.Namespace) -> int:
         if errs:
             line += f"; LoRA rank {report.lora['rank']}, mean relative error {sum(errs) / len(errs):.4f}"
     print(line)
+    if args.task_vector_out:
+        from sparsemerge.merge.task_vectors import write_packed_task_vector
+
+        packed = write_packed_task_vector(args.out, config.base_model, args.task_vector_out, overwrite=args.overwrite,
+                                          format=args.tv_format, quant=args.tv_quant)
+        dense_bytes = sum(p.stat().st_size for p in Path(args.out).glob("*.safetensors"))
+        print(f"task vector: {len(packed.packed)} tensors as {args.tv_format}/{args.tv_quant}, {packed.nbytes / 2**20:.1f} MiB "
+              f"({packed.nbytes / max(dense_bytes, 1):.3f} of the merged model's {dense_bytes / 2**20:.1f} MiB) -> {args.task_vector_out}")
     return 0

@@ -25,6 +25,7 @@ from sparsemerge.merge import mergekit_yaml as params_mod
 from sparsemerge.merge.base import MergeInputs, MethodSpec, get_method, seed_for
 from sparsemerge.merge.config import MergeConfig, load_config
 from sparsemerge.merge.lora import LoraAdapter, LoraTensorSource, is_lora_adapter, lora_config, lora_key, low_rank_factors
+from sparsemerge.merge.reader import PreadSource
 from sparsemerge.merge.plan import Source, TensorJob, build_plan, split_layer
 from sparsemerge.merge.sparsity import PatternProjector
 from sparsemerge.merge.writer import PlannedTensor, StreamingShardWriter
@@ -60,20 +61,20 @@ def open_model(ref: str, config: MergeConfig) -> Source:
 
     if "+" in ref and not Path(ref).exists():
         base_ref, adapter_ref = ref.split("+", 1)
-        return LoraTensorSource(open_tensor_source(base_ref), LoraAdapter(adapter_ref))
+        return LoraTensorSource(PreadSource.wrap(open_tensor_source(base_ref)), LoraAdapter(adapter_ref))
     if Path(ref).is_dir() and is_lora_adapter(ref):
         adapter = LoraAdapter(ref)
         candidates = [c for c in (adapter.base_model, config.base_model) if c and c != ref]
         for cand in candidates:
             try:
-                return LoraTensorSource(open_tensor_source(cand), adapter)
+                return LoraTensorSource(PreadSource.wrap(open_tensor_source(cand)), adapter)
             except SparsemergeError:
                 continue
         raise SparsemergeError(
             f"LoRA adapter {ref!r}: its base {adapter.base_model!r} is not found locally; set base_model in the config "
             f"or write the model as BASE+{ref}"
         )
-    return open_tensor_source(ref)
+    return PreadSource.wrap(open_tensor_source(ref))
 
 
 def _method_inputs(job: TensorJob, spec: MethodSpec, tensors: list[torch.Tensor], config: MergeConfig) -> MergeInputs:

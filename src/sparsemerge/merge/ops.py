@@ -80,11 +80,40 @@ def magnitude_trim(tensor: torch.Tensor, density: float, rescale: RescaleMode = 
     flat = tensor.abs().reshape(-1)
     if flat.device.type == "cpu":
         flat = flat.float()
-    # argsort (not topk) so that ties resolve as in mergekit
-    keep = torch.argsort(flat, descending=True)[:k]
-    mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
-    mask[keep] = 1
+    keep = _rank_window(flat, flat.numel() - k, flat.numel())
+    if keep is None:  # nonzero ties straddle the cut: pick them exactly as mergekit's argsort does
+        mask = torch.zeros(tensor.numel(), dtype=tensor.dtype, device=tensor.device)
+        mask[torch.argsort(flat, descending=True)[:k]] = 1
+    else:
+        mask = keep.to(tensor.dtype)
     return rescale_masked(tensor, mask.reshape_as(tensor), rescale, density)
+
+
+def _rank_window(flat: torch.Tensor, lo: int, hi: int) -> Optional[torch.Tensor]:
+    """Mask of the entries whose ascending rank is in ``[lo, hi)``, found with two O(n)
+    selections (``kthvalue``) instead of a full sort. None when equal nonzero values straddle a
+    boundary (the chosen subset would depend on the sort's tie order); ties of zeros are
+    harmless (a kept zero is still zero) and resolve here."""
+    n = flat.numel()
+    if hi <= lo:
+        return torch.zeros(n, dtype=torch.bool, device=flat.device)
+    mask = torch.ones(n, dtype=torch.bool, device=flat.device)
+    if lo > 0:
+        low = flat.kthvalue(lo + 1).values  # smallest kept value
+        mask &= flat >= low
+        below = int((flat < low).sum())
+        if below != lo and low != 0:
+            return None
+    if hi < n:
+        high = flat.kthvalue(hi).values  # largest kept value
+        if int((flat <= high).sum()) != hi:
+            return None
+        mask &= flat <= high
+    if lo > 0 and int(mask.sum()) != hi - lo:
+        if low != 0:
+            return None
+        mask &= flat > 0  # surplus kept zeros contribute nothing
+    return mask
 
 
 def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float = 0.01, rescale: RescaleMode = None) -> torch.Tensor:
@@ -99,9 +128,12 @@ def magnitude_outliers(tensor: torch.Tensor, density: float, gamma: float = 0.01
     flat = tensor.abs().reshape(-1)
     if flat.device.type == "cpu":
         flat = flat.float()
-    order = torch.sort(flat, descending=False).indices
-    mask = torch.zeros(numel, dtype=tensor.dtype, device=tensor.device)
-    mask[order[n_bottom : n_bottom + target]] = 1
+    keep = _rank_window(flat, n_bottom, n_bottom + target)
+    if keep is None:
+        mask = torch.zeros(numel, dtype=tensor.dtype, device=tensor.device)
+        mask[torch.sort(flat, descending=False).indices[n_bottom : n_bottom + target]] = 1
+    else:
+        mask = keep.to(tensor.dtype)
     return rescale_masked(tensor, mask.reshape_as(tensor), rescale, density)
 
 
