@@ -158,14 +158,14 @@ def main(argv: "list[str] | None" = None) -> int:
 
     def record(name: str, kind: str, ppl: dict[str, float], seconds: "float | None" = None) -> None:
         results.append({"model": name, "kind": kind, "perplexity": ppl, "merge_seconds": seconds})
-        print(format_table(headers, [[name, *(ppl[c] for c in eval_cats), ppl["mean"]]]).splitlines()[-1], flush=True)
+        print(f"{name:<44}" + "".join(f"{ppl[c]:>14.2f}" for c in [*eval_cats, "mean"]), flush=True)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.json, {"setup": setup, "results": results})
 
     setup = {"models": str(args.models), "specialists": cats, "eval_categories": eval_cats, "seqlen": args.seqlen,
              "windows": args.windows, "val_windows": args.val_windows, "weight": args.weight, "density": args.density, "threads": args.threads}
     print(f"{len(cats)} specialists ({', '.join(cats)}); held-out perplexity, {args.windows} x {args.seqlen} tokens per category")
-    print(format_table(headers, []))
+    print(f"{'model':<44}" + "".join(f"{h:>14}" for h in headers[1:]), flush=True)
     start = time.perf_counter()
     record("base", "base", evaluate(base, windows))
     for c, path in zip(cats, specialists):
