@@ -28,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tv-format", default="bitmask", help="packed format of the task vector: bitmask (default), csr, coo, nm, dense")
     p.add_argument("--tv-quant", default="int8", choices=["none", "int8", "int4"], help="value codec of the task vector (default int8)")
     p.add_argument("--seed", type=int, help="seed for DARE/DELLA (overrides the config's seed)")
+    p.add_argument("--threads", type=int, help="tensors merged concurrently (default: CPU count, at most 4)")
     p.add_argument("--list-methods", action="store_true", help="print the merge methods and exit")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_overwrite(p)
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
         ensure_writable(args.task_vector_out, args.overwrite)
     report = run_merge(
         config, args.out, overwrite=args.overwrite, keep_pattern=args.keep_pattern, keep_mask=args.keep_mask,
-        lora_rank=args.lora_rank, progress=not args.no_progress,
+        lora_rank=args.lora_rank, progress=not args.no_progress, workers=args.threads,
     )
     line = f"merged {report.tensors} tensors with {report.method} in {report.seconds:.1f} s -> {args.out}"
     if report.pattern:

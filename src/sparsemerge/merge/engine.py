@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -109,10 +110,12 @@ def run_merge(
     keep_mask: Optional[str] = None,
     lora_rank: Optional[int] = None,
     progress: bool = False,
+    workers: Optional[int] = None,
 ) -> MergeReport:
     """Merge as ``config`` says and write ``out`` (an HF folder, or a LoRA adapter with ``lora_rank``).
 
-    ``keep_pattern``/``keep_mask``/``lora_rank`` override the config's keys of the same names."""
+    ``keep_pattern``/``keep_mask``/``lora_rank`` override the config's keys of the same names;
+    ``workers`` threads compute tensors concurrently (default: the CPU count, at most 4)."""
     from sparsemerge.io import atomic_output, ensure_writable
 
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
@@ -120,6 +123,7 @@ def run_merge(
     if updates:
         cfg = MergeConfig(**{**cfg.model_dump(), **updates})
     ensure_writable(out, overwrite)
+    workers = workers or min(4, os.cpu_count() or 1)
     spec = get_method(cfg.merge_method)
     start = time.perf_counter()
     sources: dict[str, Source] = {ref: open_model(ref, cfg) for ref in cfg.referenced_models()}
@@ -147,39 +151,69 @@ def run_merge(
         writer = None if lora_out else StreamingShardWriter(tmp, planned, cfg.shard_bytes, {"merged_by": "sparsemerge", "merge_method": spec.name})
         lora_state: dict[str, torch.Tensor] = {}
         lora_errors: dict[str, float] = {}
-        iterator = jobs
+        base_pos = {id(j): next((i for i, r in enumerate(j.inputs) if r.is_base), None) for j in jobs}
+
+        def compute(job: TensorJob, plan: PlannedTensor) -> Any:
+            raw = [sources[ref.model].get(ref.name) for ref in job.inputs]
+            bpos = base_pos[id(job)]
+            if not raw[0].is_floating_point():
+                merged = raw[bpos if bpos is not None else 0].clone()
+            else:
+                wd = work_dtype or job.dtype
+                tensors = [t.to(wd) for t in raw]
+                merged = spec.fn(_method_inputs(job, spec, tensors, cfg))
+                if projector is not None:
+                    merged = projector(job.out_name, merged, tensors[bpos] if bpos is not None else None)
+            if not lora_out:
+                return merged.to(plan.dtype)
+            if job.out_name not in lora_targets:
+                return None
+            assert bpos is not None
+            return low_rank_factors(merged.float() - raw[bpos].float(), int(cfg.lora_rank or 0))
+
+        bar = None
         if progress:
             from tqdm import tqdm
 
-            iterator = tqdm(jobs, desc=f"merge {spec.name}", unit="tensor")
+            bar = tqdm(total=len(jobs), desc=f"merge {spec.name}", unit="tensor")
+        # Tensors are computed by a few worker threads (torch releases the GIL; sorts are
+        # single-threaded) and written in plan order; at most 2 * workers are in flight.
+        from concurrent.futures import ThreadPoolExecutor
+
+        n_workers = max(1, int(workers or 1))
         try:
-            for job, plan in zip(iterator, planned):
-                raw = [sources[ref.model].get(ref.name) for ref in job.inputs]
-                if not raw[0].is_floating_point():
-                    merged = (raw[next((i for i, r in enumerate(job.inputs) if r.is_base), 0)]).clone()
-                else:
-                    wd = work_dtype or job.dtype
-                    tensors = [t.to(wd) for t in raw]
-                    merged = spec.fn(_method_inputs(job, spec, tensors, cfg))
-                    if projector is not None:
-                        base_t = tensors[next(i for i, r in enumerate(job.inputs) if r.is_base)] if job.base else None
-                        merged = projector(job.out_name, merged, base_t)
-                if lora_out:
-                    if job.out_name in lora_targets:
-                        base_t = raw[next(i for i, r in enumerate(job.inputs) if r.is_base)]
-                        b, a, err = low_rank_factors(merged.float() - base_t.float(), cfg.lora_rank)  # type: ignore[arg-type]
-                        lora_state[lora_key(job.out_name, "lora_A")] = a
-                        lora_state[lora_key(job.out_name, "lora_B")] = b
-                        lora_errors[job.out_name] = round(err, 6)
-                else:
-                    assert writer is not None
-                    writer.write(job.out_name, merged.to(plan.dtype))
-                del raw, merged
+            with ThreadPoolExecutor(max_workers=n_workers) as pool:
+                pending: list[tuple[TensorJob, Any]] = []
+                todo = iter(zip(jobs, planned))
+                while True:
+                    while len(pending) < 2 * n_workers:
+                        nxt = next(todo, None)
+                        if nxt is None:
+                            break
+                        pending.append((nxt[0], pool.submit(compute, *nxt)))
+                    if not pending:
+                        break
+                    job, future = pending.pop(0)
+                    result = future.result()
+                    if lora_out:
+                        if result is not None:
+                            b, a, err = result
+                            lora_state[lora_key(job.out_name, "lora_A")] = a
+                            lora_state[lora_key(job.out_name, "lora_B")] = b
+                            lora_errors[job.out_name] = round(err, 6)
+                    else:
+                        assert writer is not None
+                        writer.write(job.out_name, result)
+                    del result, future
+                    if bar is not None:
+                        bar.update(1)
             if writer is not None:
                 writer.finish()
         finally:
             if writer is not None:
                 writer.close()
+            if bar is not None:
+                bar.close()
         report = MergeReport(Path(out), spec.name, len(jobs), 0.0)
         if lora_out:
             _write_lora(tmp, lora_state, cfg, sorted(lora_targets))

@@ -17,6 +17,7 @@ left dense and listed in the summary.
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any, Optional
 
 import torch
@@ -52,6 +53,7 @@ class PatternProjector:
         self.violations = 0
         self._zeros = 0
         self._numel = 0
+        self._lock = threading.Lock()
 
     def targets(self, name: str) -> bool:
         if not name.endswith(".weight"):
@@ -64,14 +66,17 @@ class PatternProjector:
             return merged
         reason = pattern_applicable(tuple(merged.shape), self.pattern)
         if reason is not None:
-            self.skipped[name] = reason
+            with self._lock:
+                self.skipped[name] = reason
             return merged
         out = project_to_pattern(merged, str(self.pattern), base, self.keep_mask if base is not None else "merged")
         report = check_pattern(out, self.pattern)
-        self.violations += report.violations
-        self._zeros += int((out == 0).sum())
-        self._numel += out.numel()
-        self.projected.append(name)
+        zeros = int((out == 0).sum())
+        with self._lock:  # called from the engine's worker threads
+            self.violations += report.violations
+            self._zeros += zeros
+            self._numel += out.numel()
+            self.projected.append(name)
         return out
 
     def summary(self) -> dict[str, Any]:
