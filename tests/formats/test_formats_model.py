@@ -4,7 +4,6 @@ data, a tensor that is not N:M, existing output, interrupted writes)."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest

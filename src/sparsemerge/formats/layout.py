@@ -1,0 +1,31 @@
+"""Names shared by the packed-checkpoint writer (:mod:`.model`) and reader (:mod:`.reader`)."""
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+MANIFEST_NAME = "sparsemerge_packed.json"
+LAYOUT, VERSION = "sparsemerge-packed", 1
+WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.safetensors\.index\.json|\.bin\.index\.json)$")
+SKIP_FILES = {"sparsemerge-cache.json", MANIFEST_NAME}
+
+
+def copy_side_files(folder: Path, dest: Path) -> list[str]:
+    """Copy config, tokenizer and other non-weight files (not sub-folders) of ``folder``."""
+    copied = []
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and not WEIGHT_FILE.search(path.name) and path.name not in SKIP_FILES and not path.name.startswith("."):
+            shutil.copy2(path, dest / path.name)
+            copied.append(path.name)
+    return copied
+
+
+def _progress(items: list[str], enabled: bool, desc: str) -> Iterator[str]:
+    if not enabled:
+        yield from items
+        return
+    from tqdm import tqdm
+
+    yield from tqdm(items, desc=desc, unit="tensor")

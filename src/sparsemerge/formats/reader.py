@@ -1,0 +1,184 @@
+"""Reading packed checkpoints (layout: :mod:`sparsemerge.formats.model`): ``read_packed``
+opens a folder and verifies each tensor as it is read; ``unpack`` writes a Hugging Face folder.
+Both are re-exported by :mod:`sparsemerge.formats.model`."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.formats.base import FORMATS, SparseFormat, dtype_from_name, dtype_name
+from sparsemerge.formats.dense import Dense
+from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, VERSION, _progress, copy_side_files
+from sparsemerge.formats.shards import ShardReader, ShardWriter, fields_digest
+
+
+class PackedCheckpoint:
+    """A packed folder opened for reading; tensors are read and verified one at a time.
+
+    ``get(name)`` returns the format object (``NMPacked``, ``Bitmask``, ..., its codec in
+    ``.codec``), or the dense tensor for tensors stored dense without a codec;
+    ``get_dense(name)`` always returns the decoded dense tensor in the source dtype.
+    ``folder`` holds config.json and the tokenizer.
+    """
+
+    def __init__(self, folder: "str | Path") -> None:
+        self.folder = Path(folder)
+        path = self.folder / MANIFEST_NAME
+        if not path.is_file():
+            raise SparsemergeError(f"{str(self.folder)!r} is not a packed checkpoint: {MANIFEST_NAME} is missing")
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SparsemergeError(f"the manifest {str(path)!r} is not valid JSON ({exc}); the checkpoint is corrupt") from None
+        if not isinstance(manifest, dict) or manifest.get("layout") != LAYOUT:
+            raise SparsemergeError(f"{str(path)!r} is not a {LAYOUT} manifest")
+        if manifest.get("version") != VERSION:
+            raise SparsemergeError(f"{str(path)!r} has layout version {manifest.get('version')!r}; this sparsemerge reads version {VERSION}")
+        if not isinstance(manifest.get("tensors"), dict):
+            raise SparsemergeError(f"{str(path)!r} has no 'tensors' table")
+        self.manifest = manifest
+        self.tensors: dict[str, Any] = manifest["tensors"]
+        self._reader = ShardReader(self.folder, manifest.get("shards") or {})
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)
+
+    def record(self, name: str) -> dict[str, Any]:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise SparsemergeError(f"tensor {name!r} is not in the packed checkpoint {str(self.folder)!r}") from None
+
+    def config(self) -> dict[str, Any]:
+        path = self.folder / "config.json"
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    def read_fields(self, name: str, verify: bool = True) -> dict[str, torch.Tensor]:
+        record = self.record(name)
+        what = f"tensor {name!r}"
+        try:
+            shard, specs = record["shard"], record["fields"]
+            items = [(k, s["key"], s["dtype"], [int(x) for x in s["shape"]]) for k, s in specs.items()]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SparsemergeError(f"{what}: manifest entry is malformed ({exc})") from None
+        fields = {}
+        for fname, key, dt, shape in items:
+            tensor = self._reader.get(shard, key, what)
+            if dtype_name(tensor.dtype) != dt or list(tensor.shape) != shape:
+                raise SparsemergeError(
+                    f"{what}: field {fname!r} in shard {shard!r} is {dtype_name(tensor.dtype)} {list(tensor.shape)}, "
+                    f"the manifest says {dt} {shape}; the manifest does not match the data"
+                )
+            fields[fname] = tensor
+        if verify:
+            digest = fields_digest(fields)
+            if digest != record.get("sha256"):
+                raise SparsemergeError(
+                    f"{what}: checksum mismatch in shard {shard!r} (manifest sha256 {str(record.get('sha256'))[:12]}..., "
+                    f"data {digest[:12]}...); the file is corrupt - repack it from the source"
+                )
+        return fields
+
+    def get_format(self, name: str, verify: bool = True) -> SparseFormat:
+        record = self.record(name)
+        what = f"tensor {name!r}"
+        fields = self.read_fields(name, verify)
+        try:
+            cls = FORMATS.get(str(record["format"]))
+            shape = tuple(int(s) for s in record["shape"])
+            dtype = dtype_from_name(str(record["dtype"]), what)
+            params = dict(record["params"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SparsemergeError(f"{what}: manifest entry is malformed ({exc})") from None
+        except SparsemergeError as exc:
+            raise SparsemergeError(f"{what}: {exc}") from None
+        obj = cls.from_fields(shape, dtype, params, fields, what)  # type: ignore[arg-type]
+        try:
+            obj.check()
+        except SparsemergeError as exc:
+            raise SparsemergeError(f"{what}: {exc}") from None
+        return obj
+
+    def get(self, name: str, verify: bool = True) -> "SparseFormat | torch.Tensor":
+        obj = self.get_format(name, verify)
+        if isinstance(obj, Dense) and obj.codec is None:
+            return obj.values  # type: ignore[return-value]
+        return obj
+
+    def get_dense(self, name: str, verify: bool = True, dtype: "torch.dtype | None" = None) -> torch.Tensor:
+        obj = self.get_format(name, verify)
+        dense = obj.to_dense()
+        return dense.to(dtype or obj.dtype)
+
+    def nbytes(self, name: str) -> int:
+        return int(self.record(name)["nbytes"])
+
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> "PackedCheckpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def read_packed(path: "str | Path") -> "PackedCheckpoint":
+    """Open a packed folder, or a compressed-tensors ``sparse-24-bitmask`` folder (same API)."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise SparsemergeError(f"packed checkpoint {str(folder)!r} not found (expected a folder)")
+    if not (folder / MANIFEST_NAME).is_file():
+        from sparsemerge.formats.ct import CTCheckpoint, is_ct_folder
+
+        if is_ct_folder(folder):
+            return CTCheckpoint(folder)  # type: ignore[return-value]
+    return PackedCheckpoint(folder)
+
+
+def unpack(path: "str | Path", out: "str | Path", overwrite: bool = False, dtype: "str | None" = None, shard_size: int = 5 * 1024**3, progress: bool = False) -> Path:
+    """Decode every tensor and write a Hugging Face folder (``model.safetensors`` or shards
+    plus ``model.safetensors.index.json``, config and tokenizer). Bit exact when the pack
+    used no codec and ``dtype`` ``keep``."""
+    from sparsemerge.io import atomic_output, ensure_writable
+
+    target = None if dtype in (None, "keep") else dtype_from_name(str(dtype), "--dtype")
+    ensure_writable(out, overwrite)
+    packed = read_packed(path)
+    with packed, atomic_output(out, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, "model", shard_size, metadata={"format": "pt"}, single_name="model.safetensors")
+        for name in _progress(packed.names(), progress, "unpack"):
+            tensor = packed.get_dense(name)
+            if target is not None and tensor.is_floating_point():
+                tensor = tensor.to(target)
+            writer.add(name, tensor)
+        location = writer.finish()
+        if len(set(location.values())) > 1:
+            index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(location.items()))}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for name in copy_side_files(packed.folder, tmp):
+            if name == "config.json":
+                config = json.loads((tmp / name).read_text())
+                _drop_ct_config(config)
+                if target is not None:
+                    config["torch_dtype"] = config["dtype"] = dtype_name(target)
+                (tmp / name).write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out)
+
+
+def _drop_ct_config(config: dict[str, Any]) -> None:
+    """A dense folder carries no compression config (it would make transformers expect one)."""
+    quant = config.get("quantization_config")
+    if isinstance(quant, dict) and quant.get("quant_method") == "compressed-tensors" and not quant.get("config_groups"):
+        del config["quantization_config"]
+    config.pop("sparsity_config", None)
