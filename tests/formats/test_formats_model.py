@@ -223,3 +223,15 @@ def test_cli_pack_inspect_unpack(pruned_dir, tmp_path, capsys):
     assert "dense float32" in capsys.readouterr().out
     assert main(["pack", str(pruned_dir), str(tmp_path / "x"), "--metadata", "bogus"]) == 2
     assert "invalid pack options" in capsys.readouterr().err
+
+
+def test_float16_storage_restores_the_source_dtype(pruned_dir, tmp_path):
+    report = pack(pruned_dir, tmp_path / "h", dtype="float16")
+    packed = read_packed(tmp_path / "h")
+    obj = packed.get("model.layers.0.mlp.up_proj.weight")
+    assert obj.values.dtype == torch.float16
+    assert report.nbytes < 0.7 * 2 * report.numel  # fp16 halves + entropy metadata, dense rest in fp16
+    source = _state(pruned_dir)
+    w = packed.get_dense("model.layers.0.mlp.up_proj.weight")
+    assert w.dtype == torch.float32
+    assert torch.equal(w, source["model.layers.0.mlp.up_proj.weight"].half().float())
