@@ -43,7 +43,7 @@ def test_24_paths_match_reference_and_dense(rows, cols, codec, value_dtype, grou
     ref = reference_matmul(layer, x)
     dense = x @ to_dense(layer).T
     torch.testing.assert_close(ref, dense, atol=tol(codec), rtol=1e-4)
-    for path in (["gemv24", "general"] if batch == 1 else ["general"]):
+    for path in (["gemv24", "gemm24", "general"] if batch == 1 else ["gemm24", "general"]):
         out = cpu_matmul(layer, x, path=path)
         assert out.shape == (batch, rows)
         torch.testing.assert_close(out, ref, atol=tol(codec), rtol=1e-4)

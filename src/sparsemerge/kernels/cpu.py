@@ -8,9 +8,10 @@ each row's two inputs with bit tests on the metadata word and two blends per slo
 (``vptestnmd`` + ``vblendmps`` on AVX-512), then two FMAs. Quantized codes are accumulated
 unscaled per quantization group and scaled once per group: ``acc += s * sum (c - z) x``.
 
-Batch > 1 (and general N:M at any batch) uses one kernel that decodes each (group, slot)
-run of R values once and updates ``acc[r, :B] += w[r] * xT[g*m + p[r], :B]`` vectorized over
-the batch, so the work per weight is shared by the batch (only kept weights are read).
+Batch > 1 with 2:4 decodes (dequantizes) each group's 2 x R values once and then, for every
+batch row, blends and accumulates as above: the decode is shared by the batch. General N:M
+(any batch) decodes each (group, slot) run of R values once and updates
+``acc[r, :B] += w[r] * xT[g*m + p[r], :B]`` (a gather of x at batch 1).
 
 Why helpers: numba/LLVM vectorizes a float reduction in a separate ``@njit(fastmath=True)``
 function called from the ``prange`` body, but not when the loop is written inside the
@@ -244,10 +245,9 @@ def _axpy_rows(acc, w, p, xt, base):
     B = xt.shape[1]
     for r in range(R):
         wr = w[r]
-        xr = xt[base + p[r]]
-        ar = acc[r]
+        xi = base + p[r]
         for b in range(B):
-            ar[b] += wr * xr[b]
+            acc[r, b] += wr * xt[xi, b]
 
 
 @njit(fastmath=True, cache=True)
@@ -286,6 +286,48 @@ def _general_block(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, g
 def general_matmul(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, scale16):
     for blk in prange(vals.shape[0]):
         _general_block(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, blk, scale16)
+
+
+# ---------------------------------------------------------------- 2:4, batch > 1
+@njit(fastmath=True, cache=True)
+def _g24_batch_block(vals, kind, meta, scale, zero, has_zero, gps, x, out, blk, bits, scale16):
+    """Decode each group's 2 x R values once (dequantized), then for every batch row pick the
+    inputs by blends and accumulate: the decode is shared by the batch."""
+    B = x.shape[0]
+    G = x.shape[1] // 4
+    acc = np.zeros((B, R), np.float32)
+    w0 = np.empty(R, np.float32)
+    w1 = np.empty(R, np.float32)
+    tmp = np.empty(R, np.uint32)
+    for g in range(G):
+        _decode_run(vals, kind, blk, g, 0, scale, zero, has_zero, gps, w0, tmp, scale16)
+        _decode_run(vals, kind, blk, g, 1, scale, zero, has_zero, gps, w1, tmp, scale16)
+        m = meta[blk, g >> 3]
+        j = (g & 7) * 4
+        b0 = bits[j]
+        b1 = bits[j + 1]
+        b2 = bits[j + 2]
+        b3 = bits[j + 3]
+        for b in range(B):
+            x0 = x[b, 4 * g]
+            x1 = x[b, 4 * g + 1]
+            x2 = x[b, 4 * g + 2]
+            x3 = x[b, 4 * g + 3]
+            ab = acc[b]
+            for r in range(R):
+                mm = m[r]
+                xa = x2 if (mm & b1) else (x1 if (mm & b0) else x0)
+                xb = x3 if (mm & b3) else (x2 if (mm & b2) else x1)
+                ab[r] += w0[r] * xa + w1[r] * xb
+    for b in range(B):
+        for r in range(R):
+            out[b, blk * R + r] = acc[b, r]
+
+
+@njit(parallel=True, cache=True)
+def gemm24(vals, kind, meta, scale, zero, has_zero, gps, x, out, bits, scale16):
+    for blk in prange(vals.shape[0]):
+        _g24_batch_block(vals, kind, meta, scale, zero, has_zero, gps, x, out, blk, bits, scale16)
 
 
 # ---------------------------------------------------------------- Python entry point
@@ -334,7 +376,9 @@ def _plan(layer: BlockedNM) -> tuple:
 
 
 def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
-    """``x (B, cols)`` float32 CPU -> ``(B, rows)``. ``path``: "auto", "gemv24" or "general"."""
+    """``x (B, cols)`` float32 CPU -> ``(B, rows)``.
+
+    ``path``: "auto"; "gemv24" (2:4, batch 1); "gemm24" (2:4, any batch); "general" (any N:M)."""
     sync_threads()
     x = x.detach().to(torch.float32).contiguous()
     B = x.shape[0]
@@ -352,6 +396,10 @@ def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto") -> torch.T
         else:
             gemv24_q(vals, kind == Q4, meta, scale, zero, has_zero, gps, xn, out, BITS)
         return torch.from_numpy(out[: layer.rows]).unsqueeze(0)
+    if layer.is_24 and path in ("auto", "gemm24"):
+        out2 = np.empty((B, rows_pad), np.float32)
+        gemm24(vals, kind, meta, scale, zero, has_zero, gps, x.numpy(), out2, BITS, FP16_SCALE)
+        return torch.from_numpy(out2[:, : layer.rows])
     xt = np.ascontiguousarray(x.numpy().T)  # (cols, B)
     out2 = np.empty((B, rows_pad), np.float32)
     general_matmul(vals, kind, layer.n, layer.m, meta, index, layer.is_24, scale, zero, has_zero, gps, xt, out2, FP16_SCALE)
