@@ -1,6 +1,8 @@
 """INT8 / INT4 value codecs, symmetric or asymmetric, per output channel or per group of G.
 
-Applied to a format's stored values ``X`` of shape ``(rows, k)`` (1-D values are one row).
+Applied to a format's stored values ``X`` of shape ``(rows, k)``: N:M and dense values are
+2-D already; the 1-D values of bitmask / COO / CSR are one row (so "per channel" is one
+scale for the tensor); BSR's ``(blocks, R, C)`` values are ``(blocks, R*C)``.
 Groups are ``G`` consecutive stored values of a row (``group_size = 0``: the whole row, i.e.
 one scale per output channel); ``n_groups = ceil(k / G)``, the last group may be shorter.
 All arithmetic is float32; ``round`` is round-half-to-even (``torch.round``).
