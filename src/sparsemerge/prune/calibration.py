@@ -114,10 +114,11 @@ def walk_blocks(
     calibration: Optional[torch.Tensor],
     config: Any,
     make_stats: Callable[[Target], LayerStats],
-    prune_layer: Callable[[Target, LayerStats], None],
+    prune_block: Callable[[list[Target], dict[str, LayerStats]], None],
     desc: str = "calibrated pruning",
 ) -> None:
-    """Prune ``targets`` block by block; ``prune_layer(target, stats)`` zeroes/updates its weight."""
+    """Prune ``targets`` block by block; ``prune_block(block_targets, stats_by_name)`` zeroes/updates
+    their weights (layers that read the same input share one statistics object)."""
     if calibration is None or not isinstance(calibration, torch.Tensor) or calibration.dim() != 2:
         raise SparsemergeError("calibrated pruning needs calibration token ids of shape (nsamples, seqlen)")
     _, blocks = find_blocks(model)
@@ -142,8 +143,8 @@ def walk_blocks(
             block = blocks[index]
             block_targets = [t for t in targets if block_of[t.name] == index]
             stats, outputs = _collect(block, block_targets, batches, make_stats)
-            for t in block_targets:
-                prune_layer(t, stats[t.name])
+            if block_targets:
+                prune_block(block_targets, stats)
             del stats
             if index == last:
                 break
@@ -203,6 +204,10 @@ class CalibratedMethod(PruningMethod):
     def prune_layer(self, target: Target, stats: LayerStats, config: Any) -> None:
         raise NotImplementedError  # abstract
 
+    def prune_block(self, targets: list[Target], stats: dict[str, LayerStats], config: Any) -> None:
+        for t in targets:
+            self.prune_layer(t, stats[t.name], config)
+
     def prune(self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]) -> None:
         walk_blocks(
             model,
@@ -210,6 +215,6 @@ class CalibratedMethod(PruningMethod):
             calibration,
             config,
             lambda t: self.make_stats(t, config),
-            lambda t, s: self.prune_layer(t, s, config),
+            lambda ts, s: self.prune_block(ts, s, config),
             desc=f"{self.name} blocks",
         )

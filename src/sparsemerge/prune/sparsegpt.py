@@ -109,50 +109,67 @@ def sparsegpt_prune(
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
-    U, _ = inverse_hessian_factor(H, dampening, name)
-    del H
-    d = U.diagonal()
+    threads = torch.get_num_threads()
+    # Factorisations of a few hundred columns and the column loop's many small ops gain
+    # nothing from threads and, on a busy machine, lose 10x to OpenMP synchronisation.
+    torch.set_num_threads(1)
+    try:
+        U, _ = inverse_hessian_factor(H, dampening, name)
+        del H
+        d = U.diagonal()
+        fixed = None  # mask chosen up front (block patterns); True = prune
+        if isinstance(pattern, Block):
+            fixed = ~block_mask(W * W / (d * d).reshape(1, -1), pattern.rows, pattern.cols, pattern.sparsity)
+        if isinstance(pattern, NM):
+            blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)  # groups never straddle blocks
+        _obs_columns(W, U, d, pattern, fixed, blocksize)
+    finally:
+        torch.set_num_threads(threads)
+    return W
 
-    fixed = None  # mask chosen up front (block patterns); True = prune
-    if isinstance(pattern, Block):
-        fixed = ~block_mask(W * W / (d * d).reshape(1, -1), pattern.rows, pattern.cols, pattern.sparsity)
-    if isinstance(pattern, NM):
-        blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)  # groups never straddle blocks
 
+def _obs_columns(W: torch.Tensor, U: torch.Tensor, d: torch.Tensor, pattern: Pattern, fixed, blocksize: int) -> None:
+    """The blocked OBS loop of Algorithm 1, in place on ``W`` (float32, out x in).
+
+    Works on ``W^T`` so that one input column is one contiguous row of memory.
+    """
+    rows, cols = W.shape
+    WT = W.T.contiguous()  # (in, out)
+    prune_t = fixed.T.contiguous() if fixed is not None else None
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        W1 = WT[i1:i2].clone()  # (count, out)
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
-        d1 = d[i1:i2]
-        if fixed is not None:
-            mask1 = fixed[:, i1:i2].clone()
+        d1 = d[i1:i2].reshape(-1, 1)
+        if prune_t is not None:
+            mask1 = prune_t[i1:i2].clone()
         elif isinstance(pattern, Unstructured):
             # zeros allotted so that the blocks add up to round(S * numel) exactly
             k = int(round(pattern.sparsity * rows * i2)) - int(round(pattern.sparsity * rows * i1))
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
             if k > 0:
-                saliency = (W1 * W1 / (d1 * d1).reshape(1, -1)).flatten()
+                saliency = (W1 * W1 / (d1 * d1)).flatten()
                 mask1.view(-1)[torch.topk(saliency, k, largest=False, sorted=False).indices] = True
         else:
             mask1 = torch.zeros_like(W1, dtype=torch.bool)
         for i in range(count):
             if isinstance(pattern, NM) and i % pattern.m == 0:
-                group = W1[:, i : i + pattern.m]
-                saliency = group * group / (d1[i : i + pattern.m] ** 2).reshape(1, -1)
-                drop = torch.topk(saliency, pattern.m - pattern.n, dim=1, largest=False).indices
-                mask1[:, i : i + pattern.m].scatter_(1, drop, True)
-            w = W1[:, i]
-            q = w.masked_fill(mask1[:, i], 0.0)
+                group = W1[i : i + pattern.m]
+                saliency = group * group / d1[i : i + pattern.m] ** 2
+                drop = torch.topk(saliency, pattern.m - pattern.n, dim=0, largest=False).indices
+                mask1[i : i + pattern.m].scatter_(0, drop, True)
+            w = W1[i]
+            q = w.masked_fill(mask1[i], 0.0)
             err = (w - q) / U1[i, i]
-            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
-            W1[:, i] = q
-            Err1[:, i] = err
-        W[:, i1:i2] = W1.masked_fill(mask1, 0.0)
+            W1[i:].sub_(U1[i, i:].unsqueeze(1) * err.unsqueeze(0))
+            W1[i] = q
+            Err1[i] = err
+        WT[i1:i2] = W1.masked_fill(mask1, 0.0)
         if i2 < cols:
-            W[:, i2:].sub_(Err1 @ U[i1:i2, i2:])
-    return W
+            WT[i2:].sub_(U[i1:i2, i2:].T @ Err1)
+    W.copy_(WT.T)
 
 
 @METHODS.register("sparsegpt")
@@ -161,6 +178,31 @@ class SparseGPT(CalibratedMethod):
 
     def make_stats(self, target: Target, config: Any) -> Hessian:
         return Hessian(target.weight.shape[1], target.weight.device)
+
+    @torch.no_grad()
+    def prune_block(self, targets: list[Target], stats: dict[str, Hessian], config: Any) -> None:
+        """Layers with the same input (q/k/v, gate/up) and the same N:M pattern are stacked
+        along the output dimension and pruned in one pass: rows are independent given ``H``
+        and N:M masks are chosen per row, so the result equals pruning them one by one."""
+        groups: dict[tuple, list[Target]] = {}
+        for t in targets:
+            key = (id(stats[t.name]), str(t.pattern)) if isinstance(t.pattern, NM) else (t.name,)
+            groups.setdefault(key, []).append(t)
+        for group in groups.values():
+            if len(group) == 1:
+                self.prune_layer(group[0], stats[group[0].name], config)
+                continue
+            stacked = torch.cat([t.weight.detach() for t in group])
+            new = sparsegpt_prune(
+                stacked,
+                stats[group[0].name].value,
+                group[0].pattern,
+                dampening=getattr(config, "dampening", 0.01),
+                blocksize=getattr(config, "blocksize", 128),
+                name="+".join(t.name for t in group),
+            )
+            for t, part in zip(group, torch.split(new, [t.weight.shape[0] for t in group])):
+                t.weight.copy_(part.to(t.weight.dtype))
 
     @torch.no_grad()
     def prune_layer(self, target: Target, stats: Hessian, config: Any) -> None:
