@@ -293,3 +293,24 @@ def test_packed_sparse_quantized_task_vector_round_trip(family, tmp_path, capsys
     assert err <= tau.abs().max().item() / 100  # int8 per-group rounding
     assert int(((rebuilt[key] != b[key]) & (tau == 0)).sum()) == 0  # zeros of tau stay exact
     assert (rebuilt[key] != b[key]).float().mean().item() > 0.5 * (tau != 0).float().mean().item()
+
+
+def test_single_safetensors_file_and_adapter_folder_inputs(family, tmp_path):
+    """A bare .safetensors file is a model; a LoRA folder finds its base via base_model_name_or_path."""
+    import shutil
+
+    _, base, tuned = family
+    single = tmp_path / "single"
+    single.mkdir()
+    shutil.copy(tuned[0] / "model.safetensors", single / "weights.safetensors")
+    cfg = {"merge_method": "linear", "models": [{"model": str(single / "weights.safetensors"), "parameters": {"weight": 1.0}},
+                                                {"model": str(tuned[1]), "parameters": {"weight": 1.0}}]}
+    run_merge(cfg, tmp_path / "o")
+    m, a, b = tensors(tmp_path / "o"), tensors(tuned[0]), tensors(tuned[1])
+    assert all(torch.allclose(m[k], (a[k] + b[k]) / 2, atol=1e-6) for k in m)
+    adapter = tmp_path / "adapter"
+    _write_adapter(adapter, base, 3)
+    run_merge({"merge_method": "passthrough", "models": [{"model": str(adapter)}]}, tmp_path / "p")
+    p, bb = tensors(tmp_path / "p"), tensors(base)
+    assert not torch.equal(p["model.layers.0.self_attn.q_proj.weight"], bb["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(p["model.layers.0.self_attn.k_proj.weight"], bb["model.layers.0.self_attn.k_proj.weight"])
