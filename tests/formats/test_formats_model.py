@@ -4,6 +4,7 @@ data, a tensor that is not N:M, existing output, interrupted writes)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -235,3 +236,22 @@ def test_float16_storage_restores_the_source_dtype(pruned_dir, tmp_path):
     w = packed.get_dense("model.layers.0.mlp.up_proj.weight")
     assert w.dtype == torch.float32
     assert torch.equal(w, source["model.layers.0.mlp.up_proj.weight"].half().float())
+
+
+def test_bare_safetensors_source_copies_only_model_files(pruned_dir, tmp_path):
+    folder = tmp_path / "loose"
+    folder.mkdir()
+    shutil.copy(pruned_dir / "model.safetensors", folder / "weights.safetensors")
+    shutil.copy(pruned_dir / "config.json", folder / "config.json")
+    (folder / "notes.txt").write_text("unrelated")
+    pack(folder / "weights.safetensors", tmp_path / "out")
+    copied = sorted(p.name for p in (tmp_path / "out").iterdir() if not p.name.endswith(".safetensors"))
+    assert copied == ["config.json", MANIFEST_NAME]
+
+
+def test_dense_format_takes_the_quant_option_for_targeted_weights(pruned_dir, tmp_path):
+    pack(pruned_dir, tmp_path / "d", format="dense", quant="int8")
+    packed = read_packed(tmp_path / "d")
+    up = packed.get("model.layers.0.mlp.up_proj.weight")
+    assert isinstance(up, Dense) and up.codec.bits == 8
+    assert isinstance(packed.get("model.embed_tokens.weight"), torch.Tensor)

@@ -137,7 +137,7 @@ def write_ct(src: Any, out: "str | Path", config: Any, overwrite: bool = False, 
         if len(set(writer_location.values())) > 1:
             index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(writer_location.items()))}
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        copy_side_files(source.folder, tmp)
+        copy_side_files(source.folder, tmp, only_known=source.source.kind == "safetensors")
         config_path = tmp / "config.json"
         model_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         model_config["quantization_config"] = {

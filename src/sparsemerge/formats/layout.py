@@ -10,12 +10,20 @@ MANIFEST_NAME = "sparsemerge_packed.json"
 LAYOUT, VERSION = "sparsemerge-packed", 1
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.safetensors\.index\.json|\.bin\.index\.json)$")
 SKIP_FILES = {"sparsemerge-cache.json", MANIFEST_NAME}
+# Beside a bare .safetensors file only these belong to the model (the folder may hold anything).
+HF_SIDE_FILES = {
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+    "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json", "chat_template.jinja", "preprocessor_config.json",
+}
 
 
-def copy_side_files(folder: Path, dest: Path) -> list[str]:
-    """Copy config, tokenizer and other non-weight files (not sub-folders) of ``folder``."""
+def copy_side_files(folder: Path, dest: Path, only_known: bool = False) -> list[str]:
+    """Copy config, tokenizer and other non-weight files (not sub-folders) of ``folder``;
+    ``only_known``: just the usual Hugging Face side files (for a bare safetensors source)."""
     copied = []
     for path in sorted(Path(folder).iterdir()):
+        if only_known and path.name not in HF_SIDE_FILES:
+            continue
         if path.is_file() and not WEIGHT_FILE.search(path.name) and path.name not in SKIP_FILES and not path.name.startswith("."):
             shutil.copy2(path, dest / path.name)
             copied.append(path.name)

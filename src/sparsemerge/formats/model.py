@@ -150,7 +150,9 @@ def encode_tensor(name: str, tensor: torch.Tensor, config: PackConfig, targeted:
         reason = f"not a 2-D weight (shape {tuple(t.shape)})"
     obj = Dense.from_dense(t)
     if is_float and t.dim() == 2:
-        obj = obj.with_codec(config.dense_codec())  # type: ignore[assignment]
+        # --format dense: targeted weights take --quant/--codebook, the rest --dense-quant
+        spec = config.codec() if (targeted and config.format == "dense") else config.dense_codec()
+        obj = obj.with_codec(spec)  # type: ignore[assignment]
     return obj, reason
 
 
@@ -195,7 +197,7 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
             keys = [f["key"] for f in record["fields"].values()]
             record["shard"] = location[keys[0]] if keys else next(iter(set(location.values())), "")
             shards.setdefault(record["shard"], []).append(name)
-        files = copy_side_files(source.folder, tmp)
+        files = copy_side_files(source.folder, tmp, only_known=source.source.kind == "safetensors")
         manifest = {
             "layout": LAYOUT,
             "version": VERSION,
