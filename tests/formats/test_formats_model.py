@@ -255,3 +255,12 @@ def test_dense_format_takes_the_quant_option_for_targeted_weights(pruned_dir, tm
     up = packed.get("model.layers.0.mlp.up_proj.weight")
     assert isinstance(up, Dense) and up.codec.bits == 8
     assert isinstance(packed.get("model.embed_tokens.weight"), torch.Tensor)
+
+
+def test_manifest_cannot_point_outside_the_folder(packed_dir):
+    path = packed_dir / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    manifest["tensors"]["model.norm.weight"]["shard"] = "../pruned/model.safetensors"
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(SparsemergeError, match="not a file name inside"):
+        read_packed(packed_dir).get("model.norm.weight")

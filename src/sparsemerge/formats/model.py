@@ -185,9 +185,9 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
                 report.kept_dense.append((name, reason))
             elif obj.name != "dense":
                 report.packed.append(name)
-            records[name] = _record(name, obj, tensor.dtype)
-            del tensor
             fields = obj.fields()
+            records[name] = _record(name, obj, tensor.dtype, fields)
+            del tensor
             writer.add_group({f"{name}:{k}": v for k, v in fields.items()})
             report.nbytes += records[name]["nbytes"]
             report.numel += obj.numel
@@ -214,8 +214,7 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
     return report
 
 
-def _record(name: str, obj: SparseFormat, source_dtype: torch.dtype) -> dict[str, Any]:
-    fields = obj.fields()
+def _record(name: str, obj: SparseFormat, source_dtype: torch.dtype, fields: dict[str, torch.Tensor]) -> dict[str, Any]:
     return {
         "format": obj.name,
         "shape": list(obj.shape),

@@ -42,7 +42,8 @@ class PackedCheckpoint:
             raise SparsemergeError(f"{str(path)!r} has no 'tensors' table")
         self.manifest = manifest
         self.tensors: dict[str, Any] = manifest["tensors"]
-        self._reader = ShardReader(self.folder, manifest.get("shards") or {})
+        shards = manifest.get("shards")
+        self._reader = ShardReader(self.folder, shards if isinstance(shards, dict) else {})
 
     def names(self) -> list[str]:
         return list(self.tensors)

@@ -109,6 +109,8 @@ class ShardReader:
         if shard not in self._handles:
             from safetensors import safe_open
 
+            if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
+                raise SparsemergeError(f"shard name {shard!r} is not a file name inside {str(self.folder)!r}; the manifest is corrupt")
             path = self.folder / shard
             if not path.is_file():
                 raise SparsemergeError(f"shard {shard!r} is missing from {str(self.folder)!r}{self._who(shard)}")
