@@ -160,7 +160,10 @@ def write_ct(src: Any, out: "str | Path", config: Any, overwrite: bool = False, 
 
 
 class CTCheckpoint:
-    """A compressed-tensors sparse-24-bitmask folder behind the :class:`PackedCheckpoint` API."""
+    """A compressed-tensors sparse-24-bitmask folder behind the :class:`PackedCheckpoint` API.
+
+    That layout carries no checksums: ``verify`` is accepted for the common API, and reads
+    check shapes and bit counts only."""
 
     def __init__(self, folder: "str | Path") -> None:
         from sparsemerge.formats.shards import ShardReader
