@@ -264,3 +264,30 @@ def test_manifest_cannot_point_outside_the_folder(packed_dir):
     path.write_text(json.dumps(manifest))
     with pytest.raises(SparsemergeError, match="not a file name inside"):
         read_packed(packed_dir).get("model.norm.weight")
+
+
+@pytest.mark.parametrize("metadata", ["bits2", "index", "entropy"])
+def test_random_corruption_raises_clean_errors_only(pruned_dir, tmp_path, metadata):
+    """Flip bytes anywhere in the shard and read with and without checksums: every read
+    either succeeds or raises SparsemergeError (the numba decoders never see unchecked sizes)."""
+    import random
+
+    pack(pruned_dir, tmp_path / "p", metadata=metadata, quant="int4", group_size=16)
+    shard = _shard_of(tmp_path / "p", "model.norm.weight")
+    clean = shard.read_bytes()
+    rng = random.Random(metadata)
+    outcomes = set()
+    for _ in range(12):
+        data = bytearray(clean)
+        for _ in range(3):
+            data[rng.randrange(len(data))] ^= 1 << rng.randrange(8)
+        shard.write_bytes(bytes(data))
+        for verify in (True, False):
+            try:
+                packed = read_packed(tmp_path / "p")
+                for name in packed.names():
+                    packed.get_dense(name, verify=verify)
+                outcomes.add("ok")
+            except SparsemergeError:
+                outcomes.add("error")
+    assert "error" in outcomes
