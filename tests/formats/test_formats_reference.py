@@ -157,6 +157,18 @@ def test_chapter_exercise_2_coo_vs_packed_1024():
     assert Bitmask.from_dense(x).nbytes == rows["bitmask"] and BSR.from_dense(x, 16).nbytes == rows["bsr"]
 
 
+@pytest.mark.parametrize("bits,group", [(4, 128), (8, 0), (4, 7)])
+def test_quantized_plan_equals_real_nbytes(bits, group):
+    from sparsemerge.formats import CodecSpec
+
+    rows = {r.format: r.nbytes for r in plan((64, 200), "2:4", value_bytes=4, quant_bits=bits, group_size=group)}
+    x = torch.randn(64, 200)
+    x = x * nm_mask(x.abs(), 2, 4)
+    for coding in ("bits2", "index", "entropy"):
+        real = NMPacked.from_dense(x, 2, 4, coding).with_codec(CodecSpec(f"int{bits}", group))
+        assert real.nbytes == rows[f"nm/{coding}+int{bits}"]
+
+
 def test_chapter_exercise_4_and_7_index_overheads():
     options = {(o.n, o.m): o for o in nm_overheads(0.75, max_m=8)}
     assert set(options) == {(1, 4), (2, 8)}

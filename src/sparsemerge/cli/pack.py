@@ -68,6 +68,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.add_argument("--plan", nargs="+", metavar="ARG", help="SHAPE PATTERN [PATTERN ...]")
     i.add_argument("--value-bits", type=int, default=16, help="plan: bits per stored value (default 16, fp16)")
     i.add_argument("--max-m", type=int, default=8, help="plan: largest M when a sparsity is given (default 8)")
+    i.add_argument("--quant-bits", type=int, choices=[4, 8], help="plan: also N:M with INT4/INT8 values")
+    i.add_argument("--group", type=int, default=128, help="plan: quantization group size (0 = per channel; default 128)")
     i.add_argument("--all", action="store_true", help="list every tensor (default: the 40 largest)")
     i.add_argument("--verify", action="store_true", help="also read every tensor and check its checksum")
     i.set_defaults(func=run_inspect)
@@ -212,9 +214,9 @@ def _plan(args: argparse.Namespace) -> int:
             print(format_table(["N:M", "bits2 b/group", "index b/group", "log2 C(M,N)", "index b/weight", "entropy b/weight"], table))
             for o in options:
                 text_pattern = f"{o.n}:{o.m}"
-                _print_plan(shape, text_pattern, vb, plan(shape, text_pattern, vb))
+                _print_plan(shape, text_pattern, vb, plan(shape, text_pattern, vb, quant_bits=args.quant_bits, group_size=args.group))
             continue
-        _print_plan(shape, text, vb, plan(shape, text, vb))
+        _print_plan(shape, text, vb, plan(shape, text, vb, quant_bits=args.quant_bits, group_size=args.group))
     return 0
 
 

@@ -12,6 +12,9 @@ to ``x``, see :func:`sparsemerge.formats.bits.index_dtype`)::
     bsr          (rows/b + 1) * idx(nb) + nb * idx(cols/b - 1) + nb * b*b * vb
     nm/<coding>  rows * cols*N/M * vb + ceil(rows * row_bits / 8)   (row_bits: nm_coding)
     ct 2:4       rows * cols/2 * vb + rows * ceil(cols/8) + 16      (compressed-tensors)
+    + intB gG    values become rows * ceil(k*B/8) codes + rows * ceil(k/G) float32 scales
+                 (k = stored values per row; symmetric, chapter 10.2.6:
+                 compression ~ N/M * B/32 of fp32 before metadata and scales)
 """
 from __future__ import annotations
 
@@ -76,8 +79,22 @@ def ct_nbytes(rows: int, cols: int, vb: int) -> int:
     return rows * cols // 2 * vb + rows * math.ceil(cols / 8) + 16
 
 
-def plan(shape: tuple[int, int], pattern: "str | NM | Block | Unstructured", value_bytes: int = 2, block: int = 16) -> list[PlanRow]:
-    """Bytes of each format for a ``shape`` weight pruned to ``pattern`` (``value_bytes`` per value)."""
+def quantized_values_nbytes(rows: int, k: int, bits: int, group_size: int) -> int:
+    """Codes plus float32 scales of :func:`sparsemerge.formats.quant.quantize` (symmetric)."""
+    groups = 1 if group_size == 0 or k == 0 else math.ceil(k / group_size)
+    return rows * math.ceil(k * bits / 8) + rows * groups * 4
+
+
+def plan(
+    shape: tuple[int, int],
+    pattern: "str | NM | Block | Unstructured",
+    value_bytes: int = 2,
+    block: int = 16,
+    quant_bits: "int | None" = None,
+    group_size: int = 128,
+) -> list[PlanRow]:
+    """Bytes of each format for a ``shape`` weight pruned to ``pattern`` (``value_bytes`` per
+    value); with ``quant_bits`` (4 or 8) also the N:M codings with quantized values."""
     rows, cols = (int(s) for s in shape)
     if rows <= 0 or cols <= 0:
         raise SparsemergeError(f"shape must be positive, got {rows}x{cols}")
@@ -116,6 +133,18 @@ def plan(shape: tuple[int, int], pattern: "str | NM | Block | Unstructured", val
             out.append(PlanRow(f"nm/{coding}", detail, nm_nbytes(rows, cols, n, m, coding, vb), numel))
         if (n, m) == (2, 4):
             out.append(PlanRow("ct 2:4", "compressed-tensors sparse-24-bitmask", ct_nbytes(rows, cols, vb), numel))
+        if quant_bits is not None:
+            if quant_bits not in (4, 8):
+                raise SparsemergeError(f"quantized plans support 4 or 8 bits, got {quant_bits}")
+            k = cols * n // m
+            qbytes = quantized_values_nbytes(rows, k, quant_bits, group_size)
+            for coding in CODINGS:
+                if coding == "entropy" and math.comb(m, n) >= 2**32:
+                    continue
+                meta = (rows * coding_row_bits(coding, n, m, cols // m) + 7) // 8
+                label = f"nm/{coding}+int{quant_bits}"
+                detail = f"group {group_size or 'channel'}; N/M*B/32 = {n / m * quant_bits / 32:.4f} of fp32"
+                out.append(PlanRow(label, detail, qbytes + meta, numel))
     return out
 
 
