@@ -24,9 +24,10 @@ None), ``.positions()`` (uint8 in-group positions, same shape as the values). Co
 ``QuantizedValues``: ``.int8_codes()``, ``.scale`` (float32 ``(rows, n_groups)``),
 ``.zero_point`` (int8 or None), ``.bits``, ``.group_size``, ``.symmetric``.
 
-Model level: :mod:`.model` (``pack``, ``unpack``, ``read_packed``; on-disk layout in its
-docstring), :mod:`.ct` (compressed-tensors ``sparse-24-bitmask``), :mod:`.size` (the size
-calculator behind ``sparsemerge inspect --plan``).
+Model level: :mod:`.model` (``pack``, and ``unpack`` / ``read_packed`` from :mod:`.reader`;
+on-disk layout in its docstring; :mod:`.shards` writes and reads the safetensors shards),
+:mod:`.ct` (compressed-tensors ``sparse-24-bitmask``), :mod:`.size` (the size calculator
+behind ``sparsemerge inspect --plan``). Bit order and index dtypes: :mod:`.bits`.
 """
 from sparsemerge.formats.base import CODECS, FORMATS, CodecSpec, SparseFormat, ValueCodec, convert
 from sparsemerge.formats.bitmask import Bitmask
