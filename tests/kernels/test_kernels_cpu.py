@@ -36,7 +36,11 @@ SHAPES = [(1, 4), (63, 36), (65, 100), (130, 8)]
     ("int8", "float32", None), ("int8", "float32", 8), ("int4", "float32", None), ("int4", "float32", 6),
 ])
 @pytest.mark.parametrize("batch", [1, 5])
-def test_24_paths_match_reference_and_dense(rows, cols, codec, value_dtype, group_size, batch):
+@pytest.mark.parametrize("parallel", [False, True])
+def test_24_paths_match_reference_and_dense(rows, cols, codec, value_dtype, group_size, batch, parallel, monkeypatch):
+    import sparsemerge.kernels.cpu as cpu
+
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_BYTES", 0 if parallel else 1 << 60)
     w = nm_weight(rows, cols, 2, 4, seed=rows + cols, extra_zeros=0.1)
     layer = pack_blocked(w, 2, 4, codec, group_size, value_dtype)
     x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(1))
@@ -54,7 +58,10 @@ def test_24_paths_match_reference_and_dense(rows, cols, codec, value_dtype, grou
 @pytest.mark.parametrize("n,m", [(1, 4), (4, 8), (3, 8), (1, 2)])
 @pytest.mark.parametrize("codec,group_size", [("none", None), ("int8", None), ("int4", None), ("int8", 12)])
 @pytest.mark.parametrize("batch", [1, 3])
-def test_general_nm_matches_reference(n, m, codec, group_size, batch):
+def test_general_nm_matches_reference(n, m, codec, group_size, batch, monkeypatch):
+    import sparsemerge.kernels.cpu as cpu
+
+    monkeypatch.setattr(cpu, "PARALLEL_MIN_BYTES", 0 if batch == 3 else 1 << 60)
     if group_size is not None and group_size % n:
         group_size = n * 4
     w = nm_weight(70, 8 * m, n, m, seed=n * m)

@@ -20,6 +20,8 @@ function called from the ``prange`` body, but not when the loop is written insid
 """
 from __future__ import annotations
 
+import os
+
 import numba
 import numpy as np
 import torch
@@ -330,6 +332,48 @@ def gemm24(vals, kind, meta, scale, zero, has_zero, gps, x, out, bits, scale16):
         _g24_batch_block(vals, kind, meta, scale, zero, has_zero, gps, x, out, blk, bits, scale16)
 
 
+# ---------------------------------------------------------------- serial twins
+# Small layers (decoding a 135M model: 0.1-2 MB each) run on the calling thread: a parallel
+# region costs a few microseconds to start, and far more when another process holds a core
+# (every call then waits for the descheduled worker).
+@njit(cache=True)
+def gemv24_f32_serial(vals, meta, x, out, bits):
+    for blk in range(vals.shape[0]):
+        _g24_f32_block(vals, meta, x, out, blk, bits)
+
+
+@njit(cache=True)
+def gemv24_half_serial(vals, kind, meta, x, out, bits, scale16):
+    for blk in range(vals.shape[0]):
+        _g24_half_block(vals, kind, meta, x, out, blk, bits, scale16)
+
+
+@njit(cache=True)
+def gemv24_q_serial(codes, bits4, meta, scale, zero, has_zero, gps, x, out, bits):
+    for blk in range(codes.shape[0]):
+        _g24_q_block(codes, bits4, meta, scale, zero, has_zero, gps, x, out, blk, bits)
+
+
+@njit(cache=True)
+def gemm24_serial(vals, kind, meta, scale, zero, has_zero, gps, x, out, bits, scale16):
+    for blk in range(vals.shape[0]):
+        _g24_batch_block(vals, kind, meta, scale, zero, has_zero, gps, x, out, blk, bits, scale16)
+
+
+@njit(cache=True)
+def general_matmul_serial(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, scale16):
+    for blk in range(vals.shape[0]):
+        _general_block(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, blk, scale16)
+
+
+PARALLEL = {
+    True: (gemv24_f32, gemv24_half, gemv24_q, gemm24, general_matmul),
+    False: (gemv24_f32_serial, gemv24_half_serial, gemv24_q_serial, gemm24_serial, general_matmul_serial),
+}
+# bytes of packed weights (times the batch) below which a layer runs serially
+PARALLEL_MIN_BYTES = int(os.environ.get("SPARSEMERGE_PARALLEL_MIN_BYTES", 1 << 21))
+
+
 # ---------------------------------------------------------------- Python entry point
 _EMPTY3_F = np.zeros((1, 1, 1), np.float32)
 _EMPTY3_U32 = np.zeros((1, 1, 1), np.uint32)
@@ -370,7 +414,7 @@ def _plan(layer: BlockedNM) -> tuple:
         kind, vals = _value_kind(layer)
         meta = _EMPTY3_U32 if layer.meta is None else layer.meta.numpy().view(np.uint32)
         plan = (kind, vals, meta, _np(layer.index, _EMPTY4_U8), _np(layer.scale, _EMPTY3_F), _np(layer.zero, _EMPTY3_F),
-                layer.zero is not None, layer.groups_per_scale, layer.values.shape[0] * R)
+                layer.zero is not None, layer.groups_per_scale, layer.values.shape[0] * R, layer.nbytes())
         layer.extra["cpu_plan"] = plan
     return plan
 
@@ -382,7 +426,9 @@ def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto") -> torch.T
     sync_threads()
     x = x.detach().to(torch.float32).contiguous()
     B = x.shape[0]
-    kind, vals, meta, index, scale, zero, has_zero, gps, rows_pad = _plan(layer)
+    kind, vals, meta, index, scale, zero, has_zero, gps, rows_pad, nbytes = _plan(layer)
+    parallel = _threads[0] > 1 and nbytes * B >= PARALLEL_MIN_BYTES and vals.shape[0] > 1
+    f_f32, f_half, f_q, f_gemm, f_general = PARALLEL[parallel]
     use24 = path == "gemv24" or (path == "auto" and B == 1 and layer.is_24)
     if use24:
         if not (layer.is_24 and B == 1):
@@ -390,17 +436,17 @@ def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto") -> torch.T
         xn = x.numpy().reshape(-1)
         out = np.empty(rows_pad, np.float32)
         if kind == F32:
-            gemv24_f32(vals, meta, xn, out, BITS)
+            f_f32(vals, meta, xn, out, BITS)
         elif kind in (BF16, F16):
-            gemv24_half(vals, kind, meta, xn, out, BITS, FP16_SCALE)
+            f_half(vals, kind, meta, xn, out, BITS, FP16_SCALE)
         else:
-            gemv24_q(vals, kind == Q4, meta, scale, zero, has_zero, gps, xn, out, BITS)
+            f_q(vals, kind == Q4, meta, scale, zero, has_zero, gps, xn, out, BITS)
         return torch.from_numpy(out[: layer.rows]).unsqueeze(0)
     if layer.is_24 and path in ("auto", "gemm24"):
         out2 = np.empty((B, rows_pad), np.float32)
-        gemm24(vals, kind, meta, scale, zero, has_zero, gps, x.numpy(), out2, BITS, FP16_SCALE)
+        f_gemm(vals, kind, meta, scale, zero, has_zero, gps, x.numpy(), out2, BITS, FP16_SCALE)
         return torch.from_numpy(out2[:, : layer.rows])
     xt = np.ascontiguousarray(x.numpy().T)  # (cols, B)
     out2 = np.empty((B, rows_pad), np.float32)
-    general_matmul(vals, kind, layer.n, layer.m, meta, index, layer.is_24, scale, zero, has_zero, gps, xt, out2, FP16_SCALE)
+    f_general(vals, kind, layer.n, layer.m, meta, index, layer.is_24, scale, zero, has_zero, gps, xt, out2, FP16_SCALE)
     return torch.from_numpy(out2[:, : layer.rows])
