@@ -194,7 +194,7 @@ def main(argv: "list[str] | None" = None) -> int:
     md = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in results:
         ppl = r["perplexity"]
-        cells = [r["model"], *(f"{ppl[c]:.2f}" for c in eval_cats), f"{ppl['mean']:.2f}"]
+        cells = [r["model"].replace("|", "\\|"), *(f"{ppl[c]:.2f}" for c in eval_cats), f"{ppl['mean']:.2f}"]
         md.append("| " + " | ".join(cells) + " |")
     args.md.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.md.with_name(f".{args.md.name}.tmp")
