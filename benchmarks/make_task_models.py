@@ -19,8 +19,9 @@ than full fine-tuning because on the shared 2-core VM a full step (AdamW over 10
 costs several times a LoRA step. The folded models are ordinary full checkpoints, so every
 merge method applies; their task vectors ``theta_i - theta_base`` are the rank-16 deltas.
 
-Run (about 5 minutes per category: 50 steps of 2 x 128 tokens at ~6 s/step on one thread
-of the shared 2-core VM)::
+Run (50 steps of 2 x 128 tokens per category; measured 6-11 min per category, 33 min for all
+four, at 8-14 s/step on one thread of the 2-core VM while other jobs shared it; ~6 s/step when
+it is quieter)::
 
     .venv/bin/python benchmarks/make_task_models.py                    # business sport tech politics
     .venv/bin/python benchmarks/make_task_models.py --categories sport tech --steps 60
