@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from sparsemerge.kernels.cpu import cpu_matmul
-from sparsemerge.kernels.layout import pack_blocked
+from sparsemerge.kernels.layout import BlockedNM, pack_blocked
 from sparsemerge.masks import nm_mask
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -52,6 +52,13 @@ def blas_info() -> str:
 
 def copies_for(nbytes: int) -> int:
     return max(2, math.ceil(STREAM_BYTES / max(nbytes, 1)))
+
+
+def clone(layer: BlockedNM) -> BlockedNM:
+    out = BlockedNM(**{**layer.__dict__, "extra": {}})
+    for k, t in layer.tensors().items():
+        setattr(out, k, t.clone())
+    return out
 
 
 def methods_for(w: torch.Tensor, variants: list[str]) -> dict:
@@ -81,7 +88,7 @@ def methods_for(w: torch.Tensor, variants: list[str]) -> dict:
         }[name]
         layer = pack_blocked(w, 2, 4, codec, gs, value_dtype)
         nb = layer.nbytes()
-        layers = [layer] + [pack_blocked(w, 2, 4, codec, gs, value_dtype) for _ in range(copies_for(nb) - 1)]
+        layers = [layer] + [clone(layer) for _ in range(copies_for(nb) - 1)]
         out[name] = ([(lambda L: (lambda x: cpu_matmul(L, x)))(L) for L in layers], nb)
     return out
 
