@@ -16,7 +16,7 @@ geometric mean of the per-category perplexities (``exp`` of the mean loss).
 
 Recipes (mergekit's semantics and defaults otherwise): soups average the specialists; the
 task-vector methods use ``weight = --weight`` (default 0.5) per specialist, ``density = --density``
-(default 0.5; breadcrumbs keeps 0.9 and drops the top ``gamma = 0.01``); ``slerp`` (two models only)
+(default 0.5; breadcrumbs keeps 0.9 and drops the top ``gamma = 0.01``) where the method takes them; ``slerp`` (two models only)
 interpolates the first two specialists at ``t = 0.5``; ``passthrough`` stitches the first half of
 the layers of the first specialist onto the second half of the second. Stochastic methods use seed 0.
 ``greedy_soup`` (:func:`sparsemerge.merge.greedy_soup`, in memory) adds specialists best-first while
@@ -45,10 +45,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see make_task_models.py
 import torch  # noqa: E402
 
 DEFAULT_MODELS = Path(os.environ.get("SPARSEMERGE_TASK_MODELS", "/work/main/outputs/task-models"))
-METHODS = [
+METHODS = [  # table order; methods registered later are appended by default_methods()
     "linear", "model_soup", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "model_stock", "orthogonal", "slerp", "passthrough", "greedy_soup",
 ]
+
+
+SPARSIFYING = ("ties", "dare_linear", "dare_ties", "della", "della_linear", "breadcrumbs", "breadcrumbs_ties")
 
 
 def recipe(method: str, base: Path, specialists: list[Path], weight: float, density: float, layers: int) -> dict[str, Any]:
@@ -68,13 +71,26 @@ def recipe(method: str, base: Path, specialists: list[Path], weight: float, dens
             {"sources": [{"model": models[0], "layer_range": [0, half]}]},
             {"sources": [{"model": models[1], "layer_range": [half, layers]}]},
         ]}
-    params: dict[str, Any] = {"weight": weight}
-    if method in ("ties", "dare_linear", "dare_ties", "della", "della_linear"):
-        params["density"] = density
-    if method in ("breadcrumbs", "breadcrumbs_ties"):
-        params.update(density=0.9, gamma=0.01)
-    return {"merge_method": method, "base_model": str(base), "models": [{"model": m, "parameters": dict(params)} for m in models],
-            "dtype": "float32", "seed": 0}
+    from sparsemerge.merge import get_method
+
+    spec = get_method(method)  # any other registered method: the task-vector recipe, by its parameters
+    params: dict[str, Any] = {}
+    if "weight" in spec.model_params:
+        params["weight"] = weight
+    if method in SPARSIFYING:
+        params["density"] = 0.9 if method.startswith("breadcrumbs") else density
+    config: dict[str, Any] = {"merge_method": method, "models": [{"model": m, "parameters": dict(params)} for m in models],
+                              "dtype": "float32", "seed": 0}
+    if spec.base != "none":
+        config["base_model"] = str(base)
+    return config
+
+
+def default_methods() -> list[str]:
+    """Every method registered in the merge engine, then the greedy soup (Python API)."""
+    from sparsemerge.merge import list_methods
+
+    return [*sorted(list_methods(), key=lambda m: (METHODS.index(m) if m in METHODS else len(METHODS), m)), "greedy_soup"]
 
 
 def evaluate_model(model: Any, windows: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -116,7 +132,7 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of make_task_models.py")
     parser.add_argument("--categories", nargs="+", help="specialists to merge (default: every bbc-* folder)")
     parser.add_argument("--eval-categories", nargs="+", help="default: the specialists' categories + entertainment")
-    parser.add_argument("--methods", nargs="+", default=METHODS)
+    parser.add_argument("--methods", nargs="+", help="default: every registered merge method, then greedy_soup")
     parser.add_argument("--weight", type=float, default=0.5)
     parser.add_argument("--density", type=float, default=0.5)
     parser.add_argument("--seqlen", type=int, default=256)
@@ -170,7 +186,7 @@ def main(argv: "list[str] | None" = None) -> int:
     record("base", "base", evaluate(base, windows))
     for c, path in zip(cats, specialists):
         record(f"specialist {c}", "specialist", evaluate(path, windows))
-    for method in args.methods:
+    for method in args.methods or default_methods():
         if method == "greedy_soup":
             t0 = time.perf_counter()
             ppl, chosen = run_greedy_soup(base, specialists, val, windows)
