@@ -66,7 +66,7 @@ def main(argv: "list[str] | None" = None) -> int:
     from sparsemerge.eval.data import load_texts
     from sparsemerge.io import load_model, save_model
     from sparsemerge.io.atomic import write_json_atomic
-    from sparsemerge.train.finetune import FinetuneConfig, finetune_, merge_lora_, save_lora_adapter
+    from sparsemerge.train.finetune import FINETUNE_RECORD, FinetuneConfig, finetune_, merge_lora_, save_lora_adapter
 
     torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -100,9 +100,9 @@ def main(argv: "list[str] | None" = None) -> int:
         texts = load_texts(f"bbc:{category}", "calib")
         report = finetune_(loaded.model, loaded.tokenizer, texts, config)
         record = {"category": category, "data": f"bbc:{category} (calib split)", "config": config.model_dump(), **report.to_json()}
-        save_lora_adapter(loaded.model, adapter, config, base_model_name=str(base_dir), overwrite=True, records={"sparsemerge_finetune.json": record})
+        save_lora_adapter(loaded.model, adapter, config, base_model_name=str(base_dir), overwrite=True, records={FINETUNE_RECORD: record})
         merge_lora_(loaded.model)
-        save_model(loaded.model, loaded.tokenizer, target, overwrite=True, records={"sparsemerge_finetune.json": record})
+        save_model(loaded.model, loaded.tokenizer, target, overwrite=True, records={FINETUNE_RECORD: record})
         manifest["models"][name] = {"path": str(target), "lora": str(adapter), **record}
         write_json_atomic(manifest_path, manifest)
         print(
