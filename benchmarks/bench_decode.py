@@ -8,7 +8,8 @@ The model is pruned 2:4 by magnitude in memory (decoding speed does not depend o
 weights were kept); "dense float32" is that pruned model run densely (the same speed as the
 unpruned one). The sparse variants swap the decoder blocks' Linear layers (q, k, v, o, gate,
 up, down: 106 M of the 135 M weights); the tied embedding / lm_head (49152 x 576) stays
-dense float32 in every variant.
+dense float32 in every variant except "+ int8 head" (Int8Linear, per-channel INT8; the
+embedding lookup keeps its float32 table).
 """
 from __future__ import annotations
 
@@ -48,7 +49,7 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", default="2:4 f32,2:4 int8,2:4 int4")
+    p.add_argument("--variants", default="2:4 f32,2:4 int8,2:4 int8 + int8 head,2:4 int4 g128")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall")
     args = p.parse_args(argv)
@@ -63,13 +64,14 @@ def main(argv: "list[str] | None" = None) -> int:
     dense = loaded.model
     prune_(dense, PruneConfig(pattern="2:4", progress=False))
     torch.set_num_threads(threads)  # pruning may change the thread count; measure with the asked one
-    specs = {"2:4 f32": ("none", None), "2:4 bf16": ("none", None), "2:4 int8": ("int8", None),
+    specs = {"2:4 f32": ("none", None), "2:4 bf16": ("none", None), "2:4 int8": ("int8", None), "2:4 int8 + int8 head": ("int8", None),
              "2:4 int8 g128": ("int8", 128), "2:4 int4": ("int4", None), "2:4 int4 g128": ("int4", 128)}
     models = {"dense float32": dense}
     for name in [v.strip() for v in args.variants.split(",")]:
         quant, gs = specs[name]
         model = copy.deepcopy(dense)
-        sparsify_(model, SparsifyConfig(quant=quant, group_size=gs, value_dtype="bfloat16" if "bf16" in name else "float32"))
+        sparsify_(model, SparsifyConfig(quant=quant, group_size=gs, value_dtype="bfloat16" if "bf16" in name else "float32",
+                                        head_quant="int8" if "head" in name else "none"))
         models[name] = model
     torch.manual_seed(0)
     ids = torch.randint(0, dense.config.vocab_size, (1, args.prompt_tokens))

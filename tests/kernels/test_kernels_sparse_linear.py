@@ -184,3 +184,22 @@ def test_smollm2_int8_swap_generates():
         out = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert out.shape[1] == ids.shape[1] + 4
     del layer
+
+
+def test_int8_head_matches_dequantized_head():
+    from sparsemerge.kernels.dense_int8 import Int8Linear
+
+    model = pruned_tiny_llama()
+    ids = torch.randint(0, 384, (2, 5))
+    with torch.no_grad():
+        ref = model(ids).logits
+    report = sparsify_(model, SparsifyConfig(quant="int8", head_quant="int8"))
+    head = model.lm_head
+    assert isinstance(head, Int8Linear) and "lm_head" in report.swapped
+    x = torch.randn(3, head.in_features)
+    torch.testing.assert_close(head(x), x @ head.to_dense().T, atol=1e-4, rtol=1e-5)
+    with force_kernel("reference"):
+        torch.testing.assert_close(head(x), x @ head.to_dense().T, atol=1e-4, rtol=1e-5)
+    assert torch.equal(model.model.embed_tokens.weight, model.model.embed_tokens.weight.float())  # embedding untouched
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref, atol=5e-2, rtol=0)

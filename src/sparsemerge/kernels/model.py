@@ -130,6 +130,7 @@ def load_for_run(
     pattern: str = "2:4",
     prune: bool = False,
     dense: bool = False,
+    head_quant: str = "none",
 ) -> SparseModel:
     """Packed folder -> SparseLinear model as stored (``quant`` must be 'none' there: the
     codes come from the checkpoint); HF folder / file / 'smollm2' -> loaded, then its N:M
@@ -137,14 +138,14 @@ def load_for_run(
     from sparsemerge.io import load_model
 
     if is_packed_folder(spec):
-        if quant != "none" and not dense:
+        if (quant != "none" or head_quant != "none") and not dense:
             raise SparsemergeError(
                 f"{spec!r} is a packed checkpoint whose values are already encoded; drop --quant "
                 "(re-pack with 'sparsemerge pack --quant ...' to change the codec)"
             )
         return load_packed(spec, dense=dense)
     try:
-        config = SparsifyConfig(pattern=pattern, quant=quant, group_size=group_size, prune=prune)
+        config = SparsifyConfig(pattern=pattern, quant=quant, group_size=group_size, prune=prune, head_quant=head_quant)
     except ValueError as exc:  # pydantic.ValidationError
         raise SparsemergeError(f"invalid sparse execution options: {exc}") from None
     start = time.perf_counter()

@@ -185,6 +185,8 @@ class SparsifyConfig(BaseModel):
     include: list[str] = DEFAULT_INCLUDE
     exclude: list[str] = DEFAULT_EXCLUDE
     prune: bool = False  # apply the magnitude N:M mask to layers that are not N:M yet
+    head_quant: Literal["none", "int8"] = "none"  # the (dense) lm_head as Int8Linear
+    head: str = r"(^|\.)lm_head$"
 
     @field_validator("pattern")
     @classmethod
@@ -235,6 +237,18 @@ def sparsify_(model: nn.Module, config: "SparsifyConfig | None" = None) -> Spars
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, new.to(module.weight.device))
         report.swapped.append(name)
+    if config.head_quant == "int8":
+        from sparsemerge.kernels.dense_int8 import Int8Linear
+
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and re.search(config.head, name):
+                new = Int8Linear.from_linear(module)
+                report.dense_bytes += module.weight.numel() * module.weight.element_size()
+                report.packed_bytes += new.codes.numel() + new.scale.numel() * 4
+                parent_name, _, child = name.rpartition(".")
+                parent = model.get_submodule(parent_name) if parent_name else model
+                setattr(parent, child, new)  # a tied embedding keeps its float weight
+                report.swapped.append(name)
     if not report.swapped:
         raise SparsemergeError(
             f"no Linear layer matched include={config.include} and exclude={config.exclude}"
