@@ -118,6 +118,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", help="comma-separated subset")
     parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads for both tools")
+    parser.add_argument("--workers", type=int, help="sparsemerge --threads (tensors merged concurrently; default: its own)")
     parser.add_argument("--keep", action="store_true", help="keep the merged outputs")
     args = parser.parse_args()
     if not MK.exists():
@@ -137,7 +138,10 @@ def main() -> int:
         outs = {tool: WORK / f"out-{tool}-{name}" for tool in ("sm", "mk")}
         for p in outs.values():
             shutil.rmtree(p, ignore_errors=True)
-        sm = timed([str(SM), "merge", str(cfg_path), str(outs["sm"]), "--no-progress"], env)
+        sm_cmd = [str(SM), "merge", str(cfg_path), str(outs["sm"]), "--no-progress"]
+        if args.workers:
+            sm_cmd += ["--threads", str(args.workers)]
+        sm = timed(sm_cmd, env)
         mk = timed([str(MK), str(cfg_path), str(outs["mk"]), "--device", "cpu", "--no-write-model-card"], env)
         for tool, res in (("sparsemerge", sm), ("mergekit", mk)):
             if res[2] != 0:
@@ -149,7 +153,8 @@ def main() -> int:
             for p in outs.values():
                 shutil.rmtree(p, ignore_errors=True)
     print()
-    print(f"SmolLM2-135M float32, base + 3 models, {args.threads} threads, CLI end to end (start-up included)")
+    workers = f", sparsemerge --threads {args.workers}" if args.workers else ""
+    print(f"SmolLM2-135M float32, base + 3 models, OMP threads {args.threads}{workers}, CLI end to end (start-up included)")
     print(format_table(["method", "sparsemerge s", "mergekit s", "speed-up", "sm peak MiB", "mk peak MiB", "memory ratio", "max |diff|"], rows))
     return 0
 
