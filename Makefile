@@ -9,7 +9,7 @@ PIP    := $(PY) -m pip
 TORCH_SPEC ?= torch==2.13.0
 PIP_EXTRA  ?=
 
-.PHONY: venv demo test test-fast clean-venv bench
+.PHONY: venv demo test test-fast clean-venv peers
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test: venv
 
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
+
+# Peer libraries live in their own venvs under .venv-peers/ (mergekit for the merge tests;
+# llm-compressor and compressed-tensors are set up by the benchmarks that need them).
+peers:
+	bash benchmarks/peers/setup_mergekit.sh
 
 clean-venv:
 	rm -rf $(VENV)
