@@ -2,8 +2,8 @@
 
 Inputs: the bundled SmolLM2-135M (float32) as base and three "fine-tuned" copies (base plus
 seeded noise on 60 % of the weights, 1 % of each tensor's std), written once under
-``outputs/bench_merge/`` -- or, with ``--models DIR``, a base DIR/base and the task models
-DIR/<name> that exist there. Each method runs as a fresh process through each tool's CLI
+``outputs/bench_merge/`` -- or, with ``--models DIR``, DIR/base and the first three other
+model folders of DIR (e.g. the BBC specialists of ``benchmarks/make_task_models.py``). Each method runs as a fresh process through each tool's CLI
 (``sparsemerge merge`` and ``mergekit-yaml``), so the times include start-up (imports) as a
 user sees them; peak memory is the child's max RSS (``os.wait4``). Outputs are compared
 tensor by tensor (stochastic methods: not compared).
@@ -119,12 +119,21 @@ def main() -> int:
     parser.add_argument("--methods", help="comma-separated subset")
     parser.add_argument("--threads", type=int, default=2, help="OMP/MKL threads for both tools")
     parser.add_argument("--workers", type=int, help="sparsemerge --threads (tensors merged concurrently; default: its own)")
+    parser.add_argument("--models", help="folder with base/ and task models to use instead of perturbed copies")
     parser.add_argument("--keep", action="store_true", help="keep the merged outputs")
     args = parser.parse_args()
     if not MK.exists():
         print("mergekit venv missing: bash benchmarks/peers/setup_mergekit.sh", file=sys.stderr)
         return 2
-    base, tuned = make_inputs()
+    if args.models:
+        folders = sorted(p for p in Path(args.models).iterdir() if (p / "config.json").is_file() and p.name != "base")
+        base, tuned = Path(args.models) / "base", folders[:3]
+        if len(tuned) < 3 or not (base / "config.json").is_file():
+            print(f"--models {args.models}: needs base/ and three model folders", file=sys.stderr)
+            return 2
+        WORK.mkdir(parents=True, exist_ok=True)
+    else:
+        base, tuned = make_inputs()
     cfgs = configs(base, tuned)
     wanted = args.methods.split(",") if args.methods else list(cfgs)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
@@ -154,7 +163,7 @@ def main() -> int:
                 shutil.rmtree(p, ignore_errors=True)
     print()
     workers = f", sparsemerge --threads {args.workers}" if args.workers else ""
-    print(f"SmolLM2-135M float32, base + 3 models, OMP threads {args.threads}{workers}, CLI end to end (start-up included)")
+    print(f"{'task models of ' + args.models if args.models else 'SmolLM2-135M perturbed copies'}: float32, base + 3 models, OMP threads {args.threads}{workers}, CLI end to end (start-up included)")
     print(format_table(["method", "sparsemerge s", "mergekit s", "speed-up", "sm peak MiB", "mk peak MiB", "memory ratio", "max |diff|"], rows))
     return 0
 
