@@ -61,10 +61,15 @@ def _setup(args: argparse.Namespace):
 
 
 def _load(args: argparse.Namespace, dense: bool):
+    import torch
+
     from sparsemerge.kernels.model import load_for_run
 
+    threads = torch.get_num_threads()
     loaded = load_for_run(args.model, quant=args.quant, group_size=args.group_size, pattern=args.pattern, prune=args.prune,
                           dense=dense, head_quant=args.head_quant)
+    # numba kernels run while loading (OpenMP layer) reset torch's OpenMP thread count
+    torch.set_num_threads(threads)
     if args.device != "cpu":
         loaded.model.to(args.device)
     return loaded

@@ -400,11 +400,18 @@ _threads = [0]
 
 
 def sync_threads() -> None:
-    """Use as many numba threads as torch does (both default to the cores available)."""
-    want = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    """Use as many numba threads as torch does (both default to the cores available).
+
+    numba's OpenMP threading layer shares libgomp with torch and starting its pool resets
+    the OpenMP thread count, i.e. ``torch.get_num_threads()``: restore torch's setting.
+    """
+    torch_threads = torch.get_num_threads()
+    want = max(1, min(torch_threads, numba.config.NUMBA_NUM_THREADS))
     if _threads[0] != want:
         numba.set_num_threads(want)
         _threads[0] = want
+        if torch.get_num_threads() != torch_threads:
+            torch.set_num_threads(torch_threads)
 
 
 def _plan(layer: BlockedNM) -> tuple:
