@@ -124,6 +124,10 @@ def test_packed_checkpoint_runs_without_dense_weights(tmp_path, tiny_tokenizer, 
             torch.testing.assert_close(sparse.model(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
     with pytest.raises(SparsemergeError, match="drop --quant"):
         load_for_run(str(tmp_path / "packed"), quant="int8")
+    headq = load_for_run(str(tmp_path / "packed"), head_quant="int8")
+    assert "lm_head" in headq.swapped and type(headq.model.lm_head).__name__ == "Int8Linear"
+    with torch.no_grad():
+        torch.testing.assert_close(headq.model(ids).logits, dense.model(ids).logits, atol=5e-2, rtol=0)
     with pytest.raises(SparsemergeError, match="invalid sparse execution options"):
         load_for_run(str(tmp_path / "hf"), pattern="block4:0.5")
 

@@ -16,7 +16,7 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quant", choices=["none", "int8", "int4"], default="none", help="codec when converting an HF folder on load (default none)")
     p.add_argument("--group-size", type=int, default=None, help="stored values per quantization scale (default: one per output channel)")
     p.add_argument("--pattern", default="2:4", help="N:M pattern of the layers when converting an HF folder (default 2:4)")
-    p.add_argument("--head-quant", choices=["none", "int8"], default="none", help="also run the dense lm_head in INT8 per channel (HF folders)")
+    p.add_argument("--head-quant", choices=["none", "int8"], default="none", help="also run the dense lm_head in INT8 per channel")
     p.add_argument("--prune", action="store_true", help="apply the magnitude N:M mask to layers that are not N:M yet")
     p.add_argument("--kernel", default="auto", help="auto (default), cpu, cuda or reference")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and numba (default: all cores)")

@@ -138,12 +138,17 @@ def load_for_run(
     from sparsemerge.io import load_model
 
     if is_packed_folder(spec):
-        if (quant != "none" or head_quant != "none") and not dense:
+        if quant != "none" and not dense:
             raise SparsemergeError(
                 f"{spec!r} is a packed checkpoint whose values are already encoded; drop --quant "
                 "(re-pack with 'sparsemerge pack --quant ...' to change the codec)"
             )
-        return load_packed(spec, dense=dense)
+        loaded = load_packed(spec, dense=dense)
+        if head_quant == "int8" and not dense:
+            from sparsemerge.kernels.sparse_linear import quantize_head_
+
+            loaded.swapped += quantize_head_(loaded.model)
+        return loaded
     try:
         config = SparsifyConfig(pattern=pattern, quant=quant, group_size=group_size, prune=prune, head_quant=head_quant)
     except ValueError as exc:  # pydantic.ValidationError

@@ -238,17 +238,7 @@ def sparsify_(model: nn.Module, config: "SparsifyConfig | None" = None) -> Spars
         setattr(parent, child, new.to(module.weight.device))
         report.swapped.append(name)
     if config.head_quant == "int8":
-        from sparsemerge.kernels.dense_int8 import Int8Linear
-
-        for name, module in list(model.named_modules()):
-            if isinstance(module, nn.Linear) and re.search(config.head, name):
-                new = Int8Linear.from_linear(module)
-                report.dense_bytes += module.weight.numel() * module.weight.element_size()
-                report.packed_bytes += new.codes.numel() + new.scale.numel() * 4
-                parent_name, _, child = name.rpartition(".")
-                parent = model.get_submodule(parent_name) if parent_name else model
-                setattr(parent, child, new)  # a tied embedding keeps its float weight
-                report.swapped.append(name)
+        quantize_head_(model, config.head, report)
     if not report.swapped:
         raise SparsemergeError(
             f"no Linear layer matched include={config.include} and exclude={config.exclude}"
@@ -256,3 +246,23 @@ def sparsify_(model: nn.Module, config: "SparsifyConfig | None" = None) -> Spars
         )
     report.seconds = time.perf_counter() - start
     return report
+
+
+def quantize_head_(model: nn.Module, head: str = r"(^|\.)lm_head$", report: Optional[SparsifyReport] = None) -> list[str]:
+    """Replace the dense Linear layers matching ``head`` by per-channel INT8 ``Int8Linear``
+    in place (a tied embedding keeps its float table for the lookup)."""
+    from sparsemerge.kernels.dense_int8 import Int8Linear
+
+    done = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and re.search(head, name):
+            new = Int8Linear.from_linear(module)
+            if report is not None:
+                report.dense_bytes += module.weight.numel() * module.weight.element_size()
+                report.packed_bytes += new.codes.numel() + new.scale.numel() * 4
+                report.swapped.append(name)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+            done.append(name)
+    return done
