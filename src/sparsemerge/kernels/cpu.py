@@ -27,14 +27,13 @@ import numpy as np
 import torch
 from numba import njit, prange
 
+from sparsemerge.kernels.cpu_general import BF16, F16, F32, Q4, Q8, _decode_run, general_matmul, general_matmul_serial
 from sparsemerge.kernels.layout import BLOCK_ROWS, BlockedNM
 
 R = BLOCK_ROWS
 BITS = np.array([np.uint32(1) << np.uint32(i) for i in range(32)], dtype=np.uint32)
 FP16_SCALE = np.float32(2.0**112)  # (bits of |h| << 13) as float32 * 2^112 == |h| for finite halves
 
-# value kinds of the general kernel
-F32, BF16, F16, Q8, Q4 = 0, 1, 2, 3, 4
 
 
 # ---------------------------------------------------------------- 2:4 batch 1, float32
@@ -181,115 +180,6 @@ def gemv24_q(codes, bits4, meta, scale, zero, has_zero, gps, x, out, bits):
         _g24_q_block(codes, bits4, meta, scale, zero, has_zero, gps, x, out, blk, bits)
 
 
-# ---------------------------------------------------------------- general: any N:M, any batch
-@njit(fastmath=True, cache=True)
-def _decode_run(vals, kind, blk, g, s, scale, zero, has_zero, gps, w, tmp, scale16):
-    """w[:R] <- float32 values of slot s of group g in block blk."""
-    if kind == F32:
-        v = vals[blk, g, s]
-        for r in range(R):
-            w[r] = v[r]
-    elif kind == BF16:
-        v = vals[blk, g, s]
-        for r in range(R):
-            tmp[r] = np.uint32(v[r]) << np.uint32(16)
-        wf = tmp.view(np.float32)
-        for r in range(R):
-            w[r] = wf[r]
-    elif kind == F16:
-        v = vals[blk, g, s]
-        for r in range(R):
-            tmp[r] = (np.uint32(v[r]) & np.uint32(0x7FFF)) << np.uint32(13)
-        wf = tmp.view(np.float32)
-        for r in range(R):
-            sign = np.float32(-1.0) if np.uint32(v[r]) & np.uint32(0x8000) else np.float32(1.0)
-            w[r] = wf[r] * scale16 * sign
-    else:
-        q = g // gps
-        sq = scale[blk, q]
-        if kind == Q8:
-            v = vals[blk, g, s]
-            for r in range(R):
-                w[r] = np.float32(v[r])
-        else:
-            v = vals[blk, g, s >> 1]
-            sh = 4 * (s & 1)
-            for r in range(R):
-                w[r] = np.float32((np.int32(v[r]) >> sh) & 15)
-        if has_zero:
-            zq = zero[blk, q]
-            for r in range(R):
-                w[r] = (w[r] - zq[r]) * sq[r]
-        else:
-            for r in range(R):
-                w[r] = w[r] * sq[r]
-
-
-@njit(fastmath=True, cache=True)
-def _positions(meta, index, is24, blk, g, s, p):
-    if is24:
-        m = meta[blk, g >> 3]
-        sh = 4 * (g & 7)
-        for r in range(R):
-            c = (np.int64(m[r]) >> sh) & 15
-            if s == 0:
-                p[r] = (c & 1) + ((c >> 1) & 1)
-            else:
-                p[r] = 1 + ((c >> 2) & 1) + ((c >> 3) & 1)
-    else:
-        ix = index[blk, g, s]
-        for r in range(R):
-            p[r] = ix[r]
-
-
-@njit(fastmath=True, cache=True)
-def _axpy_rows(acc, w, p, xt, base):
-    B = xt.shape[1]
-    for r in range(R):
-        wr = w[r]
-        xi = base + p[r]
-        for b in range(B):
-            acc[r, b] += wr * xt[xi, b]
-
-
-@njit(fastmath=True, cache=True)
-def _gather_rows(acc1, w, p, x1, base):
-    for r in range(R):
-        acc1[r] += w[r] * x1[base + p[r]]
-
-
-@njit(fastmath=True, cache=True)
-def _general_block(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, blk, scale16):
-    B = xt.shape[1]
-    G = xt.shape[0] // m
-    acc = np.zeros((R, B), np.float32)
-    acc1 = np.zeros(R, np.float32)
-    w = np.empty(R, np.float32)
-    p = np.empty(R, np.int64)
-    tmp = np.empty(R, np.uint32)
-    x1 = xt[:, 0]
-    for g in range(G):
-        for s in range(n):
-            _decode_run(vals, kind, blk, g, s, scale, zero, has_zero, gps, w, tmp, scale16)
-            _positions(meta, index, is24, blk, g, s, p)
-            if B == 1:
-                _gather_rows(acc1, w, p, x1, g * m)
-            else:
-                _axpy_rows(acc, w, p, xt, g * m)
-    for r in range(R):
-        if B == 1:
-            out[0, blk * R + r] = acc1[r]
-        else:
-            for b in range(B):
-                out[b, blk * R + r] = acc[r, b]
-
-
-@njit(parallel=True, cache=True)
-def general_matmul(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, scale16):
-    for blk in prange(vals.shape[0]):
-        _general_block(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, blk, scale16)
-
-
 # ---------------------------------------------------------------- 2:4, batch > 1
 @njit(fastmath=True, cache=True)
 def _g24_batch_block(vals, kind, meta, scale, zero, has_zero, gps, x, out, blk, bits, scale16):
@@ -358,12 +248,6 @@ def gemv24_q_serial(codes, bits4, meta, scale, zero, has_zero, gps, x, out, bits
 def gemm24_serial(vals, kind, meta, scale, zero, has_zero, gps, x, out, bits, scale16):
     for blk in range(vals.shape[0]):
         _g24_batch_block(vals, kind, meta, scale, zero, has_zero, gps, x, out, blk, bits, scale16)
-
-
-@njit(cache=True)
-def general_matmul_serial(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, scale16):
-    for blk in range(vals.shape[0]):
-        _general_block(vals, kind, n, m, meta, index, is24, scale, zero, has_zero, gps, xt, out, blk, scale16)
 
 
 PARALLEL = {
