@@ -32,5 +32,7 @@ def nm_keep_cpu(groups: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if flat.dtype not in (torch.float32, torch.float64):
         flat = flat.float()
     keep = np.empty(flat.numel(), dtype=np.bool_)
+    threads = torch.get_num_threads()  # numba's OpenMP pool start-up can reset torch's count
     _nm_keep_kernel(flat.numpy(), n, m, keep)
+    torch.set_num_threads(threads)
     return torch.from_numpy(keep).reshape(groups.shape)
