@@ -20,6 +20,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--gradient-nsamples", type=int, default=4, help="calibration windows for gradient scores (backward passes)")
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     p.add_argument("--no-save", action="store_true", help="do not write the pruned models")
+    p.add_argument("--no-pack", action="store_true", help="skip packing the best model (2:4 + INT4) and timing its decoding")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -39,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         gradient_nsamples=args.gradient_nsamples,
         out=args.out,
         save_models=not args.no_save,
+        pack=not args.no_pack,
         progress=not args.no_progress,
     )
     rows = run_demo(config)
