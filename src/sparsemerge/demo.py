@@ -31,7 +31,7 @@ class DemoConfig:
     methods: list[str] = field(default_factory=lambda: list(DEMO_METHODS))
     seqlen: int = 512
     max_windows: int = 8
-    nsamples: int = 16
+    nsamples: int = 8
     gradient_nsamples: int = 4
     seed: int = 0
     out: str = "outputs/demo"

@@ -16,7 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--methods", nargs="+", help="pruning methods to compare (default: all registered of magnitude, gradient, wanda, sparsegpt)")
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=8, help="held-out windows to evaluate (default 8 x 512 tokens)")
-    p.add_argument("--nsamples", type=int, default=16, help="calibration windows for Wanda / SparseGPT")
+    p.add_argument("--nsamples", type=int, default=8, help="calibration windows for Wanda / SparseGPT")
     p.add_argument("--gradient-nsamples", type=int, default=4, help="calibration windows for gradient scores (backward passes)")
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     p.add_argument("--no-save", action="store_true", help="do not write the pruned models")
