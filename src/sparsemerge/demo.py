@@ -187,8 +187,8 @@ def plot_perplexity(path: Path, rows: list[DemoRow]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 3.2))
-    names = [r.name if r.name == "dense" else f"{r.name}\n{r.pattern}" for r in rows]
+    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 1, 3.4))
+    names = [r.name if r.name == "dense" else f"{r.name.replace('+', chr(10) + '+')}\n{r.pattern}" for r in rows]
     values = [r.perplexity for r in rows]
     bars = ax.bar(names, values, color=["#4c72b0"] + ["#dd8452"] * (len(rows) - 1))
     ax.set_yscale("log")
