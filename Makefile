@@ -31,10 +31,11 @@ test: venv
 test-fast: venv
 	$(PY) -m pytest -q -m "not slow"
 
-# Peer libraries live in their own venvs under .venv-peers/ (mergekit for the merge tests;
-# llm-compressor and compressed-tensors are set up by the benchmarks that need them).
+# Peer libraries live in their own venvs under .venv-peers/: mergekit and compressed-tensors
+# for the tests that compare against them (llm-compressor is set up by its benchmark).
 peers:
 	bash benchmarks/peers/setup_mergekit.sh
+	bash benchmarks/bench_storage_setup_peers.sh
 
 clean-venv:
 	rm -rf $(VENV)

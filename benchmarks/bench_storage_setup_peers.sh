@@ -8,5 +8,5 @@ VENV=.venv-peers/compressed-tensors
 test -x "$VENV/bin/python" || python3 -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip
 "$VENV/bin/python" -m pip install -q "torch==2.13.0"
-"$VENV/bin/python" -m pip install -q "compressed-tensors" safetensors numpy
+"$VENV/bin/python" -m pip install -q "compressed-tensors==0.20.1" safetensors numpy
 "$VENV/bin/python" -c "import compressed_tensors, torch; print('compressed-tensors', compressed_tensors.__version__, 'torch', torch.__version__)"
