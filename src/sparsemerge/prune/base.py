@@ -7,6 +7,7 @@ for any pattern, so every method works with every pattern.
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -31,23 +32,25 @@ class Target:
         return self.module.weight
 
 
-class PruningMethod:
+class PruningMethod(abc.ABC):
     """Base class. Subclasses set ``name`` and ``needs_calibration`` and implement ``prune``."""
 
     name: str = ""
     needs_calibration: bool = False
 
+    @abc.abstractmethod
     def prune(self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]) -> None:
-        raise NotImplementedError  # abstract
+        """Zero weights of ``targets`` in place to their patterns."""
 
 
 class ScoreMethod(PruningMethod):
     """A method defined by an importance score per weight; masks come from the pattern."""
 
+    @abc.abstractmethod
     def scores(
         self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        raise NotImplementedError  # abstract
+        """Non-negative importance per weight, keyed by target name."""
 
     def prune(self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]) -> None:
         apply_scores(targets, self.scores(model, targets, config, calibration))

@@ -17,6 +17,7 @@ Memory holds one block's input and output activations for the calibration set.
 """
 from __future__ import annotations
 
+import abc
 from typing import Any, Callable, Optional, Protocol
 
 import torch
@@ -198,11 +199,13 @@ class CalibratedMethod(PruningMethod):
 
     needs_calibration = True
 
+    @abc.abstractmethod
     def make_stats(self, target: Target, config: Any) -> LayerStats:
-        raise NotImplementedError  # abstract
+        """A fresh accumulator of the statistics this method needs for ``target``."""
 
+    @abc.abstractmethod
     def prune_layer(self, target: Target, stats: LayerStats, config: Any) -> None:
-        raise NotImplementedError  # abstract
+        """Prune one target in place from its accumulated statistics."""
 
     def prune_block(self, targets: list[Target], stats: dict[str, LayerStats], config: Any) -> None:
         for t in targets:
