@@ -10,6 +10,9 @@ held-out perplexity of every result here with the same windows, and prints one t
     bash benchmarks/peers/setup_llmcompressor.sh          # once
     .venv/bin/python benchmarks/bench_calibrated.py --nsamples 64 --seqlen 512
 
+Ours runs with the default ``sequential="layer"`` (one pass per block, each layer pruned as its
+input arrives) and Wanda also one-shot (``"off"``); ``--all-modes`` adds ``"block"``.
+
 Times: sparsemerge = the ``prune_`` call (model already in memory); llm-compressor = its
 ``oneshot`` call (model already in memory), and in brackets the whole subprocess
 (imports, model load and weight export included).
@@ -87,6 +90,7 @@ def main() -> None:
     p.add_argument("--eval-windows", type=int, default=32, help="held-out windows of --seqlen tokens")
     p.add_argument("--peer-batch-size", type=int, default=8, help="llm-compressor batch size (ours uses 8)")
     p.add_argument("--skip-peer", action="store_true")
+    p.add_argument("--all-modes", action="store_true", help="also run ours with sequential='block' and one-shot SparseGPT")
     p.add_argument("--peer-fix", action="store_true", help="also run llm-compressor Wanda with ignore=['re:.*lm_head']")
     args = p.parse_args()
 
@@ -107,7 +111,11 @@ def main() -> None:
     rows.append(("-", "dense", ppl(), None, ""))
     print(f"dense ppl {rows[-1][2]:.2f}", flush=True)
     ours = {}
-    for label, method, seq in [("sparsegpt", "sparsegpt", True), ("wanda", "wanda", True), ("wanda one-shot", "wanda", False)]:
+    runs = [("sparsegpt", "sparsegpt", "layer"), ("wanda", "wanda", "layer"), ("wanda one-shot", "wanda", "off")]
+    if args.all_modes:
+        runs += [("sparsegpt sequential=block", "sparsegpt", "block"), ("sparsegpt one-shot", "sparsegpt", "off"),
+                 ("wanda sequential=block", "wanda", "block")]
+    for label, method, seq in runs:
         seconds = run_ours(base_state, model, method, seq, calib, args)
         ours[label] = (ppl(), seconds)
         rows.append(("sparsemerge", label, ours[label][0], seconds, ""))

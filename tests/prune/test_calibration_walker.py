@@ -49,13 +49,66 @@ def test_non_sequential_walk_equals_whole_model_implementation(method, calib):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_sequential_sees_pruned_blocks(calib):
+def test_block_sequential_sees_pruned_blocks(calib):
     seq, one = make_tiny_llama(seed=4), make_tiny_llama(seed=4)
-    prune_(seq, {"method": "sparsegpt", "pattern": "2:4", "progress": False}, calibration=calib)
+    prune_(seq, {"method": "sparsegpt", "pattern": "2:4", "sequential": "block", "progress": False}, calibration=calib)
     prune_(one, {"method": "sparsegpt", "pattern": "2:4", "sequential": False, "progress": False}, calibration=calib)
     first = seq.model.layers[0].mlp.down_proj.weight
     torch.testing.assert_close(first, one.model.layers[0].mlp.down_proj.weight)
     assert not torch.allclose(seq.model.layers[1].mlp.down_proj.weight, one.model.layers[1].mlp.down_proj.weight)
+
+
+def layer_by_layer_reference(model, method: str, pattern: str, calibration: torch.Tensor) -> None:
+    """True-sequential pruning the slow, obvious way: for each target in call order, one full
+    forward of the (partly pruned) model collects that layer's input, then it is pruned."""
+    config = PruneConfig(method=method, pattern=pattern, progress=False)
+    targets, _ = select_targets(model, config)
+    impl = METHODS.get(method)()
+    for t in targets:  # named_modules order = call order in a Llama block (q,k,v,o,gate,up,down)
+        stats = (Hessian if method == "sparsegpt" else InputNorms)(t.weight.shape[1])
+        handle = t.module.register_forward_hook(lambda m, inp, out: stats.add(inp[0].reshape(-1, inp[0].shape[-1])))
+        with torch.no_grad():
+            model(input_ids=calibration, use_cache=False)
+        handle.remove()
+        impl.prune_layer(t, stats, config)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_layer_sequential_equals_layer_by_layer_reference(method, calib):
+    walked, direct = make_tiny_llama(seed=5), make_tiny_llama(seed=5)
+    prune_(walked, {"method": method, "pattern": "2:4", "sequential": "layer", "progress": False}, calibration=calib)
+    layer_by_layer_reference(direct, method, "2:4", calib)
+    for (name, a), (_, b) in zip(walked.named_parameters(), direct.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+        assert float(((a == 0) != (b == 0)).float().mean()) < 0.01, name
+
+
+def test_layer_sequential_differs_from_block_within_a_block(calib):
+    layer, block = make_tiny_llama(seed=4), make_tiny_llama(seed=4)
+    prune_(layer, {"method": "sparsegpt", "pattern": "2:4", "sequential": "layer", "progress": False}, calibration=calib)
+    prune_(block, {"method": "sparsegpt", "pattern": "2:4", "sequential": "block", "progress": False}, calibration=calib)
+    attn_l, attn_b = layer.model.layers[0].self_attn, block.model.layers[0].self_attn
+    torch.testing.assert_close(attn_l.q_proj.weight, attn_b.q_proj.weight)  # same (block) input
+    # o_proj reads the pruned q/k/v's attention output in "layer" mode, the dense one in "block" mode
+    assert not torch.allclose(attn_l.o_proj.weight, attn_b.o_proj.weight)
+
+
+@pytest.mark.parametrize("method,mode", [("wanda", "off"), ("sparsegpt", "block")])
+def test_auto_uses_the_method_default(method, mode, calib):
+    auto, explicit = make_tiny_llama(seed=6), make_tiny_llama(seed=6)
+    prune_(auto, {"method": method, "pattern": "2:4", "progress": False}, calibration=calib)
+    prune_(explicit, {"method": method, "pattern": "2:4", "sequential": mode, "progress": False}, calibration=calib)
+    for (name, a), (_, b) in zip(auto.named_parameters(), explicit.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_sequential_mode_names():
+    from sparsemerge.prune.calibration import sequential_mode
+
+    names = ("auto", "layer", "block", "off", True, False)
+    assert [sequential_mode(v) for v in names] == ["auto", "layer", "block", "off", "block", "off"]
+    with pytest.raises(SparsemergeError, match="sequential must be one of"):
+        sequential_mode("sometimes")
 
 
 def test_capture_stops_before_later_blocks_and_head(calib):
@@ -137,3 +190,17 @@ def test_cli_prune_then_check(method, pattern, tiny_llama_dir, text_file, tmp_pa
     assert f"with {method} to {pattern}" in capsys.readouterr().out
     assert main(["check", str(out), "--pattern", pattern, "--quiet"]) == 0
     assert "0 violations" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["layer", "block", "off"])
+def test_cli_sequential_flag_reaches_the_record(mode, tiny_llama_dir, text_file, tmp_path, capsys):
+    import json
+
+    from sparsemerge.cli.main import main
+
+    out = tmp_path / f"pruned-{mode}"
+    code = main(["prune", str(tiny_llama_dir), str(out), "--method", "wanda", "--sequential", mode,
+                 "--calib", str(text_file), "--nsamples", "4", "--seqlen", "32", "--no-progress"])
+    assert code == 0
+    record = json.loads((out / "sparsemerge_prune.json").read_text())
+    assert record["config"]["sequential"] == mode

@@ -116,6 +116,20 @@ def test_hessian_is_two_over_n_xtx():
     torch.testing.assert_close(hessian_of(x), 2.0 / 10 * x.T @ x)
 
 
+def test_wide_hessian_from_half_blocks_is_symmetric_and_exact():
+    from sparsemerge.prune.sparsegpt import SYMMETRIC_SPLIT_MIN, Hessian
+
+    d = SYMMETRIC_SPLIT_MIN + 3  # odd width: unequal halves
+    acc = Hessian(d)
+    xs = [torch.randn(7, d), torch.randn(5, d)]
+    for x in xs:
+        acc.add(x)
+    x = torch.cat(xs).double()
+    h = acc.value
+    assert torch.equal(h, h.T)
+    torch.testing.assert_close(h.double(), 2.0 / 12 * x.T @ x, rtol=1e-5, atol=1e-4)
+
+
 def test_cholesky_failure_raises_dampening_with_warning():
     H = torch.tensor([[1.0, 1.5], [1.5, 1.0]])  # indefinite: eigenvalues -0.5 and 2.5
     with pytest.warns(UserWarning, match="Cholesky failed") as record:

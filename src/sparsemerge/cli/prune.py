@@ -32,6 +32,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed for the calibration windows (default 0)")
     p.add_argument("--dampening", type=float, help="SparseGPT: fraction of mean Hessian diagonal (default 0.01)")
     p.add_argument("--blocksize", type=int, help="SparseGPT: column block size (default 128)")
+    p.add_argument(
+        "--sequential",
+        choices=["auto", "layer", "block", "off"],
+        help="wanda/sparsegpt calibration order: auto (default: block for sparsegpt, off for wanda), layer (one pass "
+        "per block, each layer pruned as its input arrives), block (dense statistics pass, then a pruned pass), "
+        "off (one-shot: statistics of the dense model)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_overwrite(p)
     p.set_defaults(func=run_prune)
@@ -63,7 +70,7 @@ def config_from_args(args: argparse.Namespace):
         if not isinstance(loaded, dict):
             raise SparsemergeError(f"recipe {args.recipe!r} must be a mapping of PruneConfig keys")
         values.update(loaded.get("prune", loaded))
-    for key in ("pattern", "method", "include", "exclude", "gamma", "calib", "nsamples", "seqlen", "seed", "dampening", "blocksize"):
+    for key in ("pattern", "method", "include", "exclude", "gamma", "calib", "nsamples", "seqlen", "seed", "dampening", "blocksize", "sequential"):
         value = getattr(args, key, None)
         if value is not None:
             values[key] = value

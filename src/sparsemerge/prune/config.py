@@ -1,7 +1,7 @@
 """Pruning configuration: a pydantic model that rejects unknown keys (YAML recipes validate into it)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -33,7 +33,13 @@ class PruneConfig(BaseModel):
     # SparseGPT (Frantar & Alistarh 2023)
     dampening: float = Field(0.01, gt=0.0, description="fraction of the mean Hessian diagonal added to it")
     blocksize: int = Field(128, ge=1, description="columns pruned and updated together")
-    sequential: bool = Field(True, description="calibrated methods: each block sees the pruned blocks before it")
+    sequential: Union[Literal["auto", "layer", "block", "off"], bool] = Field(
+        "auto",
+        description="calibrated methods: 'auto' = the method's default (sparsegpt: block, wanda: off); "
+        "'layer' = one pass per block, each layer pruned as its input arrives "
+        "(sees the pruned layers and blocks before it); 'block' = a dense statistics pass then a pruned pass per "
+        "block; 'off' = one-shot, every layer sees the dense model's activations (True/False = block/off)",
+    )
     progress: bool = Field(True, description="show progress bars")
     sparsity_per_layer: Optional[list[float]] = Field(
         None, description="Python API: one unstructured sparsity per transformer block (overrides pattern's)"

@@ -5,8 +5,8 @@ tokens. Scores are compared within each output row (Wanda's per-output compariso
 N:M keeps the N best of every M consecutive weights of a row, ``unstructured:S`` zeroes the
 ``round(S * in_features)`` lowest scores of each row, ``blockRxC:S`` zeroes the blocks with
 the lowest summed score. No weight update. Calibration runs block by block
-(:mod:`sparsemerge.prune.calibration`); ``sequential=False`` gives the one-shot variant whose
-norms come from the dense model's activations.
+(:mod:`sparsemerge.prune.calibration`); by default one-shot (``sequential="off"``: norms from
+the dense model's activations); ``"block"``/``"layer"`` take them from the pruned prefix.
 """
 from __future__ import annotations
 
@@ -76,6 +76,9 @@ def per_row_mask(scores: torch.Tensor, sparsity: float) -> torch.Tensor:
 @METHODS.register("wanda")
 class Wanda(CalibratedMethod):
     name = "wanda"
+    # One-shot: norms from the dense model's activations. On SmolLM2 2:4 it beat both
+    # sequential walks (BENCHMARKS.md, issue 6) and needs one block pass instead of two.
+    default_sequential = "off"
 
     def make_stats(self, target: Target, config: Any) -> InputNorms:
         return InputNorms(target.weight.shape[1], target.weight.device)
