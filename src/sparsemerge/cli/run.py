@@ -17,6 +17,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-size", type=int, default=None, help="stored values per quantization scale (default: one per output channel)")
     p.add_argument("--pattern", default="2:4", help="N:M pattern of the layers when converting an HF folder (default 2:4)")
     p.add_argument("--head-quant", choices=["none", "int8"], default="none", help="also run the dense lm_head in INT8 per channel")
+    p.add_argument("--act-quant", choices=["none", "int8"], default="none",
+                   help="int8: quantize decoding inputs per block of 256 and run 2:4 INT8/INT4 layers with the "
+                   "AVX-512 VNNI kernel (faster; adds activation rounding error)")
     p.add_argument("--prune", action="store_true", help="apply the magnitude N:M mask to layers that are not N:M yet")
     p.add_argument("--kernel", default="auto", help="auto (default), cpu, cuda or reference")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and numba (default: all cores)")
@@ -67,7 +70,7 @@ def _load(args: argparse.Namespace, dense: bool):
 
     threads = torch.get_num_threads()
     loaded = load_for_run(args.model, quant=args.quant, group_size=args.group_size, pattern=args.pattern, prune=args.prune,
-                          dense=dense, head_quant=args.head_quant)
+                          dense=dense, head_quant=args.head_quant, act_quant=args.act_quant)
     # numba kernels run while loading (OpenMP layer) reset torch's OpenMP thread count
     torch.set_num_threads(threads)
     if args.device != "cpu":

@@ -4,7 +4,8 @@
 name       priority  runs when
 =========  ========  ==============================================================
 cuda       0         input on a CUDA device (2:4 -> semi-structured, else dense GPU)
-cpu        10        input on the CPU (numba kernels of ``kernels/cpu.py``)
+cpu        10        input on the CPU (numba kernels of ``kernels/cpu.py``; at batch 1
+                     with ``act_quant="int8"`` the VNNI kernel of ``kernels/cpu_vnni.py``)
 reference  100       always (pure torch, ``kernels/reference.py``; slow)
 =========  ========  ==============================================================
 """
@@ -39,7 +40,7 @@ def _cpu_supports(layer, x: torch.Tensor) -> Optional[str]:
 def _cpu_run(layer, x: torch.Tensor) -> torch.Tensor:
     from sparsemerge.kernels.cpu import cpu_matmul
 
-    return cpu_matmul(layer.layout, x)
+    return cpu_matmul(layer.layout, x, act_quant=getattr(layer, "act_quant", "none"))
 
 
 def _reference_supports(layer, x: torch.Tensor) -> Optional[str]:

@@ -310,13 +310,31 @@ def _plan(layer: BlockedNM) -> tuple:
     return plan
 
 
-def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto") -> torch.Tensor:
+def vnni_reason(layer: BlockedNM) -> "str | None":
+    """Why the VNNI kernel cannot run ``layer`` (None: it can); cached per layout."""
+    if "vnni_reason" not in layer.extra:
+        from sparsemerge.kernels.cpu_vnni import unavailable_reason
+
+        layer.extra["vnni_reason"] = unavailable_reason(layer)
+    return layer.extra["vnni_reason"]
+
+
+def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto", act_quant: str = "none") -> torch.Tensor:
     """``x (B, cols)`` float32 CPU -> ``(B, rows)``.
 
-    ``path``: "auto"; "gemv24" (2:4, batch 1); "gemm24" (2:4, any batch); "general" (any N:M)."""
+    ``path``: "auto"; "gemv24" (2:4, batch 1); "gemm24" (2:4, any batch); "general" (any N:M);
+    "vnni" (2:4 INT8/INT4, batch 1, INT8 activations: ``kernels/cpu_vnni.py``). With
+    ``act_quant="int8"``, "auto" takes "vnni" at batch 1 where it can run."""
     sync_threads()
     x = x.detach().to(torch.float32).contiguous()
     B = x.shape[0]
+    if path == "vnni" or (path == "auto" and act_quant == "int8" and B == 1 and vnni_reason(layer) is None):
+        reason = "batch is not 1" if B != 1 else vnni_reason(layer)
+        if reason is not None:
+            raise ValueError(f"the vnni path cannot run this layer: {reason}")
+        from sparsemerge.kernels.cpu_vnni import vnni_matmul
+
+        return vnni_matmul(layer, x, _threads[0])
     kind, vals, meta, index, scale, zero, has_zero, gps, rows_pad, nbytes = _plan(layer)
     parallel = _threads[0] > 1 and nbytes * B >= PARALLEL_MIN_BYTES and vals.shape[0] > 1
     f_f32, f_half, f_q, f_gemm, f_general = PARALLEL[parallel]

@@ -131,6 +131,7 @@ def load_for_run(
     prune: bool = False,
     dense: bool = False,
     head_quant: str = "none",
+    act_quant: str = "none",
 ) -> SparseModel:
     """Packed folder -> SparseLinear model as stored (``quant`` must be 'none' there: the
     codes come from the checkpoint); HF folder / file / 'smollm2' -> loaded, then its N:M
@@ -148,9 +149,14 @@ def load_for_run(
             from sparsemerge.kernels.sparse_linear import quantize_head_
 
             loaded.swapped += quantize_head_(loaded.model)
+        if not dense:
+            from sparsemerge.kernels.sparse_linear import set_act_quant_
+
+            set_act_quant_(loaded.model, act_quant)
         return loaded
     try:
-        config = SparsifyConfig(pattern=pattern, quant=quant, group_size=group_size, prune=prune, head_quant=head_quant)
+        config = SparsifyConfig(pattern=pattern, quant=quant, group_size=group_size, prune=prune, head_quant=head_quant,
+                                act_quant=act_quant)
     except ValueError as exc:  # pydantic.ValidationError
         raise SparsemergeError(f"invalid sparse execution options: {exc}") from None
     start = time.perf_counter()

@@ -39,6 +39,9 @@ class SparseLinear(nn.Module):
             self.register_buffer(name, getattr(layout, name))
         self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
         self._cuda_cache: Optional[tuple[torch.device, torch.Tensor]] = None
+        # "int8": at batch 1 on CPU, quantize the input per block of 256 and use the VNNI
+        # kernel (kernels/cpu_vnni.py) when it can run this layer; "none": float inputs
+        self.act_quant = "none"
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -165,7 +168,8 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         gs = "per-channel" if self.group_size is None else f"group {self.group_size}"
         q = f", {self.codec} {gs}" if self.codec != "none" else f", {self.value_dtype}"
-        return f"in_features={self.in_features}, out_features={self.out_features}, {self.n}:{self.m}{q}, bias={self.bias is not None}"
+        a = f", act_quant={self.act_quant}" if self.act_quant != "none" else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.n}:{self.m}{q}{a}, bias={self.bias is not None}"
 
 
 # ---------------------------------------------------------------------- in-place swap
@@ -186,6 +190,7 @@ class SparsifyConfig(BaseModel):
     exclude: list[str] = DEFAULT_EXCLUDE
     prune: bool = False  # apply the magnitude N:M mask to layers that are not N:M yet
     head_quant: Literal["none", "int8"] = "none"  # the (dense) lm_head as Int8Linear
+    act_quant: Literal["none", "int8"] = "none"  # batch-1 inputs quantized to INT8 (VNNI kernel)
     head: str = r"(^|\.)lm_head$"
 
     @field_validator("pattern")
@@ -239,6 +244,7 @@ def sparsify_(model: nn.Module, config: "SparsifyConfig | None" = None) -> Spars
         report.swapped.append(name)
     if config.head_quant == "int8":
         quantize_head_(model, config.head, report)
+    set_act_quant_(model, config.act_quant)
     if not report.swapped:
         raise SparsemergeError(
             f"no Linear layer matched include={config.include} and exclude={config.exclude}"
@@ -266,3 +272,21 @@ def quantize_head_(model: nn.Module, head: str = r"(^|\.)lm_head$", report: Opti
             setattr(parent, child, new)
             done.append(name)
     return done
+
+
+ACT_QUANT_MODES = ("none", "int8")
+
+
+def set_act_quant_(model: nn.Module, mode: str) -> int:
+    """Set ``act_quant`` on every SparseLinear of ``model``; returns how many. ``"int8"``
+    quantizes batch-1 inputs per block of 256 for the VNNI kernel (faster, adds the
+    activation rounding error); ``"none"`` keeps float inputs."""
+    if mode not in ACT_QUANT_MODES:
+        raise SparsemergeError(f"act_quant must be one of {', '.join(ACT_QUANT_MODES)}, got {mode!r}")
+    count = 0
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            module.act_quant = mode
+            module.__dict__.pop("_kernel", None)
+            count += 1
+    return count

@@ -1,0 +1,118 @@
+"""The AVX-512 VNNI batch-1 kernel for 2:4 INT8/INT4 layers with INT8 activations."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.kernels import SparseLinear, SparsifyConfig, sparsify_
+from sparsemerge.kernels import cpu_vnni as V
+from sparsemerge.kernels.cpu import cpu_matmul
+from sparsemerge.kernels.layout import pack_blocked, to_dense
+from sparsemerge.kernels.sparse_linear import set_act_quant_
+from sparsemerge.masks import nm_mask
+
+needs_vnni = pytest.mark.skipif(bool(V.cpu_features_missing()), reason=f"CPU lacks {V.cpu_features_missing()}")
+
+
+def sparse_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(seed))
+    return w * nm_mask(w.abs(), 2, 4)
+
+
+def test_activation_quantization_round_trips_and_lane_sums():
+    x = torch.randn(1, 576) * 3
+    xq, xs, c128 = V.quantize_activations(x)
+    assert xq.dtype.name == "int8" and xs.shape == (3,) and c128.shape == (3, 16)
+    x_hat = torch.from_numpy(xq).float() * torch.from_numpy(xs).repeat_interleave(256)[:576]
+    assert float((x_hat - x).abs().max()) <= float(xs.max()) / 2 + 1e-6  # half a step per block
+    padded = torch.zeros(768, dtype=torch.int32)
+    padded[:576] = torch.from_numpy(xq).int()
+    lanes = padded.reshape(3, 4, 16, 4).sum(dim=(1, 3))  # lane k: bytes 4k..4k+3 of every chunk
+    assert torch.equal(torch.from_numpy(c128), 128 * lanes)
+    zq, zs, _ = V.quantize_activations(torch.zeros(1, 256))
+    assert (zq == 0).all() and zs[0] == 1.0  # all-zero block: no division by zero
+
+
+@needs_vnni
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+@pytest.mark.parametrize("group_size", [None, 128])
+@pytest.mark.parametrize("rows,cols", [(1, 64), (197, 576), (256, 1536), (640, 320)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_kernel_matches_the_w8a8_reference(codec, group_size, rows, cols, threads):
+    if group_size and cols % 256:
+        group_size = None  # a 128-value scale group must cover whole 256-input blocks
+    layer = pack_blocked(sparse_weight(rows, cols), 2, 4, codec, group_size, "float32", True)
+    assert V.unavailable_reason(layer) is None
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(1))
+    y = V.vnni_matmul(layer, x, threads)
+    ref = V.reference_w8a8(layer, x)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-4)
+    # against float activations the only difference is the rounding of x, at most half a step
+    wd = to_dense(layer)
+    _, xs, _ = V.quantize_activations(x)
+    half_step = torch.from_numpy(xs).repeat_interleave(256)[:cols] / 2
+    bound = wd.abs() @ half_step
+    assert ((y - x @ wd.T).abs() <= bound * 1.001 + 1e-5).all()
+
+
+def test_unavailable_reasons_are_specific():
+    w = sparse_weight(64, 576)
+    assert "asymmetric" in V.unavailable_reason(pack_blocked(w, 2, 4, "int8", None, "float32", False))
+    assert "int8/int4" in V.unavailable_reason(pack_blocked(w, 2, 4, "none"))
+    assert "not a multiple of 64" in V.unavailable_reason(pack_blocked(sparse_weight(64, 100), 2, 4, "int8"))
+    assert "not a multiple of 256" in V.unavailable_reason(pack_blocked(w, 2, 4, "int8", 32))
+    w48 = torch.randn(64, 64)
+    w48 = w48 * nm_mask(w48.abs(), 4, 8)
+    assert "not 2:4" in V.unavailable_reason(pack_blocked(w48, 4, 8, "int8"))
+
+
+@needs_vnni
+def test_cpu_matmul_routes_batch_one_only_when_asked():
+    layer = pack_blocked(sparse_weight(128, 256), 2, 4, "int8", 128)
+    x = torch.randn(1, 256)
+    exact = cpu_matmul(layer, x)  # float activations
+    w8a8 = cpu_matmul(layer, x, act_quant="int8")
+    torch.testing.assert_close(w8a8, V.reference_w8a8(layer, x), rtol=1e-5, atol=1e-4)
+    assert not torch.equal(exact, w8a8)
+    torch.testing.assert_close(cpu_matmul(layer, x, path="vnni"), w8a8)
+    xb = torch.randn(3, 256)
+    torch.testing.assert_close(cpu_matmul(layer, xb, act_quant="int8"), cpu_matmul(layer, xb))  # batch 3: float path
+    with pytest.raises(ValueError, match="batch is not 1"):
+        cpu_matmul(layer, xb, path="vnni")
+
+
+@needs_vnni
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_swapped_model_with_int8_activations_tracks_float_activations(codec):
+    from sparsemerge.prune.api import prune_
+
+    model = make_tiny_llama()
+    prune_(model, {"pattern": "2:4", "progress": False})
+    sparsify_(model, SparsifyConfig(quant=codec))
+    ids = torch.randint(0, 384, (1, 1), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+        assert set_act_quant_(model, "int8") == 14
+        out = model(ids).logits
+    assert not torch.equal(out, ref)
+    assert float((out - ref).norm() / ref.norm()) < 0.02
+    assert "act_quant=int8" in repr(model.model.layers[0].mlp.down_proj)
+    with pytest.raises(SparsemergeError, match="act_quant must be one of"):
+        set_act_quant_(model, "int4")
+
+
+@needs_vnni
+def test_cli_run_with_int8_activations(tmp_path, tiny_tokenizer, capsys):
+    from sparsemerge.cli.main import main
+    from sparsemerge.prune.api import prune_
+
+    model = make_tiny_llama()
+    prune_(model, {"pattern": "2:4", "progress": False})
+    model.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer.save_pretrained(tmp_path / "hf")
+    assert main(["run", str(tmp_path / "hf"), "--quant", "int8", "--act-quant", "int8", "--prompt", "The team",
+                 "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.startswith("The team")
+    assert SparseLinear  # imported for the public API check
