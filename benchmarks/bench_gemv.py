@@ -4,6 +4,9 @@ Run (unset the OpenBLAS overrides so numpy's dense GEMV gets its best kernel):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_gemv.py
 
+Variants ending in "a8" run the AVX-512 VBMI2/VNNI kernel (``kernels/cpu_vnni.py``): INT8
+activations quantized per call (the quantization is inside the timed call), batch 1 only.
+
 For every shape and batch all methods are timed interleaved in one process (round robin,
 ``--repeats`` rounds); before every timed call a 96 MiB buffer (3x the last-level cache) is
 read, so every call streams its weights from DRAM as in decoding. (Rotating many copies of
@@ -85,6 +88,18 @@ def methods_for(w: torch.Tensor, variants: list[str]) -> dict:
     out["numpy dense f32"] = ([np_fn(d) for d in dense_np], wn.nbytes)
     out["torch dense f32"] = ([torch_fn(d) for d in dense_t], wn.nbytes)
     for name in variants:
+        if name.endswith(" a8"):  # the VNNI kernel: INT8 activations, batch 1 (kernels/cpu_vnni.py)
+            from sparsemerge.kernels.cpu_vnni import prepare, unavailable_reason
+
+            codec, gs = ("int8" if "int8" in name else "int4"), (128 if "g128" in name else None)
+            layer = pack_blocked(w, 2, 4, codec, gs)
+            reason = unavailable_reason(layer)
+            if reason:
+                print(f"skipping {name}: {reason}")
+                continue
+            nb = prepare(layer)["nbytes"]
+            out[name] = ([(lambda L: (lambda x: cpu_matmul(L, x, act_quant="int8")))(layer)], nb)
+            continue
         codec, value_dtype, gs = {
             "2:4 f32": ("none", "float32", None),
             "2:4 bf16": ("none", "bfloat16", None),
@@ -104,10 +119,12 @@ def bench_shape(rows: int, cols: int, batches: list[int], variants: list[str], r
     g = torch.Generator().manual_seed(rows * 7 + cols)
     w = torch.randn(rows, cols, generator=g)
     w = w * nm_mask(w.abs(), 2, 4)
-    methods = methods_for(w, variants)
+    all_methods = methods_for(w, variants)
     rows_out = []
     for batch in batches:
         x = torch.randn(batch, cols, generator=g)
+        # INT8 activations are a batch-1 path; larger batches run the float kernels
+        methods = {k: v for k, v in all_methods.items() if batch == 1 or not k.endswith(" a8")}
         times: dict[str, list[float]] = {m: [] for m in methods}
         for fns, _ in methods.values():  # warm up: JIT, page faults
             for f in fns:
@@ -136,7 +153,9 @@ def main(argv: "list[str] | None" = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES))
     p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--variants", default="2:4 f32,2:4 bf16,2:4 int8,2:4 int8 g128,2:4 int4,2:4 int4 g128")
+    p.add_argument("--variants", default="2:4 f32,2:4 bf16,2:4 int8,2:4 int8 g128,2:4 int4,2:4 int4 g128,"
+                   "2:4 int8 a8,2:4 int8 g128 a8,2:4 int4 a8,2:4 int4 g128 a8",
+                   help="'... a8': the AVX-512 VNNI kernel with INT8 activations (batch 1 only)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or process CPU time (use with --threads 1)")
