@@ -52,6 +52,8 @@ class DemoRow:
     megabytes: Optional[float] = None  # packed file size (the +int4 row)
     dense_megabytes: Optional[float] = None
     speedup: Optional[float] = None  # decoding tokens/s over the dense float32 model
+    speedup_a8: Optional[float] = None  # the same with INT8 activations (VNNI kernel)
+    perplexity_a8: Optional[float] = None  # perplexity with the decoding kernel's INT8 activations
 
 
 def prepare_output(out: Path) -> None:
@@ -120,7 +122,8 @@ def pack_and_run(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense
     from sparsemerge.eval.perplexity import perplexity
     from sparsemerge.formats.model import PackConfig, pack
     from sparsemerge.kernels.model import load_packed, model_bytes
-    from sparsemerge.kernels.sparse_linear import quantize_head_
+    from sparsemerge.kernels.cpu_vnni import cpu_features_missing, fake_quant_inputs
+    from sparsemerge.kernels.sparse_linear import quantize_head_, set_act_quant_
 
     folder = Path(f"{best.folder}-int4")
     options = PackConfig(format="nm", pattern=config.pattern, metadata="entropy", quant="int4", group_size=128, dense_quant="int8")
@@ -128,38 +131,55 @@ def pack_and_run(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense
     file_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".json") and p.name.startswith(("packed", "sparsemerge")))
     dense_bytes = model_bytes(dense_model)  # float32 parameters, tied ones counted once
     echo(f"packed {best.name} {config.pattern} + INT4 g128 (embedding INT8): {file_bytes / 1e6:.1f} MB vs dense float32 {dense_bytes / 1e6:.1f} MB ({file_bytes / dense_bytes:.3f}x) in {report.seconds:.1f} s")
+    sparse = load_packed(folder)
     decoded = load_packed(folder, dense=True)
     start = time.perf_counter()
     ppl = perplexity(decoded.model, windows, progress=config.progress, desc="packed perplexity")
     eval_seconds = time.perf_counter() - start
+    act_quant = not cpu_features_missing()  # the INT8-activation (VNNI) kernel can run here
+    if act_quant:
+        hooks = fake_quant_inputs(decoded.model, sparse.swapped)  # the decoding kernel's activation rounding
+        ppl_a8 = perplexity(decoded.model, windows, progress=config.progress, desc="packed perplexity, int8 activations")
+        for h in hooks:
+            h.remove()
+        echo(f"packed perplexity {ppl:.2f}; with the decoding kernel's INT8 activations {ppl_a8:.2f}")
     del decoded
-    sparse = load_packed(folder)
     quantize_head_(sparse.model)  # the tied output head in INT8 too: it is ~30% of the bytes read per token
     prompt = windows[:1, :32]
-    decode_seconds(sparse.model, prompt, 2)  # warm-up: JIT compile
-    decode_seconds(dense_model, prompt, 2)
     tokens = 16
-    sparse_s = min(decode_seconds(sparse.model, prompt, tokens) for _ in range(2))
+    decode_seconds(dense_model, prompt, 2)
     dense_s = min(decode_seconds(dense_model, prompt, tokens) for _ in range(2))
-    echo(
-        f"decoding: packed {tokens / sparse_s:.1f} tokens/s vs dense float32 {tokens / dense_s:.1f} tokens/s "
-        f"({dense_s / sparse_s:.2f}x, {torch.get_num_threads()} threads)"
-    )
+    speeds = {}
+    for mode in ("none", "int8") if act_quant else ("none",):
+        set_act_quant_(sparse.model, mode)
+        decode_seconds(sparse.model, prompt, 2)  # warm-up: JIT compile
+        speeds[mode] = min(decode_seconds(sparse.model, prompt, tokens) for _ in range(2))
+        label = "float activations" if mode == "none" else "INT8 activations (VNNI)"
+        echo(
+            f"decoding, {label}: packed {tokens / speeds[mode]:.1f} tokens/s vs dense float32 "
+            f"{tokens / dense_s:.1f} tokens/s ({dense_s / speeds[mode]:.2f}x, {torch.get_num_threads()} threads)"
+        )
+    sparse_s = speeds["none"]
     row = DemoRow(f"{best.name}+int4", config.pattern, best.sparsity, ppl, report.seconds, eval_seconds, str(folder))
     row.megabytes = file_bytes / 1e6
     row.dense_megabytes = dense_bytes / 1e6
     row.speedup = dense_s / sparse_s
+    if act_quant:
+        row.speedup_a8 = dense_s / speeds["int8"]
+        row.perplexity_a8 = ppl_a8
     return row
 
 
 def results_table(rows: list[DemoRow]) -> tuple[list[str], list[list[Any]]]:
     dense = rows[0].perplexity
     headers = ["model", "pattern", "sparsity", "perplexity", "x dense", "prune s", "eval s", "MB", "decode x"]
-    body = [
-        [r.name, r.pattern, r.sparsity, r.perplexity, r.perplexity / dense, r.prune_seconds, r.eval_seconds,
-         r.megabytes if r.megabytes is not None else "-", r.speedup if r.speedup is not None else "-"]
-        for r in rows
-    ]
+    body = []
+    for r in rows:
+        body.append([r.name, r.pattern, r.sparsity, r.perplexity, r.perplexity / dense, r.prune_seconds, r.eval_seconds,
+                     r.megabytes if r.megabytes is not None else "-", r.speedup if r.speedup is not None else "-"])
+        if r.speedup_a8 is not None:  # the same packed model decoding with INT8 activations
+            body.append([f"{r.name} int8-act", r.pattern, r.sparsity, r.perplexity_a8, r.perplexity_a8 / dense, "-", "-",
+                         r.megabytes, r.speedup_a8])
     return headers, body
 
 

@@ -116,3 +116,14 @@ def test_cli_run_with_int8_activations(tmp_path, tiny_tokenizer, capsys):
                  "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.startswith("The team")
     assert SparseLinear  # imported for the public API check
+
+
+def test_fake_quant_rounds_every_row_like_the_kernel():
+    x = torch.randn(3, 5, 576)
+    fq = V.fake_quant_activations(x)
+    assert fq.shape == x.shape
+    for row in (x[0, 0], x[2, 4]):
+        xq, xs, _ = V.quantize_activations(row.unsqueeze(0))
+        expect = torch.from_numpy(xq).float() * torch.from_numpy(xs).repeat_interleave(256)[:576]
+        got = fq[0, 0] if row is x[0, 0] else fq[2, 4]
+        torch.testing.assert_close(got, expect)

@@ -298,6 +298,29 @@ def quantize_activations(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.nd
     return xq.reshape(-1)[:cols].numpy(), xs.numpy(), c128.numpy()
 
 
+def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
+    """``x (..., cols)`` rounded as the kernel sees it (every row on its own, per block of 256:
+    ``xs_b * round(x / xs_b)``), in float - to evaluate a whole sequence at once with the
+    decoding kernel's activation error (e.g. perplexity)."""
+    cols = x.shape[-1]
+    nxb = -(-cols // XBLOCK)
+    rows = x.reshape(-1, cols).float()
+    pad = torch.nn.functional.pad(rows, (0, nxb * XBLOCK - cols)).reshape(rows.shape[0], nxb, XBLOCK)
+    amax = pad.abs().amax(dim=2, keepdim=True)
+    xs = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    deq = torch.round(pad / xs).clamp_(-127, 127) * xs
+    return deq.reshape(rows.shape[0], -1)[:, :cols].reshape(x.shape).to(x.dtype)
+
+
+def fake_quant_inputs(model: torch.nn.Module, names: list[str]) -> list:
+    """Forward pre-hooks that pass the inputs of the modules ``names`` through
+    :func:`fake_quant_activations`; returns the handles (``h.remove()`` to undo)."""
+    return [
+        model.get_submodule(n).register_forward_pre_hook(lambda m, args: (fake_quant_activations(args[0]), *args[1:]))
+        for n in names
+    ]
+
+
 def vnni_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> torch.Tensor:
     """``x (1, cols)`` float32 -> ``(1, rows)`` with the VNNI kernel."""
     fns, reason = _compiled()
