@@ -122,8 +122,7 @@ def test_fake_quant_rounds_every_row_like_the_kernel():
     x = torch.randn(3, 5, 576)
     fq = V.fake_quant_activations(x)
     assert fq.shape == x.shape
-    for row in (x[0, 0], x[2, 4]):
-        xq, xs, _ = V.quantize_activations(row.unsqueeze(0))
+    for i, j in ((0, 0), (2, 4)):
+        xq, xs, _ = V.quantize_activations(x[i, j].unsqueeze(0))
         expect = torch.from_numpy(xq).float() * torch.from_numpy(xs).repeat_interleave(256)[:576]
-        got = fq[0, 0] if row is x[0, 0] else fq[2, 4]
-        torch.testing.assert_close(got, expect)
+        torch.testing.assert_close(fq[i, j], expect)
