@@ -283,3 +283,15 @@ def test_selection_without_full_sort_equals_sorting(numel, density, gamma, level
         x = x + 0.001 * torch.randn(numel, generator=g)  # mostly distinct values
     assert torch.equal(ops.magnitude_trim(x, density), _trim_by_argsort(x, density))
     assert torch.equal(ops.magnitude_outliers(x, density, gamma), _outliers_by_sort(x, density, gamma))
+
+
+def test_della_ranks_by_scatter_equal_the_double_argsort():
+    """della_magprune ranks entries with one argsort and a scatter; the textbook double argsort
+    (mergekit's) must give the same probabilities, hence the same draws for one seed."""
+    tau = torch.randn(7, 50)
+    out = ops.della_magprune(tau, 0.5, 0.1, rescale=None, generator=torch.Generator().manual_seed(3))
+    ranks = torch.argsort(torch.argsort(tau.abs(), dim=1), dim=1).float() + 1
+    lo, hi = ranks.min(1, keepdim=True).values, ranks.max(1, keepdim=True).values
+    probs = 0.4 + (ranks - lo) / (hi - lo) * 0.2
+    mask = torch.bernoulli(probs, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out, tau * mask)

@@ -193,7 +193,9 @@ def della_magprune(
     dtype = _work_dtype(tensor)
     rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
     order = torch.argsort(rows.abs(), dim=1, descending=False)
-    ranks = order.argsort(dim=1).to(dtype) + 1
+    # rank of each entry = its position in ``order``: one scatter instead of a second argsort
+    positions = torch.arange(1, rows.shape[1] + 1, dtype=dtype, device=rows.device).expand_as(order)
+    ranks = torch.empty(order.shape, dtype=dtype, device=rows.device).scatter_(1, order, positions)
     lo = ranks.min(dim=1, keepdim=True).values
     hi = ranks.max(dim=1, keepdim=True).values
     rank_norm = ((ranks - lo) / (hi - lo)).clamp(0, 1)
