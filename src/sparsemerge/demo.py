@@ -37,6 +37,7 @@ class DemoConfig:
     out: str = "outputs/demo"
     save_models: bool = True
     pack: bool = True
+    embedding_quant: str = "int4"  # codec of the dense 2-D tensors (the tied embedding / head) when packing
     progress: bool = True
 
 
@@ -115,7 +116,7 @@ def run_demo(config: DemoConfig, echo: Callable[[str], None] = print) -> list[De
 
 
 def pack_and_run(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense_model: Any, echo: Callable[[str], None]) -> DemoRow:
-    """Pack the best pruned model as N:M + INT4 (group 128; embedding INT8), then measure
+    """Pack the best pruned model as N:M + INT4 (group 128; the embedding ``config.embedding_quant``), then measure
     its file size, its perplexity (stored values decoded) and its decoding speed on the
     sparse kernels against the dense float32 model, in this one run."""
     from sparsemerge.cli.run import decode_seconds
@@ -126,11 +127,12 @@ def pack_and_run(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense
     from sparsemerge.kernels.sparse_linear import quantize_head_, set_act_quant_
 
     folder = Path(f"{best.folder}-int4")
-    options = PackConfig(format="nm", pattern=config.pattern, metadata="entropy", quant="int4", group_size=128, dense_quant="int8")
+    options = PackConfig(format="nm", pattern=config.pattern, metadata="entropy", quant="int4", group_size=128,
+                        dense_quant=config.embedding_quant)
     report = pack(best.folder, folder, options, overwrite=True, progress=config.progress)
     file_bytes = sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".safetensors", ".json") and p.name.startswith(("packed", "sparsemerge")))
     dense_bytes = model_bytes(dense_model)  # float32 parameters, tied ones counted once
-    echo(f"packed {best.name} {config.pattern} + INT4 g128 (embedding INT8): {file_bytes / 1e6:.1f} MB vs dense float32 {dense_bytes / 1e6:.1f} MB ({file_bytes / dense_bytes:.3f}x) in {report.seconds:.1f} s")
+    echo(f"packed {best.name} {config.pattern} + INT4 g128 (embedding {config.embedding_quant.upper()}): {file_bytes / 1e6:.1f} MB vs dense float32 {dense_bytes / 1e6:.1f} MB ({file_bytes / dense_bytes:.3f}x) in {report.seconds:.1f} s")
     sparse = load_packed(folder)
     decoded = load_packed(folder, dense=True)
     start = time.perf_counter()

@@ -81,6 +81,8 @@ def test_cpu_matmul_routes_batch_one_only_when_asked():
     torch.testing.assert_close(cpu_matmul(layer, xb, act_quant="int8"), cpu_matmul(layer, xb))  # batch 3: float path
     with pytest.raises(ValueError, match="batch is not 1"):
         cpu_matmul(layer, xb, path="vnni")
+    x[0, 5] = float("nan")  # non-finite inputs take the float path, so NaN reaches the output as in dense
+    assert torch.isnan(cpu_matmul(layer, x, act_quant="int8")).any()
 
 
 @needs_vnni

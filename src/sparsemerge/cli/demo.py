@@ -21,6 +21,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="outputs/demo", help="output folder (default outputs/demo)")
     p.add_argument("--no-save", action="store_true", help="do not write the pruned models")
     p.add_argument("--no-pack", action="store_true", help="skip packing the best model (2:4 + INT4) and timing its decoding")
+    p.add_argument("--embedding-quant", choices=["none", "int8", "int4"], default="int4",
+                   help="codec of the (tied) embedding when packing the best model (default int4, group 128)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
 
@@ -41,6 +43,7 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         save_models=not args.no_save,
         pack=not args.no_pack,
+        embedding_quant=args.embedding_quant,
         progress=not args.no_progress,
     )
     rows = run_demo(config)

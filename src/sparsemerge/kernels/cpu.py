@@ -328,7 +328,8 @@ def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto", act_quant:
     sync_threads()
     x = x.detach().to(torch.float32).contiguous()
     B = x.shape[0]
-    if path == "vnni" or (path == "auto" and act_quant == "int8" and B == 1 and vnni_reason(layer) is None):
+    auto_vnni = path == "auto" and act_quant == "int8" and B == 1 and vnni_reason(layer) is None
+    if path == "vnni" or (auto_vnni and bool(torch.isfinite(x).all())):  # NaN/Inf inputs propagate via the float path
         reason = "batch is not 1" if B != 1 else vnni_reason(layer)
         if reason is not None:
             raise ValueError(f"the vnni path cannot run this layer: {reason}")
