@@ -10,8 +10,9 @@ held-out perplexity of every result here with the same windows, and prints one t
     bash benchmarks/peers/setup_llmcompressor.sh          # once
     .venv/bin/python benchmarks/bench_calibrated.py --nsamples 64 --seqlen 512
 
-Ours runs with the default ``sequential="layer"`` (one pass per block, each layer pruned as its
-input arrives) and Wanda also one-shot (``"off"``); ``--all-modes`` adds ``"block"``.
+Ours runs with the defaults (``sequential="auto"``: SparseGPT ``"layer"`` - one pass per block,
+each layer pruned as its input arrives - and Wanda one-shot, ``"off"``); ``--all-modes`` adds
+the other walks of each method.
 
 Times: sparsemerge = the ``prune_`` call (model already in memory); llm-compressor = its
 ``oneshot`` call (model already in memory), and in brackets the whole subprocess
@@ -111,10 +112,11 @@ def main() -> None:
     rows.append(("-", "dense", ppl(), None, ""))
     print(f"dense ppl {rows[-1][2]:.2f}", flush=True)
     ours = {}
-    runs = [("sparsegpt", "sparsegpt", "layer"), ("wanda", "wanda", "layer"), ("wanda one-shot", "wanda", "off")]
+    # "sparsegpt" / "wanda": the defaults (sequential="auto": layer for SparseGPT, one-shot for Wanda)
+    runs = [("sparsegpt", "sparsegpt", "auto"), ("wanda", "wanda", "auto")]
     if args.all_modes:
         runs += [("sparsegpt sequential=block", "sparsegpt", "block"), ("sparsegpt one-shot", "sparsegpt", "off"),
-                 ("wanda sequential=block", "wanda", "block")]
+                 ("wanda sequential=layer", "wanda", "layer"), ("wanda sequential=block", "wanda", "block")]
     for label, method, seq in runs:
         seconds = run_ours(base_state, model, method, seq, calib, args)
         ours[label] = (ppl(), seconds)

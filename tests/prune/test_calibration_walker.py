@@ -93,7 +93,7 @@ def test_layer_sequential_differs_from_block_within_a_block(calib):
     assert not torch.allclose(attn_l.o_proj.weight, attn_b.o_proj.weight)
 
 
-@pytest.mark.parametrize("method,mode", [("wanda", "off"), ("sparsegpt", "block")])
+@pytest.mark.parametrize("method,mode", [("wanda", "off"), ("sparsegpt", "layer")])
 def test_auto_uses_the_method_default(method, mode, calib):
     auto, explicit = make_tiny_llama(seed=6), make_tiny_llama(seed=6)
     prune_(auto, {"method": method, "pattern": "2:4", "progress": False}, calibration=calib)

@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--sequential",
         choices=["auto", "layer", "block", "off"],
-        help="wanda/sparsegpt calibration order: auto (default: block for sparsegpt, off for wanda), layer (one pass "
+        help="wanda/sparsegpt calibration order: auto (default: layer for sparsegpt, off for wanda), layer (one pass "
         "per block, each layer pruned as its input arrives), block (dense statistics pass, then a pruned pass), "
         "off (one-shot: statistics of the dense model)",
     )

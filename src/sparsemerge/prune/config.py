@@ -35,7 +35,7 @@ class PruneConfig(BaseModel):
     blocksize: int = Field(128, ge=1, description="columns pruned and updated together")
     sequential: Union[Literal["auto", "layer", "block", "off"], bool] = Field(
         "auto",
-        description="calibrated methods: 'auto' = the method's default (sparsegpt: block, wanda: off); "
+        description="calibrated methods: 'auto' = the method's default (sparsegpt: layer, wanda: off); "
         "'layer' = one pass per block, each layer pruned as its input arrives "
         "(sees the pruned layers and blocks before it); 'block' = a dense statistics pass then a pruned pass per "
         "block; 'off' = one-shot, every layer sees the dense model's activations (True/False = block/off)",
