@@ -39,6 +39,7 @@ from typing import Optional
 
 import numpy as np
 import torch
+from numba import njit
 
 from sparsemerge.kernels.layout import BlockedNM, positions_of, unblock
 
@@ -54,22 +55,42 @@ _ADD120 = "<" + ", ".join(["i8 120"] * 32) + ">"
 _CONCAT = "<" + ", ".join(f"i32 {i}" for i in range(32)) + ">"
 _WIDEN = "<" + ", ".join([f"i32 {i}" for i in range(32)] + ["i32 poison"] * 32) + ">"
 
-# Loads the chunk's expanded offset codes into %w (<64 x i8>) from %vrow at chunk %c.
+# Loads the expanded offset codes of chunk %c{S} of the row at %vrow into %w{S} (<64 x i8>),
+# with the chunk's keep-mask %mk{S}.
 _LOAD_INT8 = f"""
-  %voff = mul i64 %c, 32
-  %vp = getelementptr i8, ptr %vrow, i64 %voff
-  %w = call <64 x i8> @llvm.masked.expandload.v64i8(ptr %vp, <64 x i1> %mk, <64 x i8> {_SPLAT128})
+  %voff{{S}} = mul i64 %c{{S}}, 32
+  %vp{{S}} = getelementptr i8, ptr %vrow, i64 %voff{{S}}
+  %w{{S}} = call <64 x i8> @llvm.masked.expandload.v64i8(ptr %vp{{S}}, <64 x i1> %mk{{S}}, <64 x i8> {_SPLAT128})
 """
 _LOAD_INT4 = f"""
-  %voff = mul i64 %c, 16
-  %vp = getelementptr i8, ptr %vrow, i64 %voff
-  %packed = load <16 x i8>, ptr %vp, align 1
-  %lo = and <16 x i8> %packed, {_LOW_NIBBLE}
-  %hi = lshr <16 x i8> %packed, {_FOUR}
-  %codes = shufflevector <16 x i8> %lo, <16 x i8> %hi, <32 x i32> {_CONCAT}
-  %offset = add <32 x i8> %codes, {_ADD120}
-  %wide = shufflevector <32 x i8> %offset, <32 x i8> poison, <64 x i32> {_WIDEN}
-  %w = call <64 x i8> @llvm.x86.avx512.mask.expand.v64i8(<64 x i8> %wide, <64 x i8> {_SPLAT128}, <64 x i1> %mk)
+  %voff{{S}} = mul i64 %c{{S}}, 16
+  %vp{{S}} = getelementptr i8, ptr %vrow, i64 %voff{{S}}
+  %packed{{S}} = load <16 x i8>, ptr %vp{{S}}, align 1
+  %lo{{S}} = and <16 x i8> %packed{{S}}, {_LOW_NIBBLE}
+  %hi{{S}} = lshr <16 x i8> %packed{{S}}, {_FOUR}
+  %codes{{S}} = shufflevector <16 x i8> %lo{{S}}, <16 x i8> %hi{{S}}, <32 x i32> {_CONCAT}
+  %offset{{S}} = add <32 x i8> %codes{{S}}, {_ADD120}
+  %wide{{S}} = shufflevector <32 x i8> %offset{{S}}, <32 x i8> poison, <64 x i32> {_WIDEN}
+  %w{{S}} = call <64 x i8> @llvm.x86.avx512.mask.expand.v64i8(<64 x i8> %wide{{S}}, <64 x i8> {_SPLAT128}, <64 x i1> %mk{{S}})
+"""
+# One chunk: keep-mask, expanded weights, activations, %d{S} = vpdpbusd(%a{S}, w, x).
+_CHUNK = """
+  %mp{S} = getelementptr i64, ptr %mrow, i64 %c{S}
+  %m{S} = load i64, ptr %mp{S}, align 8
+  %mk{S} = bitcast i64 %m{S} to <64 x i1>
+LOAD_VALUES
+  %xoff{S} = mul i64 %c{S}, 64
+  %xp{S} = getelementptr i8, ptr %xq, i64 %xoff{S}
+  %x{S} = load <64 x i8>, ptr %xp{S}, align 1
+  %d{S} = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> %a{S}, <64 x i8> %w{S}, <64 x i8> %x{S})
+"""
+# A full block of 4 chunks: four independent dot products (a chain through one accumulator
+# would bound the loop by vpdpbusd's latency), summed at the end.
+_FULL_BLOCK_SUM = """
+  %s01 = add <16 x i32> %d0f, %d1f
+  %s23 = add <16 x i32> %d2f, %d3f
+  %accfull = add <16 x i32> %s01, %s23
+  br label %xbend
 """
 
 _IR = """
@@ -108,26 +129,21 @@ xbloop:
 xbbody:
   %c0 = mul i64 %xb, 4
   %c1a = add i64 %c0, 4
-  %c1lt = icmp ult i64 %c1a, %chunks
-  %c1 = select i1 %c1lt, i64 %c1a, i64 %chunks
-  br label %chloop
+  %full = icmp ule i64 %c1a, %chunks
+  br i1 %full, label %fullblock, label %chloop
+fullblock:
+FULL_BLOCK
 chloop:
   %c = phi i64 [ %c0, %xbbody ], [ %cnext, %chbody ]
-  %acci = phi <16 x i32> [ zeroinitializer, %xbbody ], [ %acci2, %chbody ]
-  %cdone = icmp uge i64 %c, %c1
+  %a = phi <16 x i32> [ zeroinitializer, %xbbody ], [ %d, %chbody ]
+  %cdone = icmp uge i64 %c, %chunks
   br i1 %cdone, label %xbend, label %chbody
 chbody:
-  %mp = getelementptr i64, ptr %mrow, i64 %c
-  %m = load i64, ptr %mp, align 8
-  %mk = bitcast i64 %m to <64 x i1>
-LOAD_VALUES
-  %xoff = mul i64 %c, 64
-  %xp = getelementptr i8, ptr %xq, i64 %xoff
-  %x = load <64 x i8>, ptr %xp, align 1
-  %acci2 = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> %acci, <64 x i8> %w, <64 x i8> %x)
+ONE_CHUNK
   %cnext = add i64 %c, 1
   br label %chloop
 xbend:
+  %acci = phi <16 x i32> [ %accfull, %fullblock ], [ %a, %chloop ]
   %q = udiv i64 %xb, %xb_per_q
   %wsp = getelementptr float, ptr %srow, i64 %q
   %ws = load float, ptr %wsp
@@ -157,9 +173,14 @@ exit:
 
 
 def _kernel_ir(name: str, codec: str) -> str:
-    body = _LOAD_INT8 if codec == "int8" else _LOAD_INT4
-    per_chunk = "32" if codec == "int8" else "16"
-    return _IR.replace("NAME", name).replace("BYTES_PER_CHUNK", per_chunk).replace("LOAD_VALUES", body)
+    chunk = _CHUNK.replace("LOAD_VALUES", _LOAD_INT8 if codec == "int8" else _LOAD_INT4)
+    full = ""
+    for k in range(4):
+        full += f"  %c{k}f = add i64 %c0, {k}\n" + chunk.replace("%a{S}", "zeroinitializer").replace("{S}", f"{k}f")
+    full += _FULL_BLOCK_SUM
+    one = chunk.replace("{S}", "")
+    return (_IR.replace("NAME", name).replace("BYTES_PER_CHUNK", "32" if codec == "int8" else "16")
+            .replace("FULL_BLOCK", full).replace("ONE_CHUNK", one))
 
 
 def cpu_features_missing() -> list[str]:
@@ -208,13 +229,43 @@ def _compiled() -> tuple[Optional[dict], Optional[str]]:
 _ENGINES: list = []
 
 
+@njit(cache=True)
+def _quantize(x, xq, xs, c128):  # pragma: no cover - jitted
+    """Symmetric INT8 per block of 256: ``xs_b = max|x_b| / 127`` (1 for an all-zero block),
+    ``xq = rint(x / xs_b)``; ``c128[b, k] = 128 *`` the sum of the ``xq`` that lane ``k`` of
+    ``vpdpbusd`` adds in block ``b`` (bytes ``4k..4k+3`` of each 64-byte chunk)."""
+    cols = x.shape[0]
+    for b in range(xs.shape[0]):
+        j0 = b * XBLOCK
+        j1 = min(cols, j0 + XBLOCK)
+        amax = np.float32(0.0)
+        for j in range(j0, j1):
+            amax = max(amax, abs(x[j]))
+        step = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+        xs[b] = step
+        for k in range(16):
+            c128[b, k] = 0
+        for j in range(j0, j1):
+            q = min(max(np.rint(x[j] / step), np.float32(-127.0)), np.float32(127.0))
+            xq[j] = np.int8(q)
+            c128[b, (j % CHUNK) // 4] += np.int32(q)
+        for k in range(16):
+            c128[b, k] *= 128
+
+
 def _row_runner(fn):
-    """A numba function that splits the rows over numba's threads and calls ``fn`` on each
-    range (ctypes function pointers are called from nopython code without the GIL)."""
+    """One numba call per matmul: quantize ``x``, then split the rows over numba's threads and
+    call ``fn`` on each range (a ctypes function pointer, called without the GIL). Python-side
+    work per call matters: a decoding step calls ~200 small layers."""
     import numba
 
     @numba.njit(parallel=True)
-    def run(vals, masks, wscale, xq, xs, c128, out, rows, chunks, nscale, xb_per_q, tasks):
+    def run(vals, masks, wscale, x, out, rows, chunks, nscale, xb_per_q, tasks):  # pragma: no cover - jitted
+        nxb = (chunks + CHUNKS_PER_XBLOCK - 1) // CHUNKS_PER_XBLOCK
+        xq = np.empty(chunks * CHUNK, np.int8)
+        xs = np.empty(nxb, np.float32)
+        c128 = np.empty((nxb, 16), np.int32)
+        _quantize(x, xq, xs, c128)
         step = (rows + tasks - 1) // tasks
         for t in numba.prange(tasks):
             r0 = t * step
@@ -281,21 +332,16 @@ def prepare(layer: BlockedNM) -> dict:
 
 
 def quantize_activations(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(xq int8 (cols,), xs float32 (nxb,), c128 int32 (nxb, 16))`` for one input row:
-    symmetric per block of 256; ``c128[b, k]`` = 128 * the sum of the activations that the dot
-    product's lane ``k`` accumulates in block ``b`` (bytes ``4k..4k+3`` of each chunk)."""
-    cols = x.shape[-1]
+    """``(xq int8 (cols,), xs float32 (nxb,), c128 int32 (nxb, 16))`` for one input row, as the
+    kernel computes them (:func:`_quantize`)."""
+    xn = np.ascontiguousarray(x.reshape(-1).detach().float().numpy())
+    cols = xn.shape[0]
     nxb = -(-cols // XBLOCK)
-    pad = torch.zeros(nxb * XBLOCK, dtype=torch.float32)
-    pad[:cols] = x.reshape(-1).float()
-    blocks = pad.reshape(nxb, XBLOCK)
-    amax = blocks.abs().amax(dim=1)
-    xs = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
-    xq = torch.round(blocks / xs[:, None]).clamp_(-127, 127).to(torch.int8)
-    # vpdpbusd lane k adds bytes 4k..4k+3 of each 64-byte chunk
-    lanes = xq.reshape(nxb, CHUNKS_PER_XBLOCK, 16, 4).sum(dim=(1, 3), dtype=torch.int32)
-    c128 = (128 * lanes).contiguous()
-    return xq.reshape(-1)[:cols].numpy(), xs.numpy(), c128.numpy()
+    xq = np.zeros(nxb * XBLOCK, np.int8)
+    xs = np.empty(nxb, np.float32)
+    c128 = np.empty((nxb, 16), np.int32)
+    _quantize(xn, xq, xs, c128)
+    return xq[:cols], xs, c128
 
 
 def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
@@ -326,12 +372,11 @@ def vnni_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> torch.Tensor
     fns, reason = _compiled()
     if fns is None:
         raise RuntimeError(reason)
-    plan = prepare(layer)
-    xq, xs, c128 = quantize_activations(x)
+    plan = layer.extra.get("vnni_plan") or prepare(layer)
     out = np.empty(layer.rows, np.float32)
     tasks = threads if layer.rows >= 256 * threads else 1
-    fns[layer.codec](plan["vals"], plan["masks"], plan["scale"], xq, xs, c128, out, layer.rows, plan["chunks"],
-                     plan["nscale"], plan["xb_per_q"], tasks)
+    fns[layer.codec](plan["vals"], plan["masks"], plan["scale"], x.reshape(-1).numpy(), out, layer.rows,
+                     plan["chunks"], plan["nscale"], plan["xb_per_q"], tasks)
     return torch.from_numpy(out).unsqueeze(0)
 
 
