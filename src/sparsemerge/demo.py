@@ -37,7 +37,7 @@ class DemoConfig:
     out: str = "outputs/demo"
     save_models: bool = True
     pack: bool = True
-    embedding_quant: str = "int4"  # codec of the dense 2-D tensors (the tied embedding / head) when packing
+    embedding_quant: str = "int8"  # codec of the dense 2-D tensors (the tied embedding / head) when packing
     progress: bool = True
 
 
