@@ -293,5 +293,12 @@ def test_della_ranks_by_scatter_equal_the_double_argsort():
     ranks = torch.argsort(torch.argsort(tau.abs(), dim=1), dim=1).float() + 1
     lo, hi = ranks.min(1, keepdim=True).values, ranks.max(1, keepdim=True).values
     probs = 0.4 + (ranks - lo) / (hi - lo) * 0.2
-    mask = torch.bernoulli(probs, generator=torch.Generator().manual_seed(3))
+    mask = (torch.rand(probs.shape, generator=torch.Generator().manual_seed(3)) < probs).float()
     assert torch.equal(out, tau * mask)
+
+
+def test_drop_mask_keeps_the_density_in_law():
+    tau = torch.ones(400_000)
+    out = ops.drop_and_rescale(tau, 0.3, rescale=None, generator=torch.Generator().manual_seed(0))
+    assert set(out.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(out.mean()) - 0.3) < 0.003  # 4 sigma of a Binomial(400k, 0.3) share

@@ -35,6 +35,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def keep_freed_memory() -> None:
+    """glibc only: keep freed large blocks for reuse instead of unmapping them. A merge streams
+    thousands of tensor-sized buffers; by default each one is a fresh mmap whose pages fault in
+    (zero-filled) one by one - on SmolLM2 that was 0.87 M page faults and ~0.5 s of a 4 s
+    merge. The peak memory is unchanged (freed blocks are reused, not added)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        mallopt = getattr(libc, "mallopt", None)
+    except OSError:
+        mallopt = None
+    if mallopt is None:  # not glibc: nothing to tune
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 1 << 30)  # blocks below 1 GiB come from the heap and are reused
+    mallopt(M_TRIM_THRESHOLD, 1 << 30)
+
+
 def run(args: argparse.Namespace) -> int:
     from sparsemerge.merge import MERGE_METHODS, get_method, load_config, run_merge
 
@@ -54,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
         if not config.base_model:
             raise SparsemergeError("--task-vector-out needs a base_model in the config (the task vector is merge - base)")
         ensure_writable(args.task_vector_out, args.overwrite)
+    keep_freed_memory()
     report = run_merge(
         config, args.out, overwrite=args.overwrite, keep_pattern=args.keep_pattern, keep_mask=args.keep_mask,
         lora_rank=args.lora_rank, progress=not args.no_progress, workers=args.threads,
