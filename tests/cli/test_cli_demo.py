@@ -9,13 +9,17 @@ def test_demo_prunes_packs_and_times_decoding(tiny_llama_dir, text_file, tmp_pat
     from sparsemerge.kernels.cpu_vnni import cpu_features_missing
 
     out = tmp_path / "demo"
-    code = main(["demo", "--model", str(tiny_llama_dir), "--data", str(text_file), "--methods", "magnitude", "wanda",
+    code = main(["demo", "--model", str(tiny_llama_dir), "--data", str(text_file), "--methods", "magnitude", "sparsegpt",
                  "--seqlen", "32", "--max-windows", "2", "--nsamples", "2", "--out", str(out), "--no-progress"])
     assert code == 0
     printed = capsys.readouterr().out
     assert "decoding, float activations" in printed
     rows = json.loads((out / "results.json").read_text())["rows"]
-    assert [r["name"] for r in rows[:3]] == ["dense", "magnitude", "wanda"]
+    # SparseGPT is shown with its default walk and with sequential="block"
+    assert [r["name"] for r in rows[:4]] == ["dense", "magnitude", "sparsegpt", "sparsegpt-block"]
+    # pruned models are written inside --out, named after the model folder
+    assert all(r["folder"].startswith(str(out)) for r in rows[1:])
+    assert (out / f"{tiny_llama_dir.name}-sparsegpt-block-2of4" / "config.json").is_file()
     packed = rows[-1]
     assert packed["name"].endswith("+int4") and packed["megabytes"] < packed["dense_megabytes"]
     assert packed["speedup"] > 0 and packed["perplexity"] > 0
