@@ -285,10 +285,11 @@ def test_selection_without_full_sort_equals_sorting(numel, density, gamma, level
     assert torch.equal(ops.magnitude_outliers(x, density, gamma), _outliers_by_sort(x, density, gamma))
 
 
-def test_della_ranks_by_scatter_equal_the_double_argsort():
+@pytest.mark.parametrize("shape", [(7, 50), (3, 5, 2)])
+def test_della_ranks_by_scatter_equal_the_double_argsort(shape):
     """della_magprune ranks entries with one argsort and a scatter; the textbook double argsort
     (mergekit's) must give the same probabilities, hence the same draws for one seed."""
-    tau = torch.randn(7, 50)
+    tau = torch.randn(*shape)
     out = ops.della_magprune(tau, 0.5, 0.1, rescale=None, generator=torch.Generator().manual_seed(3))
     ranks = torch.argsort(torch.argsort(tau.abs(), dim=1), dim=1).float() + 1
     lo, hi = ranks.min(1, keepdim=True).values, ranks.max(1, keepdim=True).values

@@ -202,7 +202,8 @@ def della_magprune(
     rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
     order = torch.argsort(rows.abs(), dim=1, descending=False)
     # rank of each entry = its position in ``order``: one scatter instead of a second argsort
-    positions = torch.arange(1, rows.shape[1] + 1, dtype=dtype, device=rows.device).expand_as(order)
+    along = [1, rows.shape[1]] + [1] * (rows.dim() - 2)  # ranks run along dim 1 (rows may be 3-D+)
+    positions = torch.arange(1, rows.shape[1] + 1, dtype=dtype, device=rows.device).reshape(along).expand_as(order)
     ranks = torch.empty(order.shape, dtype=dtype, device=rows.device).scatter_(1, order, positions)
     lo = ranks.min(dim=1, keepdim=True).values
     hi = ranks.max(dim=1, keepdim=True).values
