@@ -10,7 +10,7 @@ from sparsemerge.kernels import SparseLinear, SparsifyConfig, sparsify_
 from sparsemerge.kernels import cpu_vnni as V
 from sparsemerge.kernels.cpu import cpu_matmul
 from sparsemerge.kernels.layout import pack_blocked, to_dense
-from sparsemerge.kernels.sparse_linear import set_act_quant_
+from sparsemerge.kernels import set_act_quant_  # the public name
 from sparsemerge.masks import nm_mask
 
 needs_vnni = pytest.mark.skipif(bool(V.cpu_features_missing()), reason=f"CPU lacks {V.cpu_features_missing()}")

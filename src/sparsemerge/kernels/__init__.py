@@ -2,7 +2,7 @@
 kernels with a pure-torch reference, and ``SparseLinear`` with the in-place swap."""
 from sparsemerge.kernels.dispatch import KERNELS, choose_kernel, force_kernel
 from sparsemerge.kernels.layout import BlockedNM, pack_blocked, to_dense
-from sparsemerge.kernels.sparse_linear import SparseLinear, SparsifyConfig, SparsifyReport, sparsify_
+from sparsemerge.kernels.sparse_linear import SparseLinear, SparsifyConfig, SparsifyReport, set_act_quant_, sparsify_
 
 __all__ = [
     "KERNELS",
@@ -15,4 +15,5 @@ __all__ = [
     "SparsifyConfig",
     "SparsifyReport",
     "sparsify_",
+    "set_act_quant_",
 ]
