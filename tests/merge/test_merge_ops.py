@@ -303,3 +303,22 @@ def test_drop_mask_keeps_the_density_in_law():
     out = ops.drop_and_rescale(tau, 0.3, rescale=None, generator=torch.Generator().manual_seed(0))
     assert set(out.unique().tolist()) <= {0.0, 1.0}
     assert abs(float(out.mean()) - 0.3) < 0.003  # 4 sigma of a Binomial(400k, 0.3) share
+
+
+def test_radix_row_ranks_equal_a_stable_argsort():
+    from sparsemerge.merge.rowrank import row_ranks
+
+    gen = torch.Generator().manual_seed(0)
+    cases = [
+        torch.randn(40, 576, generator=gen).abs(),
+        torch.randn(3, 1000, generator=gen).abs().to(torch.bfloat16).float(),  # many ties
+        torch.zeros(2, 7),  # all equal: every byte pass is skipped
+        torch.tensor([[0.0, float("inf"), 1.5, float("nan"), 1e-40]]),  # subnormal, inf, NaN last
+        torch.rand(5, 1, generator=gen),
+    ]
+    for x in cases:
+        order = torch.argsort(x, dim=1, stable=True)
+        expect = torch.empty_like(order).scatter_(1, order, torch.arange(x.shape[1]).expand_as(order))
+        assert torch.equal(row_ranks(x).long(), expect)
+    with pytest.raises(ValueError, match="2-D CPU"):
+        row_ranks(torch.zeros(2, 3, 4))

@@ -200,16 +200,21 @@ def della_magprune(
     shape = tensor.shape
     dtype = _work_dtype(tensor)
     rows = tensor.unsqueeze(0) if tensor.dim() < 2 else tensor
-    order = torch.argsort(rows.abs(), dim=1, descending=False)
     # Ranks along dim 1 are a permutation of 1..n, so mergekit's min/max normalisation is
     # (rank - 1) / (n - 1): compute p for the n sorted positions once (same float formula) and
-    # scatter it to the entries - one sort and one scatter instead of two sorts and ~6 full passes.
+    # hand it to each entry by its rank.
     n = rows.shape[1]
     ranks = torch.arange(1, n + 1, dtype=dtype, device=rows.device)
     rank_norm = ((ranks - 1) / (n - 1)).clamp(0, 1) if n > 1 else torch.zeros_like(ranks)
     p_sorted = (density - epsilon) + rank_norm * 2 * epsilon
-    along = [1, n] + [1] * (rows.dim() - 2)  # ranks run along dim 1 (rows may be 3-D+)
-    probs = torch.empty(order.shape, dtype=dtype, device=rows.device).scatter_(1, order, p_sorted.reshape(along).expand_as(order))
+    if rows.dim() == 2 and rows.device.type == "cpu":
+        from sparsemerge.merge.rowrank import row_ranks  # numba: imported only when DELLA runs
+
+        probs = p_sorted[row_ranks(rows.abs())]  # radix ranks, ~5x faster than argsort (merge/rowrank.py)
+    else:
+        order = torch.argsort(rows.abs(), dim=1, descending=False)
+        along = [1, n] + [1] * (rows.dim() - 2)  # ranks run along dim 1 (rows may be 3-D+)
+        probs = torch.empty(order.shape, dtype=dtype, device=rows.device).scatter_(1, order, p_sorted.reshape(along).expand_as(order))
     mask = _bernoulli_mask(probs.float(), probs.shape, dtype, probs.device, generator)
     out = rescale_masked(rows.to(dtype), mask, rescale, density)
     return out.to(tensor.dtype).reshape(shape)
