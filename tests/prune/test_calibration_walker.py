@@ -204,3 +204,16 @@ def test_cli_sequential_flag_reaches_the_record(mode, tiny_llama_dir, text_file,
     assert code == 0
     record = json.loads((out / "sparsemerge_prune.json").read_text())
     assert record["config"]["sequential"] == mode
+
+
+def test_layer_walk_falls_back_to_block_when_one_batch_would_not_fit(calib, monkeypatch, caplog):
+    import sparsemerge.prune.calibration as calibration
+
+    monkeypatch.setattr(calibration, "LAYER_MODE_RAM_SHARE", 0.0)  # nothing fits
+    fallback, block = make_tiny_llama(seed=7), make_tiny_llama(seed=7)
+    with caplog.at_level("WARNING"):
+        prune_(fallback, {"method": "sparsegpt", "pattern": "2:4", "sequential": "layer", "progress": False}, calibration=calib)
+    assert "using sequential='block'" in caplog.text
+    prune_(block, {"method": "sparsegpt", "pattern": "2:4", "sequential": "block", "progress": False}, calibration=calib)
+    for (name, a), (_, b) in zip(fallback.named_parameters(), block.named_parameters()):
+        assert torch.equal(a, b), name
