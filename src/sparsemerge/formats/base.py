@@ -270,3 +270,19 @@ def convert(obj: SparseFormat, target: str, **params: Any) -> SparseFormat:
     import sparsemerge.formats  # noqa: F401  (registers every format)
 
     return FORMATS.get(target).from_coo(obj.to_coo(), **params)
+
+
+class TensorTable:
+    """Container protocol of a checkpoint reader whose ``self.tensors`` maps tensor names to
+    their records: ``names()``, ``len()`` and ``in``."""
+
+    tensors: dict
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __len__(self) -> int:
+        return len(self.tensors)

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.formats.base import SparseFormat, dtype_name
+from sparsemerge.formats.base import SparseFormat, TensorTable, dtype_name
 from sparsemerge.formats.bitmask import Bitmask, pack_mask, unpack_mask
 from sparsemerge.formats.nm import NMPacked
 
@@ -159,7 +159,7 @@ def write_ct(src: Any, out: "str | Path", config: Any, overwrite: bool = False, 
     return report
 
 
-class CTCheckpoint:
+class CTCheckpoint(TensorTable):
     """A compressed-tensors sparse-24-bitmask folder behind the :class:`PackedCheckpoint` API.
 
     That layout carries no checksums: ``verify`` is accepted for the common API, and reads
@@ -198,15 +198,6 @@ class CTCheckpoint:
             else:
                 self.tensors[key] = {"": key}
         self.manifest = {"layout": CT_FORMAT, "sparsity_config": sparsity_config_of(self._config)}
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors)
 
     def config(self) -> dict[str, Any]:
         return dict(self._config)

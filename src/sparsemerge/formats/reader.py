@@ -10,13 +10,13 @@ from typing import Any
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.formats.base import FORMATS, SparseFormat, dtype_from_name, dtype_name
+from sparsemerge.formats.base import FORMATS, SparseFormat, TensorTable, dtype_from_name, dtype_name
 from sparsemerge.formats.dense import Dense
 from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, VERSION, _progress, copy_side_files
 from sparsemerge.formats.shards import ShardReader, ShardWriter, fields_digest
 
 
-class PackedCheckpoint:
+class PackedCheckpoint(TensorTable):
     """A packed folder opened for reading; tensors are read and verified one at a time.
 
     ``get(name)`` returns the format object (``NMPacked``, ``Bitmask``, ..., its codec in
@@ -44,15 +44,6 @@ class PackedCheckpoint:
         self.tensors: dict[str, Any] = manifest["tensors"]
         shards = manifest.get("shards")
         self._reader = ShardReader(self.folder, shards if isinstance(shards, dict) else {})
-
-    def names(self) -> list[str]:
-        return list(self.tensors)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.tensors
-
-    def __len__(self) -> int:
-        return len(self.tensors)
 
     def record(self, name: str) -> dict[str, Any]:
         try:
