@@ -4,7 +4,7 @@ Run (unset the OpenBLAS overrides so numpy's dense GEMV gets its best kernel):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_gemv.py
 
-Variants ending in "a8" run the AVX-512 VBMI2/VNNI kernel (``kernels/cpu_vnni.py``): INT8
+Variants ending in "a8" run the AVX-512 VBMI/VNNI kernel (``kernels/cpu_vnni.py``): INT8
 activations quantized per call (the quantization is inside the timed call), batch 1 only.
 
 For every shape and batch all methods are timed interleaved in one process (round robin,

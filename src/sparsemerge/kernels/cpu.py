@@ -326,16 +326,19 @@ def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto", act_quant:
     "vnni" (2:4 INT8/INT4, batch 1, INT8 activations: ``kernels/cpu_vnni.py``). With
     ``act_quant="int8"``, "auto" takes "vnni" at batch 1 where it can run."""
     sync_threads()
-    x = x.detach().to(torch.float32).contiguous()
+    if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
+        x = x.detach().to(torch.float32).contiguous()
     B = x.shape[0]
-    auto_vnni = path == "auto" and act_quant == "int8" and B == 1 and vnni_reason(layer) is None
-    if path == "vnni" or (auto_vnni and bool(torch.isfinite(x).all())):  # NaN/Inf inputs propagate via the float path
+    if path == "vnni" or (path == "auto" and act_quant == "int8" and B == 1 and vnni_reason(layer) is None):
         reason = "batch is not 1" if B != 1 else vnni_reason(layer)
         if reason is not None:
             raise ValueError(f"the vnni path cannot run this layer: {reason}")
         from sparsemerge.kernels.cpu_vnni import vnni_matmul
 
-        return vnni_matmul(layer, x, _threads[0])
+        y = vnni_matmul(layer, x, _threads[0])
+        if y is not None:
+            return y
+        path = "auto"  # NaN/Inf inputs: INT8 cannot carry them; the float path propagates them as dense does
     kind, vals, meta, index, scale, zero, has_zero, gps, rows_pad, nbytes = _plan(layer)
     parallel = _threads[0] > 1 and nbytes * B >= PARALLEL_MIN_BYTES and vals.shape[0] > 1
     f_f32, f_half, f_q, f_gemm, f_general = PARALLEL[parallel]

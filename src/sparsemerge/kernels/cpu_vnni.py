@@ -1,35 +1,39 @@
-"""2:4 + INT8/INT4 at batch 1 with AVX-512 VBMI2 + VNNI: expand, then integer dot products.
+"""2:4 + INT8/INT4 at batch 1 with AVX-512 VBMI + VNNI: select the inputs, then integer dot products.
 
 The blend kernels of ``kernels/cpu.py`` spend ~15 vector instructions per 32 kept weights on
-picking inputs and converting codes; at batch 1 they are instruction-bound (INT8 read at about
-a third of the memory bandwidth). This kernel instead works row by row on 64 input columns at a
-time, the way the hardware wants it:
+picking inputs and converting codes; at batch 1 they are instruction-bound. This kernel works
+row by row on 128 input columns (a *pair* of 64-column chunks) at a time and never expands the
+weights; it gathers the activations the kept weights need instead:
 
-* ``vpexpandb`` (``llvm.masked.expandload``) scatters the 32 kept INT8 weights of a row chunk
-  to their 64 column lanes, driven by the chunk's 64-bit keep-mask (one bit per weight - the
-  same 4 bits per 2:4 group as the blocked layout); dropped lanes get the value 128;
-* ``vpdpbusd`` multiplies the 64 unsigned bytes with 64 signed INT8 activations and adds them
-  in 16 int32 lanes - one instruction for 64 multiply-adds.
+* metadata: the 2-bit in-group position ``p_j`` of each kept weight (4 bits per 2:4 group, the
+  same size as a keep-bitmask), 16 bytes per pair, laid out so that one 128-bit broadcast load
+  and one ``vpmultishiftqb`` put ``p_j`` into the low bits of byte ``j``; ``vpternlogd`` forms
+  the index ``4 * (j // 2) + p_j`` (the group's first column plus the position);
+* ``vpermi2b`` picks those 64 of the pair's 128 INT8 activations (a two-register table);
+* ``vpdpbusd`` multiplies them with the 64 kept INT8 weights, straight from memory, and adds
+  them in 16 int32 lanes: 64 multiply-adds per instruction, four vector instructions per pair.
 
-Weights are stored as unsigned "offset codes" ``u = c + 128`` (``c`` the signed code; a dropped
-weight is ``u = 128``, i.e. 0), so ``sum_j u_j x_j = sum_j c_j x_j + 128 sum_j x_j`` and the
-second term, which does not depend on the row, is removed per activation block. INT4 codes
-(unsigned ``0..15`` with zero point 8) are kept as nibbles, 16 bytes per chunk (byte ``i`` =
-value ``i`` | value ``i+16`` << 4), and widened in registers before the expand.
+On Zen 4 this is ~4 zmm instructions per 64 kept weights against ~6 plus a 1.2-cycle
+``vpexpandb`` for expanding the weights to their columns (the previous design), so the kernel
+becomes memory-bound.
 
-Activations are quantized per call (dynamic, symmetric, per block of 256 inputs, like
-llama.cpp's Q8 activations): ``x ~ xs_b * xq`` with ``xq = round(x / xs_b)``,
-``xs_b = max|x_b| / 127``. So the result is ``sum_b s_rb * (dot(u, xq)_b - 128 sum xq_b)`` with
-``s_rb = weight scale * xs_b`` - exact integer arithmetic inside a block (the offset term is
-removed per int32 lane before any rounding), float across blocks.
-This adds the activation rounding error (relative ~0.4% per block) to the weight codec's; it is
+Numerics: the activations are quantized per call (dynamic, symmetric, per block of 256
+inputs, like llama.cpp's Q8 activations): ``x ~ xs_b * xq`` with ``xq = round(x / xs_b)``,
+``xs_b = max|x_b| / 127``. ``vpdpbusd`` needs one unsigned operand, so the kernel reads the
+activations as ``xu = xq + 128`` and the weights as signed codes ``c`` (INT4: the nibble minus
+its zero point 8, stored as a two's-complement nibble and sign-extended by one
+``vgf2p8affineqb``): ``sum_j c_j xu_j = sum_j c_j xq_j + 128 sum_j c_j``. The second term
+depends only on the weights; it is stored per row and block at packing time (``-128 sum c``)
+and starts the block's int32 accumulator, so each block's dot product is exact and the result
+is ``out_r = sum_b s_rb * dot_b`` with ``s_rb = weight scale * xs_b``.
+The activation rounding adds a relative error of ~0.4% per block to the weight codec's; it is
 therefore opt-in (``SparsifyConfig.act_quant="int8"``, ``sparsemerge run/bench --act-quant int8``);
 :func:`reference_w8a8` is the pure-torch statement of the same arithmetic that tests compare
 against.
 
 The kernel is LLVM IR compiled by llvmlite (numba's own LLVM; no C toolchain), called from a
 numba ``prange`` over row ranges. :func:`unavailable_reason` says why it cannot run (CPU
-without AVX-512 VBMI2/VNNI, layer not 2:4, columns not a multiple of 64, asymmetric codes...).
+without AVX-512 VBMI/VNNI/GFNI, layer not 2:4, columns not a multiple of 64, asymmetric codes...).
 """
 from __future__ import annotations
 
@@ -43,108 +47,162 @@ from numba import njit
 
 from sparsemerge.kernels.layout import BlockedNM, positions_of, unblock
 
-CHUNK = 64  # input columns per expand + dot product
-XBLOCK = 256  # input columns per activation scale (4 chunks)
-CHUNKS_PER_XBLOCK = XBLOCK // CHUNK
-REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512vbmi2", "avx512vnni")
+CHUNK = 64  # input columns of a tail chunk (a row ends with at most one)
+PAIR = 128  # input columns per vpermi2b table / vpdpbusd
+XBLOCK = 256  # input columns per activation scale (two pairs)
+REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512vbmi", "avx512vnni", "gfni")
 
-_SPLAT128 = "<" + ", ".join(["i8 -128"] * 64) + ">"
-_LOW_NIBBLE = "<" + ", ".join(["i8 15"] * 16) + ">"
-_FOUR = "<" + ", ".join(["i8 4"] * 16) + ">"
-_ADD120 = "<" + ", ".join(["i8 120"] * 32) + ">"
-_CONCAT = "<" + ", ".join(f"i32 {i}" for i in range(32)) + ">"
-_WIDEN = "<" + ", ".join([f"i32 {i}" for i in range(32)] + ["i32 poison"] * 32) + ">"
 
-# Loads the expanded offset codes of chunk %c{S} of the row at %vrow into %w{S} (<64 x i8>),
-# with the chunk's keep-mask %mk{S}.
-_LOAD_INT8 = f"""
-  %voff{{S}} = mul i64 %c{{S}}, 32
-  %vp{{S}} = getelementptr i8, ptr %vrow, i64 %voff{{S}}
-  %w{{S}} = call <64 x i8> @llvm.masked.expandload.v64i8(ptr %vp{{S}}, <64 x i1> %mk{{S}}, <64 x i8> {_SPLAT128})
+def _vec(values, ty: str = "i8") -> str:
+    return "<" + ", ".join(f"{ty} {v}" for v in values) + ">"
+
+
+# byte j of a pair's metadata vector: the field of kept weight j sits in qword (j // 8) % 2 of the
+# 16 metadata bytes at bit 2 * (8 * (j // 16) + j % 8); a 128-bit broadcast repeats the two qwords
+# so that qword j // 8 of the vector holds it, and vpmultishiftqb shifts it to the byte's low bits
+META_QWORD = [(j // 8) % 2 for j in range(64)]
+META_SHIFT = [2 * (8 * (j // 16) + j % 8) for j in range(64)]
+_SHIFTS = _vec(META_SHIFT)
+_GROUP_BASE = _vec([4 * (j // 2) for j in range(64)])  # the first column of kept weight j's group
+_THREE = _vec([3] * 64)
+
+
+def _affine_matrix(rows: list[int]) -> int:
+    """The qword of ``vgf2p8affineqb`` whose output bit ``i`` is the parity of ``x & rows[i]``."""
+    return sum(r << (8 * (7 - i)) for i, r in enumerate(rows))
+
+
+# sign-extend the low / high nibble of every byte (bits 0-3 / 4-7, the top bit copied upwards)
+_LOW_NIBBLE = _affine_matrix([1, 2, 4, 8, 8, 8, 8, 8])
+_HIGH_NIBBLE = _affine_matrix([16, 32, 64, 128, 128, 128, 128, 128])
+# pair: 32 bytes broadcast to both halves, byte i = weight i | weight 32+i << 4
+_PAIR_NIBBLES = _vec([_LOW_NIBBLE] * 4 + [_HIGH_NIBBLE] * 4, "i64")
+# tail: 16 bytes broadcast to all four quarters, byte i = weight i | weight 16+i << 4, upper half 0
+_TAIL_NIBBLES = _vec([_LOW_NIBBLE] * 2 + [_HIGH_NIBBLE] * 2 + [0] * 4, "i64")
+_BCAST2 = _vec([0, 1] * 4, "i32")
+_BCAST32 = _vec([i % 32 for i in range(64)], "i32")
+_BCAST16 = _vec([i % 16 for i in range(64)], "i32")
+_LOW32 = _vec(list(range(32)) + [32] * 32, "i32")  # 32 loaded bytes, then zeros
+
+# %acc{S}' = %acc{S} + dot(selected activations, kept weights) of pair %p{S} of the row.
+_PAIR_STEP = """
+  %mo{S} = mul i64 %p{S}, 16
+  %mp{S} = getelementptr i8, ptr %mrow, i64 %mo{S}
+  %m2{S} = load <2 x i64>, ptr %mp{S}, align 1
+  %m8{S} = shufflevector <2 x i64> %m2{S}, <2 x i64> poison, <8 x i32> BCAST2
+  %mb{S} = bitcast <8 x i64> %m8{S} to <64 x i8>
+  %ms{S} = call <64 x i8> @llvm.x86.avx512.pmultishift.qb.512(<64 x i8> SHIFTS, <64 x i8> %mb{S})
+  %pj{S} = and <64 x i8> %ms{S}, THREE
+  %ix{S} = or <64 x i8> %pj{S}, GROUP_BASE
+  %xo{S} = mul i64 %p{S}, 128
+  %xlp{S} = getelementptr i8, ptr %xu, i64 %xo{S}
+  %xhp{S} = getelementptr i8, ptr %xlp{S}, i64 64
+  %xl{S} = load <64 x i8>, ptr %xlp{S}, align 1
+  %xh{S} = load <64 x i8>, ptr %xhp{S}, align 1
+  %xsel{S} = call <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8> %xl{S}, <64 x i8> %ix{S}, <64 x i8> %xh{S})
+WEIGHTS
+  %accn{S} = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> %acc{S}, <64 x i8> %xsel{S}, <64 x i8> %w{S})
 """
-_LOAD_INT4 = f"""
-  %voff{{S}} = mul i64 %c{{S}}, 16
-  %vp{{S}} = getelementptr i8, ptr %vrow, i64 %voff{{S}}
-  %packed{{S}} = load <16 x i8>, ptr %vp{{S}}, align 1
-  %lo{{S}} = and <16 x i8> %packed{{S}}, {_LOW_NIBBLE}
-  %hi{{S}} = lshr <16 x i8> %packed{{S}}, {_FOUR}
-  %codes{{S}} = shufflevector <16 x i8> %lo{{S}}, <16 x i8> %hi{{S}}, <32 x i32> {_CONCAT}
-  %offset{{S}} = add <32 x i8> %codes{{S}}, {_ADD120}
-  %wide{{S}} = shufflevector <32 x i8> %offset{{S}}, <32 x i8> poison, <64 x i32> {_WIDEN}
-  %w{{S}} = call <64 x i8> @llvm.x86.avx512.mask.expand.v64i8(<64 x i8> %wide{{S}}, <64 x i8> {_SPLAT128}, <64 x i1> %mk{{S}})
+_W_INT8_PAIR = """
+  %wo{S} = mul i64 %p{S}, 64
+  %wp{S} = getelementptr i8, ptr %vrow, i64 %wo{S}
+  %w{S} = load <64 x i8>, ptr %wp{S}, align 1
 """
-# One chunk: keep-mask, expanded weights, activations, %d{S} = vpdpbusd(%a{S}, w, x).
-_CHUNK = """
-  %mp{S} = getelementptr i64, ptr %mrow, i64 %c{S}
-  %m{S} = load i64, ptr %mp{S}, align 8
-  %mk{S} = bitcast i64 %m{S} to <64 x i1>
-LOAD_VALUES
-  %xoff{S} = mul i64 %c{S}, 64
-  %xp{S} = getelementptr i8, ptr %xq, i64 %xoff{S}
-  %x{S} = load <64 x i8>, ptr %xp{S}, align 1
-  %d{S} = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> %a{S}, <64 x i8> %w{S}, <64 x i8> %x{S})
+_W_INT8_TAIL = """
+  %wo{S} = mul i64 %p{S}, 64
+  %wp{S} = getelementptr i8, ptr %vrow, i64 %wo{S}
+  %w32{S} = load <32 x i8>, ptr %wp{S}, align 1
+  %w{S} = shufflevector <32 x i8> %w32{S}, <32 x i8> zeroinitializer, <64 x i32> LOW32
 """
-# A full block of 4 chunks: four independent dot products (a chain through one accumulator
-# would bound the loop by vpdpbusd's latency), summed at the end.
-_FULL_BLOCK_SUM = """
-  %s01 = add <16 x i32> %d0f, %d1f
-  %s23 = add <16 x i32> %d2f, %d3f
-  %accfull = add <16 x i32> %s01, %s23
-  br label %xbend
+_W_INT4_PAIR = """
+  %wo{S} = mul i64 %p{S}, 32
+  %wp{S} = getelementptr i8, ptr %vrow, i64 %wo{S}
+  %w32{S} = load <32 x i8>, ptr %wp{S}, align 1
+  %wn{S} = shufflevector <32 x i8> %w32{S}, <32 x i8> poison, <64 x i32> BCAST32
+  %wm{S} = bitcast <8 x i64> PAIR_NIBBLES to <64 x i8>
+  %w{S} = call <64 x i8> @llvm.x86.vgf2p8affineqb.512(<64 x i8> %wn{S}, <64 x i8> %wm{S}, i8 0)
+"""
+_W_INT4_TAIL = """
+  %wo{S} = mul i64 %p{S}, 32
+  %wp{S} = getelementptr i8, ptr %vrow, i64 %wo{S}
+  %w16{S} = load <16 x i8>, ptr %wp{S}, align 1
+  %wn{S} = shufflevector <16 x i8> %w16{S}, <16 x i8> poison, <64 x i32> BCAST16
+  %wm{S} = bitcast <8 x i64> TAIL_NIBBLES to <64 x i8>
+  %w{S} = call <64 x i8> @llvm.x86.vgf2p8affineqb.512(<64 x i8> %wn{S}, <64 x i8> %wm{S}, i8 0)
 """
 
 _IR = """
-declare <64 x i8> @llvm.masked.expandload.v64i8(ptr, <64 x i1>, <64 x i8>)
-declare <64 x i8> @llvm.x86.avx512.mask.expand.v64i8(<64 x i8>, <64 x i8>, <64 x i1>)
+declare <64 x i8> @llvm.x86.avx512.pmultishift.qb.512(<64 x i8>, <64 x i8>)
+declare <64 x i8> @llvm.x86.avx512.vpermi2var.qi.512(<64 x i8>, <64 x i8>, <64 x i8>)
+declare <64 x i8> @llvm.x86.vgf2p8affineqb.512(<64 x i8>, <64 x i8>, i8)
 declare <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32>, <64 x i8>, <64 x i8>)
 declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)
 declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
 
-; out[r] = sum_b s(r,b) * (dot(u_r, xq)_b - c128[b]),  s(r,b) = wscale[r*nscale + b/xb_per_q] * xs[b]
-; c128[b, k] = 128 * (the activations lane k of vpdpbusd saw in block b): subtracted lane by lane in
-; int32 before the float conversion, so the large offset terms cancel exactly
-define void @NAME(ptr %vals, ptr %masks, ptr %wscale, ptr %xq, ptr %xs, ptr %c128, ptr %out,
-                  i64 %r0, i64 %r1, i64 %chunks, i64 %nscale, i64 %xb_per_q) {
+; out[r] = sum_b wscale[r, b / xb_per_q] * xs[b] * (corr[r, b] + sum over block b of xu * c)
+; a row holds npairs pairs (PAIR_BYTES weight bytes, 16 metadata bytes each) and, if tail = 1,
+; one 64-column chunk (TAIL_BYTES weight bytes, 16 metadata bytes) at the end
+define void @NAME(ptr %vals, ptr %meta, ptr %wscale, ptr %corr, ptr %xu, ptr %xs, ptr %out,
+                  i64 %r0, i64 %r1, i64 %npairs, i64 %tail, i64 %nscale, i64 %xb_per_q) {
 entry:
-  %nxb0 = add i64 %chunks, 3
-  %nxb = udiv i64 %nxb0, 4
+  %nunits = add i64 %npairs, %tail
+  %nxb = lshr i64 %nunits, 1
+  %nxbr = and i64 %nunits, 1
+  %nxbt = add i64 %nxb, %nxbr
+  %vstride0 = mul i64 %npairs, PAIR_BYTES
+  %vstride1 = mul i64 %tail, TAIL_BYTES
+  %vstride = add i64 %vstride0, %vstride1
+  %mstride = mul i64 %nunits, 16
   br label %rowloop
 rowloop:
   %r = phi i64 [ %r0, %entry ], [ %rnext, %rowend ]
   %rdone = icmp uge i64 %r, %r1
   br i1 %rdone, label %exit, label %rowbody
 rowbody:
-  %rowchunks = mul i64 %r, %chunks
-  %vrowb = mul i64 %rowchunks, BYTES_PER_CHUNK
-  %vrow = getelementptr i8, ptr %vals, i64 %vrowb
-  %mrow = getelementptr i64, ptr %masks, i64 %rowchunks
-  %srowi = mul i64 %r, %nscale
-  %srow = getelementptr float, ptr %wscale, i64 %srowi
+  %vro = mul i64 %r, %vstride
+  %vrow = getelementptr i8, ptr %vals, i64 %vro
+  %mro = mul i64 %r, %mstride
+  %mrow = getelementptr i8, ptr %meta, i64 %mro
+  %cro = mul i64 %r, %nxbt
+  %crow = getelementptr i32, ptr %corr, i64 %cro
+  %sro = mul i64 %r, %nscale
+  %srow = getelementptr float, ptr %wscale, i64 %sro
   br label %xbloop
 xbloop:
   %xb = phi i64 [ 0, %rowbody ], [ %xbnext, %xbend ]
   %accf = phi <16 x float> [ zeroinitializer, %rowbody ], [ %accf2, %xbend ]
-  %xbdone = icmp uge i64 %xb, %nxb
+  %q = phi i64 [ 0, %rowbody ], [ %qnext, %xbend ]
+  %qc = phi i64 [ 0, %rowbody ], [ %qcnext, %xbend ]
+  %xbdone = icmp uge i64 %xb, %nxbt
   br i1 %xbdone, label %rowend, label %xbbody
 xbbody:
-  %c0 = mul i64 %xb, 4
-  %c1a = add i64 %c0, 4
-  %full = icmp ule i64 %c1a, %chunks
-  br i1 %full, label %fullblock, label %chloop
+  %cp = getelementptr i32, ptr %crow, i64 %xb
+  %cv = load i32, ptr %cp, align 4
+  %acc0 = insertelement <16 x i32> zeroinitializer, i32 %cv, i32 0
+  %p0 = shl i64 %xb, 1
+  %p1 = add i64 %p0, 1
+  %full = icmp ult i64 %p1, %npairs
+  br i1 %full, label %fullblock, label %lastblock
 fullblock:
-FULL_BLOCK
-chloop:
-  %c = phi i64 [ %c0, %xbbody ], [ %cnext, %chbody ]
-  %a = phi <16 x i32> [ zeroinitializer, %xbbody ], [ %d, %chbody ]
-  %cdone = icmp uge i64 %c, %chunks
-  br i1 %cdone, label %xbend, label %chbody
-chbody:
-ONE_CHUNK
-  %cnext = add i64 %c, 1
-  br label %chloop
+PAIR0
+PAIR1
+  br label %xbend
+lastblock:
+  %haspair = icmp ult i64 %p0, %npairs
+  br i1 %haspair, label %lastpair, label %lasttail0
+lastpair:
+PAIRL
+  br label %lasttail0
+lasttail0:
+  %acct = phi <16 x i32> [ %acc0, %lastblock ], [ %accnl, %lastpair ]
+  %pt = phi i64 [ %p0, %lastblock ], [ %p1, %lastpair ]
+  %hastail = icmp ne i64 %tail, 0
+  br i1 %hastail, label %lasttail, label %xbend
+lasttail:
+TAIL
+  br label %xbend
 xbend:
-  %acci = phi <16 x i32> [ %accfull, %fullblock ], [ %a, %chloop ]
-  %q = udiv i64 %xb, %xb_per_q
+  %acci = phi <16 x i32> [ %accn1, %fullblock ], [ %acct, %lasttail0 ], [ %accnt, %lasttail ]
   %wsp = getelementptr float, ptr %srow, i64 %q
   %ws = load float, ptr %wsp
   %xsp = getelementptr float, ptr %xs, i64 %xb
@@ -152,13 +210,14 @@ xbend:
   %s = fmul float %ws, %xsv
   %sv0 = insertelement <16 x float> poison, float %s, i32 0
   %sv = shufflevector <16 x float> %sv0, <16 x float> poison, <16 x i32> zeroinitializer
-  %ccoff = mul i64 %xb, 16
-  %ccp = getelementptr i32, ptr %c128, i64 %ccoff
-  %ccv = load <16 x i32>, ptr %ccp, align 4
-  %accic = sub <16 x i32> %acci, %ccv
-  %accfl = sitofp <16 x i32> %accic to <16 x float>
+  %accfl = sitofp <16 x i32> %acci to <16 x float>
   %accf2 = call <16 x float> @llvm.fma.v16f32(<16 x float> %accfl, <16 x float> %sv, <16 x float> %accf)
   %xbnext = add i64 %xb, 1
+  %qc1 = add i64 %qc, 1
+  %qwrap = icmp uge i64 %qc1, %xb_per_q
+  %qinc = add i64 %q, 1
+  %qnext = select i1 %qwrap, i64 %qinc, i64 %q
+  %qcnext = select i1 %qwrap, i64 0, i64 %qc1
   br label %xbloop
 rowend:
   %tot = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, <16 x float> %accf)
@@ -172,15 +231,26 @@ exit:
 """
 
 
+def _step(suffix: str, weights: str, pair: str, acc: str) -> str:
+    """One pair (or tail) step named by ``suffix``: pair index ``pair``, accumulator ``acc`` in,
+    ``%accn{suffix}`` out."""
+    body = _PAIR_STEP.replace("WEIGHTS", weights).replace("%p{S}", pair).replace("%acc{S}", acc)
+    return body.replace("{S}", suffix)
+
+
 def _kernel_ir(name: str, codec: str) -> str:
-    chunk = _CHUNK.replace("LOAD_VALUES", _LOAD_INT8 if codec == "int8" else _LOAD_INT4)
-    full = ""
-    for k in range(4):
-        full += f"  %c{k}f = add i64 %c0, {k}\n" + chunk.replace("%a{S}", "zeroinitializer").replace("{S}", f"{k}f")
-    full += _FULL_BLOCK_SUM
-    one = chunk.replace("{S}", "")
-    return (_IR.replace("NAME", name).replace("BYTES_PER_CHUNK", "32" if codec == "int8" else "16")
-            .replace("FULL_BLOCK", full).replace("ONE_CHUNK", one))
+    pair_w, tail_w = (_W_INT8_PAIR, _W_INT8_TAIL) if codec == "int8" else (_W_INT4_PAIR, _W_INT4_TAIL)
+    ir = (_IR.replace("NAME", name)
+          .replace("PAIR_BYTES", "64" if codec == "int8" else "32").replace("TAIL_BYTES", "32" if codec == "int8" else "16")
+          .replace("PAIR0", _step("0", pair_w, "%p0", "%acc0"))
+          .replace("PAIR1", _step("1", pair_w, "%p1", "%accn0"))
+          .replace("PAIRL", _step("l", pair_w, "%p0", "%acc0"))
+          .replace("TAIL", _step("t", tail_w, "%pt", "%acct")))
+    for key, value in (("BCAST2", _BCAST2), ("BCAST32", _BCAST32), ("BCAST16", _BCAST16), ("LOW32", _LOW32),
+                       ("SHIFTS", _SHIFTS), ("THREE", _THREE), ("GROUP_BASE", _GROUP_BASE),
+                       ("PAIR_NIBBLES", _PAIR_NIBBLES), ("TAIL_NIBBLES", _TAIL_NIBBLES)):
+        ir = ir.replace(key, value)
+    return ir
 
 
 def cpu_features_missing() -> list[str]:
@@ -192,7 +262,7 @@ def cpu_features_missing() -> list[str]:
 
 @functools.lru_cache(maxsize=None)
 def _compiled() -> tuple[Optional[dict], Optional[str]]:
-    """({codec: callable(...)}, None) or (None, reason). Compiled once per process."""
+    """({codec: numba runner}, None) or (None, reason). Compiled once per process."""
     try:
         missing = cpu_features_missing()
         if missing:
@@ -202,8 +272,7 @@ def _compiled() -> tuple[Optional[dict], Optional[str]]:
         llvm.initialize_native_target()
         llvm.initialize_native_asmprinter()
         ir = "\n".join(_kernel_ir(f"gemv24_{c}_a8", c) for c in ("int8", "int4"))
-        # the declarations repeat per kernel: keep the first copy of each
-        seen, lines = set(), []
+        seen, lines = set(), []  # the declarations repeat per kernel: keep the first copy of each
         for line in ir.splitlines():
             if line.startswith("declare"):
                 if line in seen:
@@ -218,7 +287,7 @@ def _compiled() -> tuple[Optional[dict], Optional[str]]:
         )
         engine = llvm.create_mcjit_compiler(module, machine)
         engine.finalize_object()
-        proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 7), *([ctypes.c_int64] * 5))
+        proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 7), *([ctypes.c_int64] * 6))
         fns = {c: proto(engine.get_function_address(f"gemv24_{c}_a8")) for c in ("int8", "int4")}
         _ENGINES.append(engine)  # keep the machine code alive
         return {c: _row_runner(fn) for c, fn in fns.items()}, None
@@ -230,11 +299,16 @@ _ENGINES: list = []
 
 
 @njit(cache=True)
-def _quantize(x, xq, xs, c128):  # pragma: no cover - jitted
+def _quantize(x, xu, xs):  # pragma: no cover - jitted
     """Symmetric INT8 per block of 256: ``xs_b = max|x_b| / 127`` (1 for an all-zero block),
-    ``xq = rint(x / xs_b)``; ``c128[b, k] = 128 *`` the sum of the ``xq`` that lane ``k`` of
-    ``vpdpbusd`` adds in block ``b`` (bytes ``4k..4k+3`` of each 64-byte chunk)."""
+    ``xq = rint(x / xs_b)``, stored as ``xu = xq + 128`` (unsigned) - the padding of ``xu``
+    beyond ``x`` stays as it is. False (nothing written) when ``x`` holds NaN or infinity."""
     cols = x.shape[0]
+    amax_all = np.float32(0.0)
+    for j in range(cols):
+        amax_all = max(amax_all, abs(x[j]))
+    if not np.isfinite(amax_all) or np.isnan(x.sum()):
+        return False
     for b in range(xs.shape[0]):
         j0 = b * XBLOCK
         j1 = min(cols, j0 + XBLOCK)
@@ -243,36 +317,35 @@ def _quantize(x, xq, xs, c128):  # pragma: no cover - jitted
             amax = max(amax, abs(x[j]))
         step = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
         xs[b] = step
-        for k in range(16):
-            c128[b, k] = 0
+        inv = np.float32(1.0) / step
         for j in range(j0, j1):
-            q = min(max(np.rint(x[j] / step), np.float32(-127.0)), np.float32(127.0))
-            xq[j] = np.int8(q)
-            c128[b, (j % CHUNK) // 4] += np.int32(q)
-        for k in range(16):
-            c128[b, k] *= 128
+            q = min(max(np.rint(x[j] * inv), np.float32(-127.0)), np.float32(127.0))
+            xu[j] = np.uint8(np.int32(q) + 128)
+    return True
 
 
 def _row_runner(fn):
     """One numba call per matmul: quantize ``x``, then split the rows over numba's threads and
-    call ``fn`` on each range (a ctypes function pointer, called without the GIL). Python-side
-    work per call matters: a decoding step calls ~200 small layers."""
+    call ``fn`` on each range (a ctypes function pointer, called without the GIL). False when
+    ``x`` is not finite (the caller takes the float path). Python-side work per call matters:
+    a decoding step calls ~200 small layers."""
     import numba
 
     @numba.njit(parallel=True)
-    def run(vals, masks, wscale, x, out, rows, chunks, nscale, xb_per_q, tasks):  # pragma: no cover - jitted
-        nxb = (chunks + CHUNKS_PER_XBLOCK - 1) // CHUNKS_PER_XBLOCK
-        xq = np.empty(chunks * CHUNK, np.int8)
+    def run(vals, meta, wscale, corr, x, out, rows, npairs, tail, nscale, xb_per_q, tasks):  # pragma: no cover - jitted
+        nxb = (2 * npairs + tail + 3) // 4
+        xu = np.full((npairs + 1) * PAIR, 128, np.uint8)
         xs = np.empty(nxb, np.float32)
-        c128 = np.empty((nxb, 16), np.int32)
-        _quantize(x, xq, xs, c128)
+        if not _quantize(x, xu, xs):
+            return False
         step = (rows + tasks - 1) // tasks
         for t in numba.prange(tasks):
             r0 = t * step
             r1 = min(rows, r0 + step)
             if r0 < r1:
-                fn(vals.ctypes.data, masks.ctypes.data, wscale.ctypes.data, xq.ctypes.data, xs.ctypes.data,
-                   c128.ctypes.data, out.ctypes.data, r0, r1, chunks, nscale, xb_per_q)
+                fn(vals.ctypes.data, meta.ctypes.data, wscale.ctypes.data, corr.ctypes.data, xu.ctypes.data,
+                   xs.ctypes.data, out.ctypes.data, r0, r1, npairs, tail, nscale, xb_per_q)
+        return True
 
     return run
 
@@ -298,50 +371,77 @@ def unavailable_reason(layer: BlockedNM) -> Optional[str]:
     return reason
 
 
+def _pack_meta(pos: np.ndarray) -> np.ndarray:
+    """``pos (rows, units, 64)`` in-group positions (0..3) of each unit's kept weights -> the
+    16 metadata bytes per unit (:data:`META_QWORD`, :data:`META_SHIFT`)."""
+    rows, units, _ = pos.shape
+    words = np.zeros((rows, units, 2), np.uint64)
+    for j in range(64):
+        words[:, :, META_QWORD[j]] |= pos[:, :, j].astype(np.uint64) << np.uint64(META_SHIFT[j])
+    return words.reshape(rows, units * 16 // 8).view(np.uint8).reshape(rows, units * 16)
+
+
+def _pack_nibbles(c: np.ndarray, width: int) -> np.ndarray:
+    """Signed codes ``c (..., 2 * width)`` -> ``width`` bytes: byte i = c_i | c_{width+i} << 4."""
+    n = c.astype(np.int16) & 15
+    return (n[..., :width] | (n[..., width:] << 4)).astype(np.uint8)
+
+
 def prepare(layer: BlockedNM) -> dict:
     """The row-major arrays the kernel reads (cached in ``layer.extra``)."""
     plan = layer.extra.get("vnni_plan")
     if plan is not None:
         return plan
     rows, cols = layer.rows, layer.cols
-    pos = positions_of(layer).cpu()  # (rows, G, 2), p0 < p1
-    keep = torch.zeros(rows, layer.groups, 4, dtype=torch.bool)
-    keep.scatter_(2, pos, True)
-    masks = np.packbits(keep.reshape(rows, cols).numpy(), axis=1, bitorder="little").view(np.uint64)
-    v = unblock(layer.values, rows).cpu()
-    chunks = cols // CHUNK
+    npairs, tail = cols // PAIR, (cols % PAIR) // CHUNK
+    nunits = npairs + tail
+    pos = positions_of(layer).cpu().numpy().reshape(rows, cols // 2).astype(np.uint8)  # kept order = column order
+    v = unblock(layer.values, rows).cpu().to(torch.int16)
+    if layer.codec == "int4":  # two codes per byte, low nibble first; zero point 8
+        v = torch.stack([v & 15, (v & 255) >> 4], -1).reshape(rows, -1) - 8
+    c = v.reshape(rows, cols // 2).numpy()  # signed codes, column order
+    # metadata: 64 kept weights per unit (a tail's last 32 fields stay 0 and meet zero weights)
+    pos_units = np.zeros((rows, nunits, 64), np.uint8)
+    pos_units.reshape(rows, -1)[:, : cols // 2] = pos
+    meta = _pack_meta(pos_units)
+    pair_c = c[:, : npairs * 64].reshape(rows, npairs, 64)
+    tail_c = c[:, npairs * 64:].reshape(rows, tail, 32)
     if layer.codec == "int8":
-        vals = (v.reshape(rows, -1).to(torch.int16) + 128).to(torch.uint8)  # offset codes, column order
+        vals = np.concatenate([pair_c.astype(np.int8).reshape(rows, -1), tail_c.astype(np.int8).reshape(rows, -1)], 1)
     else:
-        codes = torch.stack([v & 15, v >> 4], -1).reshape(rows, chunks, 32)  # unsigned, column order
-        vals = (codes[..., :16] | (codes[..., 16:] << 4)).to(torch.uint8)
-    scale = unblock(layer.scale, rows).cpu().float().contiguous()
-    nxb = -(-chunks // CHUNKS_PER_XBLOCK)
+        vals = np.concatenate([_pack_nibbles(pair_c, 32).reshape(rows, -1), _pack_nibbles(tail_c, 16).reshape(rows, -1)], 1)
+    nxb = -(-cols // XBLOCK)
+    block_sums = np.zeros((rows, nxb * 128), np.int64)
+    block_sums[:, : cols // 2] = c
+    corr = (-128 * block_sums.reshape(rows, nxb, 128).sum(2)).astype(np.int32)
+    scale = unblock(layer.scale, rows).cpu().float().contiguous().numpy()
     xb_per_q = nxb if layer.group_size is None else (4 * layer.groups_per_scale) // XBLOCK
     plan = {
-        "vals": np.ascontiguousarray(vals.reshape(rows, -1).numpy()),
-        "masks": np.ascontiguousarray(masks),
-        "scale": np.ascontiguousarray(scale.numpy()),
-        "chunks": chunks,
+        "vals": np.ascontiguousarray(vals.view(np.uint8)),
+        "meta": np.ascontiguousarray(meta),
+        "scale": np.ascontiguousarray(scale),
+        "corr": np.ascontiguousarray(corr),
+        "npairs": npairs,
+        "tail": tail,
         "nscale": scale.shape[1],
         "xb_per_q": max(1, xb_per_q),
-        "nbytes": vals.numel() + masks.nbytes + scale.numel() * 4,
     }
+    plan["nbytes"] = sum(plan[k].nbytes for k in ("vals", "meta", "scale", "corr"))
     layer.extra["vnni_plan"] = plan
     return plan
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(xq int8 (cols,), xs float32 (nxb,), c128 int32 (nxb, 16))`` for one input row, as the
-    kernel computes them (:func:`_quantize`)."""
+def quantize_activations(x: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """``(xq int8 (cols,), xs float32 (nxb,))`` for one input row, as the kernel computes them
+    (:func:`_quantize`; the kernel reads ``xq + 128``)."""
     xn = np.ascontiguousarray(x.reshape(-1).detach().float().numpy())
     cols = xn.shape[0]
     nxb = -(-cols // XBLOCK)
-    xq = np.zeros(nxb * XBLOCK, np.int8)
+    xu = np.full(nxb * XBLOCK, 128, np.uint8)
     xs = np.empty(nxb, np.float32)
-    c128 = np.empty((nxb, 16), np.int32)
-    _quantize(xn, xq, xs, c128)
-    return xq[:cols], xs, c128
+    if not _quantize(xn, xu, xs):
+        raise ValueError("activations hold NaN or infinity")
+    return (xu[:cols].astype(np.int16) - 128).astype(np.int8), xs
 
 
 def fake_quant_activations(x: torch.Tensor) -> torch.Tensor:
@@ -367,16 +467,22 @@ def fake_quant_inputs(model: torch.nn.Module, names: list[str]) -> list:
     ]
 
 
-def vnni_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> torch.Tensor:
-    """``x (1, cols)`` float32 -> ``(1, rows)`` with the VNNI kernel."""
-    fns, reason = _compiled()
-    if fns is None:
-        raise RuntimeError(reason)
+def vnni_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> Optional[torch.Tensor]:
+    """``x (1, cols)`` float32 -> ``(1, rows)`` with the VNNI kernel; None when ``x`` holds NaN
+    or infinity (INT8 cannot carry them: the caller takes the float path)."""
     plan = layer.extra.get("vnni_plan") or prepare(layer)
-    out = np.empty(layer.rows, np.float32)
-    tasks = threads if layer.rows >= 256 * threads else 1
-    fns[layer.codec](plan["vals"], plan["masks"], plan["scale"], x.reshape(-1).numpy(), out, layer.rows,
-                     plan["chunks"], plan["nscale"], plan["xb_per_q"], tasks)
+    run = plan.get("run")
+    if run is None:
+        fns, reason = _compiled()
+        if fns is None:
+            raise RuntimeError(reason)
+        run = plan["run"] = fns[layer.codec]
+    rows = layer.rows
+    out = np.empty(rows, np.float32)
+    tasks = threads if rows >= 256 * threads else 1
+    if not run(plan["vals"], plan["meta"], plan["scale"], plan["corr"], x.reshape(-1).numpy(), out, rows,
+               plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"], tasks):
+        return None
     return torch.from_numpy(out).unsqueeze(0)
 
 
@@ -385,6 +491,6 @@ def reference_w8a8(layer: BlockedNM, x: torch.Tensor) -> torch.Tensor:
     in float64 - what tests compare the kernel with."""
     from sparsemerge.kernels.layout import to_dense
 
-    xq, xs, _ = quantize_activations(x)
+    xq, xs = quantize_activations(x)
     x_hat = torch.from_numpy(xq.astype(np.float64)) * torch.from_numpy(xs.astype(np.float64)).repeat_interleave(XBLOCK)[: layer.cols]
     return (to_dense(layer).double() @ x_hat).float().unsqueeze(0)
