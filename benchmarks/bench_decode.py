@@ -9,7 +9,10 @@ weights were kept); "dense float32" is that pruned model run densely (the same s
 unpruned one). The sparse variants swap the decoder blocks' Linear layers (q, k, v, o, gate,
 up, down: 106 M of the 135 M weights); the tied embedding / lm_head (49152 x 576) stays
 dense float32 in every variant except "+ int8 head" (Int8Linear, per-channel INT8; the
-embedding lookup keeps its float32 table). " a8": the 2:4 INT8/INT4 layers take INT8
+embedding lookup keeps its float32 table). The sparse variants run their float32 head with
+``GemvLinear`` (``kernels/dense_f32.py``: a numba GEMV, about twice as fast as torch's MKL
+sgemv at batch 1 on AMD CPUs); "dense float32 gemv" is the dense model with every Linear so
+(a stronger dense baseline than transformers' own, shown beside it for that reason). " a8": the 2:4 INT8/INT4 layers take INT8
 activations at batch 1 (the AVX-512 VNNI kernel, ``kernels/cpu_vnni.py``). "max |dlogit|" is
 measured on the prompt (batch 16, where every variant runs float activations).
 """
@@ -51,7 +54,7 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--variants", default="2:4 f32,2:4 int8,2:4 int8 + int8 head,2:4 int4 g128,2:4 int8 a8,"
+    p.add_argument("--variants", default="dense float32 gemv,2:4 f32,2:4 int8,2:4 int8 + int8 head,2:4 int4 g128,2:4 int8 a8,"
                    "2:4 int8 a8 + int8 head,2:4 int4 g128 a8",
                    help="' a8': INT8 activations at batch 1 (the AVX-512 VNNI kernel)")
     p.add_argument("--threads", type=int, default=None)
@@ -72,6 +75,12 @@ def main(argv: "list[str] | None" = None) -> int:
              "2:4 int8 g128": ("int8", 128), "2:4 int4": ("int4", None), "2:4 int4 g128": ("int4", 128)}
     models = {"dense float32": dense}
     for name in [v.strip() for v in args.variants.split(",")]:
+        if name == "dense float32 gemv":
+            from sparsemerge.kernels.dense_f32 import use_gemv_
+
+            models[name] = copy.deepcopy(dense)
+            use_gemv_(models[name])
+            continue
         quant, gs = specs[name.replace(" a8", "")]
         model = copy.deepcopy(dense)
         sparsify_(model, SparsifyConfig(quant=quant, group_size=gs, value_dtype="bfloat16" if "bf16" in name else "float32",

@@ -138,3 +138,19 @@ def test_fake_quant_rounds_every_row_like_the_kernel():
         xq, xs = V.quantize_activations(x[i, j].unsqueeze(0))
         expect = torch.from_numpy(xq).float() * torch.from_numpy(xs).repeat_interleave(256)[:576]
         torch.testing.assert_close(fq[i, j], expect)
+
+
+@needs_vnni
+def test_swapped_layer_token_path_matches_the_kernel_and_keeps_nan():
+    lin = torch.nn.Linear(576, 192, bias=True)
+    lin.weight.data.mul_(nm_mask(lin.weight.data.abs(), 2, 4))
+    model = torch.nn.ModuleDict({"layers": torch.nn.ModuleList([torch.nn.ModuleDict({"proj": lin})])})
+    sparsify_(model, SparsifyConfig(quant="int8", act_quant="int8", include=[r"proj"], exclude=[]))
+    layer = model["layers"][0]["proj"]
+    x = torch.randn(1, 1, 576)
+    with torch.no_grad():
+        y = layer(x)  # the one-token shortcut
+        expect = V.reference_w8a8(layer.layout, x.reshape(1, -1)) + layer.bias
+        torch.testing.assert_close(y.reshape(1, -1), expect, rtol=1e-5, atol=1e-4)
+        x[0, 0, 3] = float("nan")
+        assert torch.isnan(layer(x)).any()  # not finite: the float path, NaN propagates

@@ -467,21 +467,28 @@ def fake_quant_inputs(model: torch.nn.Module, names: list[str]) -> list:
     ]
 
 
+def runner_for(layer: BlockedNM) -> tuple:
+    """``(run, args)``: ``run(*args[:4], x, out, *args[4:], tasks)`` computes ``out`` for one
+    float32 input row ``x`` (numpy) and returns False when ``x`` is not finite."""
+    fns, reason = _compiled()
+    if fns is None:
+        raise RuntimeError(reason)
+    plan = prepare(layer)
+    args = (plan["vals"], plan["meta"], plan["scale"], plan["corr"], layer.rows, plan["npairs"], plan["tail"],
+            plan["nscale"], plan["xb_per_q"])
+    return fns[layer.codec], args
+
+
 def vnni_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> Optional[torch.Tensor]:
     """``x (1, cols)`` float32 -> ``(1, rows)`` with the VNNI kernel; None when ``x`` holds NaN
     or infinity (INT8 cannot carry them: the caller takes the float path)."""
-    plan = layer.extra.get("vnni_plan") or prepare(layer)
-    run = plan.get("run")
-    if run is None:
-        fns, reason = _compiled()
-        if fns is None:
-            raise RuntimeError(reason)
-        run = plan["run"] = fns[layer.codec]
-    rows = layer.rows
-    out = np.empty(rows, np.float32)
-    tasks = threads if rows >= 256 * threads else 1
-    if not run(plan["vals"], plan["meta"], plan["scale"], plan["corr"], x.reshape(-1).numpy(), out, rows,
-               plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"], tasks):
+    cached = layer.extra.get("vnni_runner")
+    if cached is None:
+        cached = layer.extra["vnni_runner"] = runner_for(layer)
+    run, args = cached
+    out = np.empty(layer.rows, np.float32)
+    tasks = threads if layer.rows >= 128 * threads else 1
+    if not run(*args[:4], x.reshape(-1).numpy(), out, *args[4:], tasks):
         return None
     return torch.from_numpy(out).unsqueeze(0)
 

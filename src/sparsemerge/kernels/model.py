@@ -149,6 +149,10 @@ def load_for_run(
             from sparsemerge.kernels.sparse_linear import quantize_head_
 
             loaded.swapped += quantize_head_(loaded.model)
+        elif not dense:
+            from sparsemerge.kernels.dense_f32 import use_gemv_
+
+            use_gemv_(loaded.model, SparsifyConfig().head)
         if not dense:
             from sparsemerge.kernels.sparse_linear import set_act_quant_
 

@@ -150,20 +150,58 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise SparsemergeError(f"SparseLinear expects inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
         # the kernel choice depends only on the device and a forced name: cache it (per-call
-        # overhead matters at batch 1, where a small layer takes tens of microseconds)
-        key = (x2.device.type, forced_kernel())
+        # overhead matters at batch 1, where a small layer takes a few microseconds)
+        key = (x.device.type, forced_kernel())
         cached = self.__dict__.get("_kernel")
         if cached is None or cached[0] != key:
-            cached = (key, choose_kernel(self, x2))
+            cached = (key, choose_kernel(self, x.reshape(-1, self.in_features)), self._token_runner(key))
             self.__dict__["_kernel"] = cached
-        y = cached[1].run(self, x2 if x2.device.type == "cuda" else x2.float())
+        y = None
+        if cached[2] is not None and x.numel() == self.in_features and x.dtype == torch.float32:
+            y = cached[2](x)  # one decoding token: straight to the kernel (None: not finite)
+        if y is None:
+            x2 = x.reshape(-1, self.in_features)
+            y = cached[1].run(self, x2 if x2.device.type == "cuda" else x2.float())
         if self.bias is not None:
             y = y + self.bias.to(y.device)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.reshape(*lead, self.out_features)
+
+    def _token_runner(self, key: tuple):
+        """For batch-1 float32 CPU inputs with INT8 activations on the VNNI kernel: a callable
+        ``x -> (out_features,) tensor or None`` that skips the generic dispatch (a decoding
+        step calls ~200 small layers; the generic path costs ~15 us of Python per call)."""
+        if key != ("cpu", None) or self.act_quant != "int8" or self.values.device.type != "cpu":
+            return None
+        from sparsemerge.kernels.cpu import _threads, sync_threads, vnni_reason
+
+        layout = self.layout
+        if not (layout.is_24 and vnni_reason(layout) is None):
+            return None
+        import numpy as np
+
+        from sparsemerge.kernels.cpu_vnni import runner_for
+
+        run, args = runner_for(layout)
+        rows = self.out_features
+
+        def token(x: torch.Tensor):
+            sync_threads()
+            out = np.empty(rows, np.float32)
+            tasks = _threads[0] if rows >= 128 * _threads[0] else 1
+            if not run(*args[:4], x.detach().reshape(-1).numpy(), out, *args[4:], tasks):
+                return None
+            return torch.from_numpy(out)
+
+        return token
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        # in-place copies keep the buffer objects: drop what was derived from the old values
+        for key in ("_layout", "_kernel"):
+            self.__dict__.pop(key, None)
+        return super()._load_from_state_dict(*args, **kwargs)
 
     def extra_repr(self) -> str:
         gs = "per-channel" if self.group_size is None else f"group {self.group_size}"
@@ -189,7 +227,7 @@ class SparsifyConfig(BaseModel):
     include: list[str] = DEFAULT_INCLUDE
     exclude: list[str] = DEFAULT_EXCLUDE
     prune: bool = False  # apply the magnitude N:M mask to layers that are not N:M yet
-    head_quant: Literal["none", "int8"] = "none"  # the (dense) lm_head as Int8Linear
+    head_quant: Literal["none", "int8"] = "none"  # the dense lm_head: float32 GemvLinear, or INT8 Int8Linear
     act_quant: Literal["none", "int8"] = "none"  # batch-1 inputs quantized to INT8 (VNNI kernel)
     head: str = r"(^|\.)lm_head$"
 
@@ -244,6 +282,10 @@ def sparsify_(model: nn.Module, config: "SparsifyConfig | None" = None) -> Spars
         report.swapped.append(name)
     if config.head_quant == "int8":
         quantize_head_(model, config.head, report)
+    else:  # float32 head: the same weight, a faster batch-1 GEMV than torch's (kernels/dense_f32.py)
+        from sparsemerge.kernels.dense_f32 import use_gemv_
+
+        use_gemv_(model, config.head)
     set_act_quant_(model, config.act_quant)
     if not report.swapped:
         raise SparsemergeError(
