@@ -319,12 +319,22 @@ def vnni_reason(layer: BlockedNM) -> "str | None":
     return layer.extra["vnni_reason"]
 
 
+def gather_reason(layer: BlockedNM) -> "str | None":
+    """Why the float32 gather kernel (``kernels/cpu_gather.py``) cannot run ``layer``; cached."""
+    if "gather_reason" not in layer.extra:
+        from sparsemerge.kernels.cpu_gather import unavailable_reason
+
+        layer.extra["gather_reason"] = unavailable_reason(layer)
+    return layer.extra["gather_reason"]
+
+
 def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto", act_quant: str = "none") -> torch.Tensor:
     """``x (B, cols)`` float32 CPU -> ``(B, rows)``.
 
-    ``path``: "auto"; "gemv24" (2:4, batch 1); "gemm24" (2:4, any batch); "general" (any N:M);
-    "vnni" (2:4 INT8/INT4, batch 1, INT8 activations: ``kernels/cpu_vnni.py``). With
-    ``act_quant="int8"``, "auto" takes "vnni" at batch 1 where it can run."""
+    ``path``: "auto"; "gemv24" (2:4, batch 1, blocked); "gemm24" (2:4, any batch); "general"
+    (any N:M); "gather" (2:4 float32, batch 1: ``kernels/cpu_gather.py``); "vnni" (2:4
+    INT8/INT4, batch 1, INT8 activations: ``kernels/cpu_vnni.py``). "auto" takes "gather" at
+    batch 1 where it can run and, with ``act_quant="int8"``, "vnni"."""
     sync_threads()
     if x.dtype != torch.float32 or not x.is_contiguous() or x.requires_grad:
         x = x.detach().to(torch.float32).contiguous()
@@ -339,6 +349,13 @@ def cpu_matmul(layer: BlockedNM, x: torch.Tensor, path: str = "auto", act_quant:
         if y is not None:
             return y
         path = "auto"  # NaN/Inf inputs: INT8 cannot carry them; the float path propagates them as dense does
+    if path == "gather" or (path == "auto" and B == 1 and gather_reason(layer) is None):
+        reason = "batch is not 1" if B != 1 else gather_reason(layer)
+        if reason is not None:
+            raise ValueError(f"the gather path cannot run this layer: {reason}")
+        from sparsemerge.kernels.cpu_gather import gather_matmul
+
+        return gather_matmul(layer, x, _threads[0])
     kind, vals, meta, index, scale, zero, has_zero, gps, rows_pad, nbytes = _plan(layer)
     parallel = _threads[0] > 1 and nbytes * B >= PARALLEL_MIN_BYTES and vals.shape[0] > 1
     f_f32, f_half, f_q, f_gemm, f_general = PARALLEL[parallel]

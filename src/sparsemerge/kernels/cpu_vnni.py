@@ -31,8 +31,8 @@ therefore opt-in (``SparsifyConfig.act_quant="int8"``, ``sparsemerge run/bench -
 :func:`reference_w8a8` is the pure-torch statement of the same arithmetic that tests compare
 against.
 
-The kernel is LLVM IR compiled by llvmlite (numba's own LLVM; no C toolchain), called from a
-numba ``prange`` over row ranges. :func:`unavailable_reason` says why it cannot run (CPU
+The kernel is LLVM IR (compiled by :mod:`sparsemerge.kernels.llvm_jit`), called from a numba
+``prange`` over row ranges. :func:`unavailable_reason` says why it cannot run (CPU
 without AVX-512 VBMI/VNNI/GFNI, layer not 2:4, columns not a multiple of 64, asymmetric codes...).
 """
 from __future__ import annotations
@@ -46,6 +46,7 @@ import torch
 from numba import njit
 
 from sparsemerge.kernels.layout import BlockedNM, positions_of, unblock
+from sparsemerge.kernels.llvm_jit import compile_functions, features_missing
 
 CHUNK = 64  # input columns of a tail chunk (a row ends with at most one)
 PAIR = 128  # input columns per vpermi2b table / vpdpbusd
@@ -254,10 +255,7 @@ def _kernel_ir(name: str, codec: str) -> str:
 
 
 def cpu_features_missing() -> list[str]:
-    import llvmlite.binding as llvm
-
-    features = llvm.get_host_cpu_features()
-    return [f for f in REQUIRED_FEATURES if not features.get(f, False)]
+    return features_missing(REQUIRED_FEATURES)
 
 
 @functools.lru_cache(maxsize=None)
@@ -267,35 +265,12 @@ def _compiled() -> tuple[Optional[dict], Optional[str]]:
         missing = cpu_features_missing()
         if missing:
             return None, f"the CPU lacks {', '.join(missing)}"
-        import llvmlite.binding as llvm
-
-        llvm.initialize_native_target()
-        llvm.initialize_native_asmprinter()
-        ir = "\n".join(_kernel_ir(f"gemv24_{c}_a8", c) for c in ("int8", "int4"))
-        seen, lines = set(), []  # the declarations repeat per kernel: keep the first copy of each
-        for line in ir.splitlines():
-            if line.startswith("declare"):
-                if line in seen:
-                    continue
-                seen.add(line)
-            lines.append(line)
-        module = llvm.parse_assembly("\n".join(lines))
-        module.verify()
-        target = llvm.Target.from_default_triple()
-        machine = target.create_target_machine(
-            cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3
-        )
-        engine = llvm.create_mcjit_compiler(module, machine)
-        engine.finalize_object()
         proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 7), *([ctypes.c_int64] * 6))
-        fns = {c: proto(engine.get_function_address(f"gemv24_{c}_a8")) for c in ("int8", "int4")}
-        _ENGINES.append(engine)  # keep the machine code alive
-        return {c: _row_runner(fn) for c, fn in fns.items()}, None
+        fns = compile_functions("\n".join(_kernel_ir(f"gemv24_{c}_a8", c) for c in ("int8", "int4")),
+                                {f"gemv24_{c}_a8": proto for c in ("int8", "int4")})
+        return {c: _row_runner(fns[f"gemv24_{c}_a8"]) for c in ("int8", "int4")}, None
     except Exception as exc:  # noqa: BLE001 - any llvmlite failure means "not available", with the reason
         return None, f"could not compile the VNNI kernel: {exc}"
-
-
-_ENGINES: list = []
 
 
 @njit(cache=True)

@@ -170,32 +170,47 @@ class SparseLinear(nn.Module):
         return y.reshape(*lead, self.out_features)
 
     def _token_runner(self, key: tuple):
-        """For batch-1 float32 CPU inputs with INT8 activations on the VNNI kernel: a callable
+        """For batch-1 float32 CPU inputs of a 2:4 layer that a row kernel can run (the VNNI
+        kernel with INT8 activations, the gather kernel for float32 values): a callable
         ``x -> (out_features,) tensor or None`` that skips the generic dispatch (a decoding
         step calls ~200 small layers; the generic path costs ~15 us of Python per call)."""
-        if key != ("cpu", None) or self.act_quant != "int8" or self.values.device.type != "cpu":
-            return None
-        from sparsemerge.kernels.cpu import _threads, sync_threads, vnni_reason
-
-        layout = self.layout
-        if not (layout.is_24 and vnni_reason(layout) is None):
+        if key != ("cpu", None) or self.values.device.type != "cpu" or not (self.n == 2 and self.m == 4):
             return None
         import numpy as np
 
-        from sparsemerge.kernels.cpu_vnni import runner_for
+        from sparsemerge.kernels.cpu import _threads, gather_reason, sync_threads, vnni_reason
 
-        run, args = runner_for(layout)
+        layout = self.layout
         rows = self.out_features
+        if self.act_quant == "int8" and vnni_reason(layout) is None:
+            from sparsemerge.kernels.cpu_vnni import runner_for
 
-        def token(x: torch.Tensor):
-            sync_threads()
-            out = np.empty(rows, np.float32)
-            tasks = _threads[0] if rows >= 128 * _threads[0] else 1
-            if not run(*args[:4], x.detach().reshape(-1).numpy(), out, *args[4:], tasks):
-                return None
-            return torch.from_numpy(out)
+            run, args = runner_for(layout)
 
-        return token
+            def token(x: torch.Tensor):
+                sync_threads()
+                out = np.empty(rows, np.float32)
+                tasks = _threads[0] if rows >= 128 * _threads[0] else 1
+                if not run(*args[:4], x.detach().reshape(-1).numpy(), out, *args[4:], tasks):
+                    return None
+                return torch.from_numpy(out)
+
+            return token
+        if gather_reason(layout) is None:
+            from sparsemerge.kernels.cpu_gather import runner_for
+
+            run, plan = runner_for(layout)
+            vals, meta, units, padded = plan["vals"], plan["meta"], plan["units"], -(-rows // 4) * 4
+
+            def token(x: torch.Tensor):
+                sync_threads()
+                out = np.empty(padded, np.float32)
+                tasks = _threads[0] if rows >= 128 * _threads[0] else 1
+                run(vals, meta, x.detach().reshape(-1).numpy(), out, rows, units, tasks)
+                return torch.from_numpy(out[:rows])
+
+            return token
+        return None
 
     def _load_from_state_dict(self, *args, **kwargs):
         # in-place copies keep the buffer objects: drop what was derived from the old values
