@@ -25,6 +25,8 @@ import statistics
 import sys
 import time
 
+import sparsemerge  # noqa: F401 - before torch: huge pages for its buffers (sparsemerge/__init__.py)
+
 import torch
 
 

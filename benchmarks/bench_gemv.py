@@ -27,6 +27,8 @@ import statistics
 import sys
 import time
 
+import sparsemerge  # noqa: F401 - before torch: huge pages for its buffers (sparsemerge/__init__.py)
+
 import numpy as np
 import torch
 

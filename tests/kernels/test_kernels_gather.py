@@ -21,7 +21,7 @@ def sparse_weight(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
 
 
 @needs_vbmi
-@pytest.mark.parametrize("rows,cols", [(1, 32), (3, 64), (5, 96), (197, 576), (256, 1536), (1030, 160)])
+@pytest.mark.parametrize("rows,cols", [(1, 32), (3, 64), (5, 96), (197, 576), (256, 1536), (1030, 160), (13, 4192)])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_gather_matches_the_reference(rows, cols, threads):
     layer = pack_blocked(sparse_weight(rows, cols, rows + cols), 2, 4)
@@ -37,13 +37,15 @@ def test_plan_interleaves_row_quads_and_pads():
     rows, cols = 6, 64
     w = sparse_weight(rows, cols)
     plan = G.prepare(pack_blocked(w, 2, 4))
-    assert plan["vals"].shape == (2, 2, 4, 16) and plan["meta"].shape == (2, 2, 4)  # (quads, units, 4 rows, 16)
+    assert plan["vals"].shape == (2 * 2 * 4 * 16,) and plan["meta"].shape == (2 * 2 * 4,)
+    vals, metas = plan["vals"].reshape(2, 2, 4, 16), plan["meta"].reshape(2, 2, 4)  # one column block:
+    # (quads, units, 4 rows, 16)
     kept = w[w != 0].reshape(rows, 32).numpy()  # row-major kept values in column order
-    np.testing.assert_array_equal(plan["vals"][1, 0, 1], kept[5, :16])  # row 5 = quad 1, row 1; unit 0
-    assert (plan["vals"][1, :, 2:] == 0).all()  # padding rows 6, 7
+    np.testing.assert_array_equal(vals[1, 0, 1], kept[5, :16])  # row 5 = quad 1, row 1; unit 0
+    assert (vals[1, :, 2:] == 0).all()  # padding rows 6, 7
     # metadata word: field j (bits 2j..2j+1) = position of kept weight j in its group of 4
     cols_kept = np.nonzero(w[2, 32:].numpy())[0]
-    word = int(plan["meta"][0, 1, 2])
+    word = int(metas[0, 1, 2])
     assert [(word >> (2 * j)) & 3 for j in range(16)] == list(cols_kept % 4)
 
 

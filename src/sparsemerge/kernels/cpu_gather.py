@@ -15,7 +15,8 @@ reads 34 of dense's 64 MiB for 4096 x 4096, stayed at 1.6x. This kernel goes row
 * one ``vfmadd231ps`` with the 16 kept weights straight from memory.
 
 Rows go in quads stored interleaved (one weight stream; the 32 inputs are loaded once per
-four rows - the input of an 11008-column layer does not fit in L1).
+four rows) and columns in blocks of 2048: streaming whole rows evicted the inputs from L1
+before their next use (4096 x 4096 ran at 24 GB/s; with a fixed input, 34 GB/s).
 
 That is four vector instructions per 64 bytes of weights, enough to stream at the memory
 bandwidth (``benchmarks/bench_gemv.py``). Rows whose column count is not a multiple of 32
@@ -36,6 +37,7 @@ from sparsemerge.kernels.layout import BlockedNM, positions_of, unblock
 from sparsemerge.kernels.llvm_jit import compile_functions, features_missing
 
 UNIT = 32  # input columns per vpermi2ps table (16 kept weights)
+BLOCK_UNITS = 64  # units per column block: 2048 inputs, 8 KiB of x kept in L1
 REQUIRED_FEATURES = ("avx512f", "avx512bw", "avx512vbmi")
 
 
@@ -70,7 +72,10 @@ _ROW_END = """
   %tot{k} = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, <16 x float> %a{k})
   %ro{k} = add i64 %r, {k}
   %op{k} = getelementptr float, ptr %out, i64 %ro{k}
-  store float %tot{k}, ptr %op{k}
+  %old{k} = load float, ptr %op{k}
+  %prev{k} = select i1 %first, float 0.0, float %old{k}
+  %new{k} = fadd float %prev{k}, %tot{k}
+  store float %new{k}, ptr %op{k}
 """
 
 _IR = """
@@ -79,20 +84,39 @@ declare <16 x float> @llvm.x86.avx512.vpermi2var.ps.512(<16 x float>, <16 x i32>
 declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
 declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)
 
-; rows come in quads (r0, r1 multiples of 4): unit u of quad q holds the 16 kept weights of its
-; 4 rows one after the other (vals[((q * units + u) * 4 + k) * 16 ...]) and their 4 metadata
-; words (meta[(q * units + u) * 4 + k]): one weight stream, and the 32 inputs of a unit are
-; loaded once for 4 rows (x of an 11008-column layer does not fit in L1)
-define void @gemv24_f32_gather(ptr %vals, ptr %meta, ptr %x, ptr %out, i64 %r0, i64 %r1, i64 %units) {
+; The columns go in blocks of %bunits units (the last block may be shorter), rows in quads.
+; Block c, quad q, unit u of the block, row k of the quad: metadata word
+;   meta[c * bunits * 4 * nquads + (q * cu + u) * 4 + k]   (cu = units in block c)
+; and its 16 weights at vals[16 * that index]: one weight stream per block, and the block's
+; inputs (bunits * 32 floats, 8 KiB) stay in L1 while every quad streams past them (with whole
+; rows the weights streaming through L1 evicted the inputs before their next use).
+; out[r] = the sum over blocks, for rows r0..r1-1 (multiples of 4).
+define void @gemv24_f32_gather(ptr %vals, ptr %meta, ptr %x, ptr %out, i64 %r0, i64 %r1, i64 %units,
+                               i64 %nquads, i64 %bunits) {
 entry:
+  %blockwords = mul i64 %bunits, %nquads
+  %blockwords4 = mul i64 %blockwords, 4
+  br label %blockloop
+blockloop:
+  %c0 = phi i64 [ 0, %entry ], [ %c0next, %blockend ]
+  %cdone = icmp uge i64 %c0, %units
+  br i1 %cdone, label %exit, label %blockbody
+blockbody:
+  %first = icmp eq i64 %c0, 0
+  %left = sub i64 %units, %c0
+  %short = icmp ult i64 %left, %bunits
+  %cu = select i1 %short, i64 %left, i64 %bunits
+  %cidx = udiv i64 %c0, %bunits
+  %cbase = mul i64 %cidx, %blockwords4
+  %xc = getelementptr float, ptr %x, i64 0
   br label %quadloop
 quadloop:
-  %r = phi i64 [ %r0, %entry ], [ %rnext, %quadend ]
+  %r = phi i64 [ %r0, %blockbody ], [ %rnext, %quadend ]
   %rdone = icmp uge i64 %r, %r1
-  br i1 %rdone, label %exit, label %quadbody
+  br i1 %rdone, label %blockend, label %quadbody
 quadbody:
   %q = lshr i64 %r, 2
-  %qu = mul i64 %q, %units
+  %qu = mul i64 %q, %cu
   br label %unitloop
 unitloop:
   %u = phi i64 [ 0, %quadbody ], [ %unext, %unitbody ]
@@ -100,16 +124,18 @@ unitloop:
   %a1 = phi <16 x float> [ zeroinitializer, %quadbody ], [ %an1, %unitbody ]
   %a2 = phi <16 x float> [ zeroinitializer, %quadbody ], [ %an2, %unitbody ]
   %a3 = phi <16 x float> [ zeroinitializer, %quadbody ], [ %an3, %unitbody ]
-  %udone = icmp uge i64 %u, %units
+  %udone = icmp uge i64 %u, %cu
   br i1 %udone, label %quadend, label %unitbody
 unitbody:
-  %xo = mul i64 %u, 32
+  %ug = add i64 %c0, %u
+  %xo = mul i64 %ug, 32
   %xlp = getelementptr float, ptr %x, i64 %xo
   %xhp = getelementptr float, ptr %xlp, i64 16
   %xl = load <16 x float>, ptr %xlp, align 4
   %xh = load <16 x float>, ptr %xhp, align 4
   %qui = add i64 %qu, %u
-  %mbase = mul i64 %qui, 4
+  %mlocal = mul i64 %qui, 4
+  %mbase = add i64 %cbase, %mlocal
 ROWS
   %unext = add i64 %u, 1
   br label %unitloop
@@ -117,6 +143,9 @@ quadend:
 ENDS
   %rnext = add i64 %r, 4
   br label %quadloop
+blockend:
+  %c0next = add i64 %c0, %bunits
+  br label %blockloop
 exit:
   ret void
 }
@@ -141,7 +170,7 @@ def _compiled() -> tuple[Optional[object], Optional[str]]:
         missing = cpu_features_missing()
         if missing:
             return None, f"the CPU lacks {', '.join(missing)}"
-        proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_int64] * 3))
+        proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_int64] * 5))
         fn = compile_functions(_kernel_ir(), {"gemv24_f32_gather": proto})["gemv24_f32_gather"]
         return _row_runner(fn), None
     except Exception as exc:  # noqa: BLE001 - any llvmlite failure means "not available", with the reason
@@ -161,7 +190,7 @@ def _row_runner(fn):
             r0 = t * step
             r1 = min(4 * quads, r0 + step)
             if r0 < r1:
-                fn(vals.ctypes.data, meta.ctypes.data, x.ctypes.data, out.ctypes.data, r0, r1, units)
+                fn(vals.ctypes.data, meta.ctypes.data, x.ctypes.data, out.ctypes.data, r0, r1, units, quads, BLOCK_UNITS)
 
     return run
 
@@ -192,9 +221,14 @@ def prepare(layer: BlockedNM) -> dict:
         meta |= pos[:, :, j] << np.uint32(2 * j)
     vals = np.zeros((quads * 4, units, 16), np.float32)
     vals[:rows] = unblock(layer.values, rows).cpu().reshape(rows, units, 16).numpy()
-    # quad q, unit u: the 4 rows' 16 weights one after the other
-    meta = np.ascontiguousarray(meta.reshape(quads, 4, units).transpose(0, 2, 1))
-    vals = np.ascontiguousarray(vals.reshape(quads, 4, units, 16).transpose(0, 2, 1, 3))
+    # column block c, quad q, unit u of the block: the 4 rows' 16 weights one after the other
+    blocks_meta, blocks_vals = [], []
+    for c0 in range(0, units, BLOCK_UNITS):
+        c1 = min(units, c0 + BLOCK_UNITS)
+        blocks_meta.append(meta[:, c0:c1].reshape(quads, 4, c1 - c0).transpose(0, 2, 1).reshape(-1))
+        blocks_vals.append(vals[:, c0:c1].reshape(quads, 4, c1 - c0, 16).transpose(0, 2, 1, 3).reshape(-1))
+    meta = np.ascontiguousarray(np.concatenate(blocks_meta))
+    vals = np.ascontiguousarray(np.concatenate(blocks_vals))
     plan = {"vals": vals, "meta": meta, "units": units}
     plan["nbytes"] = vals.nbytes + meta.nbytes
     layer.extra["gather_plan"] = plan
