@@ -178,19 +178,22 @@ def _compiled() -> tuple[Optional[object], Optional[str]]:
 
 
 def _row_runner(fn):
-    """One numba call per matmul: the rows split over numba's threads, ``fn`` (a ctypes
-    function pointer) called on each range."""
+    """One numba call per matmul (``x (1, cols)`` -> ``out (1, rows)``): the rows split over
+    numba's threads, ``fn`` (a ctypes function pointer) called on each range."""
     import numba
 
     @numba.njit(parallel=True)
-    def run(vals, meta, x, out, rows, units, tasks):  # pragma: no cover - jitted
+    def run(vals, meta, x2, rows, units, tasks):  # pragma: no cover - jitted
+        x = x2[0]
         quads = (rows + 3) // 4
+        out = np.empty((1, 4 * quads), np.float32)
         step = 4 * ((quads + tasks - 1) // tasks)
         for t in numba.prange(tasks):
             r0 = t * step
             r1 = min(4 * quads, r0 + step)
             if r0 < r1:
                 fn(vals.ctypes.data, meta.ctypes.data, x.ctypes.data, out.ctypes.data, r0, r1, units, quads, BLOCK_UNITS)
+        return out[:, :rows]
 
     return run
 
@@ -236,7 +239,8 @@ def prepare(layer: BlockedNM) -> dict:
 
 
 def runner_for(layer: BlockedNM) -> tuple:
-    """``(run, plan)``: ``run(plan["vals"], plan["meta"], x, out, rows, plan["units"], tasks)``."""
+    """``(run, plan)``: ``run(plan["vals"], plan["meta"], x (1, cols), rows, plan["units"], tasks)``
+    returns ``out (1, rows)``."""
     run, reason = _compiled()
     if run is None:
         raise RuntimeError(reason)
@@ -249,7 +253,6 @@ def gather_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> torch.Tens
     if cached is None:
         cached = layer.extra["gather_runner"] = runner_for(layer)
     run, plan = cached
-    out = np.empty(-(-layer.rows // 4) * 4, np.float32)
-    tasks = threads if layer.rows >= 128 * threads else 1
-    run(plan["vals"], plan["meta"], x.reshape(-1).numpy(), out, layer.rows, plan["units"], tasks)
-    return torch.from_numpy(out[: layer.rows]).unsqueeze(0)
+    rows = layer.rows
+    return torch.from_numpy(run(plan["vals"], plan["meta"], x.numpy(), rows, plan["units"],
+                                threads if rows >= 128 * threads else 1))

@@ -87,7 +87,7 @@ _LOW32 = _vec(list(range(32)) + [32] * 32, "i32")  # 32 loaded bytes, then zeros
 
 # %acc{S}' = %acc{S} + dot(selected activations, kept weights) of pair %p{S} of the row.
 _PAIR_STEP = """
-  %mo{S} = mul i64 %p{S}, 16
+  %mo{S} = mul i64 %p{S}, PAIR_STRIDE
   %mp{S} = getelementptr i8, ptr %mrow, i64 %mo{S}
   %m2{S} = load <2 x i64>, ptr %mp{S}, align 1
   %m8{S} = shufflevector <2 x i64> %m2{S}, <2 x i64> poison, <8 x i32> BCAST2
@@ -105,18 +105,18 @@ WEIGHTS
   %accn{S} = call <16 x i32> @llvm.x86.avx512.vpdpbusd.512(<16 x i32> %acc{S}, <64 x i8> %xsel{S}, <64 x i8> %w{S})
 """
 _W_INT8_PAIR = """
-  %wo{S} = mul i64 %p{S}, 64
+  %wo{S} = mul i64 %p{S}, PAIR_STRIDE
   %wp{S} = getelementptr i8, ptr %vrow, i64 %wo{S}
   %w{S} = load <64 x i8>, ptr %wp{S}, align 1
 """
 _W_INT8_TAIL = """
-  %wo{S} = mul i64 %p{S}, 64
+  %wo{S} = mul i64 %p{S}, PAIR_STRIDE
   %wp{S} = getelementptr i8, ptr %vrow, i64 %wo{S}
   %w32{S} = load <32 x i8>, ptr %wp{S}, align 1
   %w{S} = shufflevector <32 x i8> %w32{S}, <32 x i8> zeroinitializer, <64 x i32> LOW32
 """
 _W_INT4_PAIR = """
-  %wo{S} = mul i64 %p{S}, 32
+  %wo{S} = mul i64 %p{S}, PAIR_STRIDE
   %wp{S} = getelementptr i8, ptr %vrow, i64 %wo{S}
   %w32{S} = load <32 x i8>, ptr %wp{S}, align 1
   %wn{S} = shufflevector <32 x i8> %w32{S}, <32 x i8> poison, <64 x i32> BCAST32
@@ -124,7 +124,7 @@ _W_INT4_PAIR = """
   %w{S} = call <64 x i8> @llvm.x86.vgf2p8affineqb.512(<64 x i8> %wn{S}, <64 x i8> %wm{S}, i8 0)
 """
 _W_INT4_TAIL = """
-  %wo{S} = mul i64 %p{S}, 32
+  %wo{S} = mul i64 %p{S}, PAIR_STRIDE
   %wp{S} = getelementptr i8, ptr %vrow, i64 %wo{S}
   %w16{S} = load <16 x i8>, ptr %wp{S}, align 1
   %wn{S} = shufflevector <16 x i8> %w16{S}, <16 x i8> poison, <64 x i32> BCAST16
@@ -141,29 +141,28 @@ declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)
 declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
 
 ; out[r] = sum_b wscale[r, b / xb_per_q] * xs[b] * (corr[r, b] + sum over block b of xu * c)
-; a row holds npairs pairs (PAIR_BYTES weight bytes, 16 metadata bytes each) and, if tail = 1,
-; one 64-column chunk (TAIL_BYTES weight bytes, 16 metadata bytes) at the end
-define void @NAME(ptr %vals, ptr %meta, ptr %wscale, ptr %corr, ptr %xu, ptr %xs, ptr %out,
+; a row is one byte stream: npairs pairs of 16 metadata bytes + PAIR_BYTES weight bytes and, if
+; tail = 1, one 64-column chunk (16 metadata bytes + TAIL_BYTES weight bytes) at the end
+; (a separate metadata array was a second stream per row and cost ~15% of the bandwidth)
+define void @NAME(ptr %stream, ptr %wscale, ptr %corr, ptr %xu, ptr %xs, ptr %out,
                   i64 %r0, i64 %r1, i64 %npairs, i64 %tail, i64 %nscale, i64 %xb_per_q) {
 entry:
   %nunits = add i64 %npairs, %tail
   %nxb = lshr i64 %nunits, 1
   %nxbr = and i64 %nunits, 1
   %nxbt = add i64 %nxb, %nxbr
-  %vstride0 = mul i64 %npairs, PAIR_BYTES
-  %vstride1 = mul i64 %tail, TAIL_BYTES
+  %vstride0 = mul i64 %npairs, PAIR_STRIDE
+  %vstride1 = mul i64 %tail, TAIL_STRIDE
   %vstride = add i64 %vstride0, %vstride1
-  %mstride = mul i64 %nunits, 16
   br label %rowloop
 rowloop:
   %r = phi i64 [ %r0, %entry ], [ %rnext, %rowend ]
   %rdone = icmp uge i64 %r, %r1
   br i1 %rdone, label %exit, label %rowbody
 rowbody:
-  %vro = mul i64 %r, %vstride
-  %vrow = getelementptr i8, ptr %vals, i64 %vro
-  %mro = mul i64 %r, %mstride
-  %mrow = getelementptr i8, ptr %meta, i64 %mro
+  %mro = mul i64 %r, %vstride
+  %mrow = getelementptr i8, ptr %stream, i64 %mro
+  %vrow = getelementptr i8, ptr %mrow, i64 16
   %cro = mul i64 %r, %nxbt
   %crow = getelementptr i32, ptr %corr, i64 %cro
   %sro = mul i64 %r, %nscale
@@ -246,7 +245,8 @@ def _kernel_ir(name: str, codec: str) -> str:
           .replace("PAIR0", _step("0", pair_w, "%p0", "%acc0"))
           .replace("PAIR1", _step("1", pair_w, "%p1", "%accn0"))
           .replace("PAIRL", _step("l", pair_w, "%p0", "%acc0"))
-          .replace("TAIL", _step("t", tail_w, "%pt", "%acct")))
+          .replace("\nTAIL\n", "\n" + _step("t", tail_w, "%pt", "%acct") + "\n")
+          .replace("PAIR_STRIDE", "80" if codec == "int8" else "48").replace("TAIL_STRIDE", "48" if codec == "int8" else "32"))
     for key, value in (("BCAST2", _BCAST2), ("BCAST32", _BCAST32), ("BCAST16", _BCAST16), ("LOW32", _LOW32),
                        ("SHIFTS", _SHIFTS), ("THREE", _THREE), ("GROUP_BASE", _GROUP_BASE),
                        ("PAIR_NIBBLES", _PAIR_NIBBLES), ("TAIL_NIBBLES", _TAIL_NIBBLES)):
@@ -265,7 +265,7 @@ def _compiled() -> tuple[Optional[dict], Optional[str]]:
         missing = cpu_features_missing()
         if missing:
             return None, f"the CPU lacks {', '.join(missing)}"
-        proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 7), *([ctypes.c_int64] * 6))
+        proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 6), *([ctypes.c_int64] * 6))
         fns = compile_functions("\n".join(_kernel_ir(f"gemv24_{c}_a8", c) for c in ("int8", "int4")),
                                 {f"gemv24_{c}_a8": proto for c in ("int8", "int4")})
         return {c: _row_runner(fns[f"gemv24_{c}_a8"]) for c in ("int8", "int4")}, None
@@ -300,27 +300,30 @@ def _quantize(x, xu, xs):  # pragma: no cover - jitted
 
 
 def _row_runner(fn):
-    """One numba call per matmul: quantize ``x``, then split the rows over numba's threads and
-    call ``fn`` on each range (a ctypes function pointer, called without the GIL). False when
-    ``x`` is not finite (the caller takes the float path). Python-side work per call matters:
-    a decoding step calls ~200 small layers."""
+    """One numba call per matmul: quantize ``x (1, cols)``, then split the rows over numba's
+    threads and call ``fn`` on each range (a ctypes function pointer, called without the GIL);
+    returns ``out (1, rows)``, or an empty array when ``x`` is not finite (the caller takes the
+    float path). Python-side work per call matters: a decoding step calls ~200 small layers,
+    and every torch/numpy call costs microseconds, tens of them with cold caches."""
     import numba
 
     @numba.njit(parallel=True)
-    def run(vals, meta, wscale, corr, x, out, rows, npairs, tail, nscale, xb_per_q, tasks):  # pragma: no cover - jitted
+    def run(stream, wscale, corr, x2, rows, npairs, tail, nscale, xb_per_q, tasks):  # pragma: no cover - jitted
+        x = x2[0]
         nxb = (2 * npairs + tail + 3) // 4
         xu = np.full((npairs + 1) * PAIR, 128, np.uint8)
         xs = np.empty(nxb, np.float32)
         if not _quantize(x, xu, xs):
-            return False
+            return np.empty((0, 0), np.float32)
+        out = np.empty((1, rows), np.float32)
         step = (rows + tasks - 1) // tasks
         for t in numba.prange(tasks):
             r0 = t * step
             r1 = min(rows, r0 + step)
             if r0 < r1:
-                fn(vals.ctypes.data, meta.ctypes.data, wscale.ctypes.data, corr.ctypes.data, xu.ctypes.data,
+                fn(stream.ctypes.data, wscale.ctypes.data, corr.ctypes.data, xu.ctypes.data,
                    xs.ctypes.data, out.ctypes.data, r0, r1, npairs, tail, nscale, xb_per_q)
-        return True
+        return out
 
     return run
 
@@ -382,9 +385,13 @@ def prepare(layer: BlockedNM) -> dict:
     pair_c = c[:, : npairs * 64].reshape(rows, npairs, 64)
     tail_c = c[:, npairs * 64:].reshape(rows, tail, 32)
     if layer.codec == "int8":
-        vals = np.concatenate([pair_c.astype(np.int8).reshape(rows, -1), tail_c.astype(np.int8).reshape(rows, -1)], 1)
+        pair_w, tail_w = pair_c.astype(np.int8).view(np.uint8), tail_c.astype(np.int8).view(np.uint8)
     else:
-        vals = np.concatenate([_pack_nibbles(pair_c, 32).reshape(rows, -1), _pack_nibbles(tail_c, 16).reshape(rows, -1)], 1)
+        pair_w, tail_w = _pack_nibbles(pair_c, 32), _pack_nibbles(tail_c, 16)
+    meta = meta.reshape(rows, nunits, 16)
+    # one byte stream per row: each unit's 16 metadata bytes, then its weights
+    stream = np.concatenate([np.concatenate([meta[:, :npairs], pair_w], 2).reshape(rows, -1),
+                             np.concatenate([meta[:, npairs:], tail_w], 2).reshape(rows, -1)], 1)
     nxb = -(-cols // XBLOCK)
     block_sums = np.zeros((rows, nxb * 128), np.int64)
     block_sums[:, : cols // 2] = c
@@ -392,8 +399,7 @@ def prepare(layer: BlockedNM) -> dict:
     scale = unblock(layer.scale, rows).cpu().float().contiguous().numpy()
     xb_per_q = nxb if layer.group_size is None else (4 * layer.groups_per_scale) // XBLOCK
     plan = {
-        "vals": np.ascontiguousarray(vals.view(np.uint8)),
-        "meta": np.ascontiguousarray(meta),
+        "stream": np.ascontiguousarray(stream),
         "scale": np.ascontiguousarray(scale),
         "corr": np.ascontiguousarray(corr),
         "npairs": npairs,
@@ -401,7 +407,7 @@ def prepare(layer: BlockedNM) -> dict:
         "nscale": scale.shape[1],
         "xb_per_q": max(1, xb_per_q),
     }
-    plan["nbytes"] = sum(plan[k].nbytes for k in ("vals", "meta", "scale", "corr"))
+    plan["nbytes"] = sum(plan[k].nbytes for k in ("stream", "scale", "corr"))
     layer.extra["vnni_plan"] = plan
     return plan
 
@@ -443,13 +449,13 @@ def fake_quant_inputs(model: torch.nn.Module, names: list[str]) -> list:
 
 
 def runner_for(layer: BlockedNM) -> tuple:
-    """``(run, args)``: ``run(*args[:4], x, out, *args[4:], tasks)`` computes ``out`` for one
-    float32 input row ``x`` (numpy) and returns False when ``x`` is not finite."""
+    """``(run, args)``: ``run(*args[:3], x, *args[3:], tasks)`` returns ``out (1, rows)`` for
+    one float32 input row ``x (1, cols)`` (numpy), an empty array when ``x`` is not finite."""
     fns, reason = _compiled()
     if fns is None:
         raise RuntimeError(reason)
     plan = prepare(layer)
-    args = (plan["vals"], plan["meta"], plan["scale"], plan["corr"], layer.rows, plan["npairs"], plan["tail"],
+    args = (plan["stream"], plan["scale"], plan["corr"], layer.rows, plan["npairs"], plan["tail"],
             plan["nscale"], plan["xb_per_q"])
     return fns[layer.codec], args
 
@@ -461,11 +467,8 @@ def vnni_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> Optional[tor
     if cached is None:
         cached = layer.extra["vnni_runner"] = runner_for(layer)
     run, args = cached
-    out = np.empty(layer.rows, np.float32)
-    tasks = threads if layer.rows >= 128 * threads else 1
-    if not run(*args[:4], x.reshape(-1).numpy(), out, *args[4:], tasks):
-        return None
-    return torch.from_numpy(out).unsqueeze(0)
+    out = run(*args[:3], x.numpy(), *args[3:], threads if layer.rows >= 128 * threads else 1)
+    return torch.from_numpy(out) if out.size else None
 
 
 def reference_w8a8(layer: BlockedNM, x: torch.Tensor) -> torch.Tensor:

@@ -176,8 +176,6 @@ class SparseLinear(nn.Module):
         step calls ~200 small layers; the generic path costs ~15 us of Python per call)."""
         if key != ("cpu", None) or self.values.device.type != "cpu" or not (self.n == 2 and self.m == 4):
             return None
-        import numpy as np
-
         from sparsemerge.kernels.cpu import _threads, gather_reason, sync_threads, vnni_reason
 
         layout = self.layout
@@ -189,25 +187,21 @@ class SparseLinear(nn.Module):
 
             def token(x: torch.Tensor):
                 sync_threads()
-                out = np.empty(rows, np.float32)
-                tasks = _threads[0] if rows >= 128 * _threads[0] else 1
-                if not run(*args[:4], x.detach().reshape(-1).numpy(), out, *args[4:], tasks):
-                    return None
-                return torch.from_numpy(out)
+                out = run(*args[:3], x.detach().numpy().reshape(1, -1), *args[3:],
+                          _threads[0] if rows >= 128 * _threads[0] else 1)
+                return torch.from_numpy(out) if out.size else None
 
             return token
         if gather_reason(layout) is None:
             from sparsemerge.kernels.cpu_gather import runner_for
 
             run, plan = runner_for(layout)
-            vals, meta, units, padded = plan["vals"], plan["meta"], plan["units"], -(-rows // 4) * 4
+            vals, meta, units = plan["vals"], plan["meta"], plan["units"]
 
             def token(x: torch.Tensor):
                 sync_threads()
-                out = np.empty(padded, np.float32)
-                tasks = _threads[0] if rows >= 128 * _threads[0] else 1
-                run(vals, meta, x.detach().reshape(-1).numpy(), out, rows, units, tasks)
-                return torch.from_numpy(out[:rows])
+                return torch.from_numpy(run(vals, meta, x.detach().numpy().reshape(1, -1), rows, units,
+                                            _threads[0] if rows >= 128 * _threads[0] else 1))
 
             return token
         return None
