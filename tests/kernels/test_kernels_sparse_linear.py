@@ -143,7 +143,12 @@ def test_cli_run_and_bench(tmp_path, tiny_tokenizer, capsys):
     assert out.startswith("The team") and "14 sparse layers" in out
     assert main(["bench", str(tmp_path / "hf"), "--quant", "int4", "--tokens", "3", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
-    assert "dense float32" in out and "tokens/s" in out
+    assert "dense float32" in out and "tokens/s" in out and "peak RSS +MiB" in out
+    # peak memory comes from a fresh process per model: a number, not nan
+    sparse_row = next(line for line in out.splitlines() if line.startswith("sparse "))
+    assert float(sparse_row.split()[5]) > 0
+    assert main(["bench", str(tmp_path / "hf"), "--tokens", "1", "--repeats", "1", "--no-dense", "--no-peak-memory"]) == 0
+    assert "nan" in capsys.readouterr().out
     assert main(["run", str(tmp_path / "hf"), "--prompt", "x", "--kernel", "nope"]) == 2
     assert main(["bench", str(tmp_path / "missing"), "--tokens", "1"]) == 2
 
