@@ -212,3 +212,46 @@ def test_int8_head_matches_dequantized_head():
     assert torch.equal(model.model.embed_tokens.weight, model.model.embed_tokens.weight.float())  # embedding untouched
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref, atol=5e-2, rtol=0)
+
+
+@pytest.mark.parametrize("dense_quant,group_size", [("int8", 0), ("int8", 48), ("int4", 32)])
+def test_packed_int8_embedding_stays_codes_and_feeds_the_tied_head(tmp_path, tiny_tokenizer, dense_quant, group_size):
+    from sparsemerge.formats.model import PackConfig, pack
+    from sparsemerge.kernels.dense_int8 import Int8Embedding, Int8Linear
+    from sparsemerge.kernels.model import load_for_run, model_bytes
+
+    model = pruned_tiny_llama()  # tied embedding / head, hidden 64 (a 48-wide group leaves a 16-wide one)
+    model.save_pretrained(tmp_path / "hf")
+    tiny_tokenizer.save_pretrained(tmp_path / "hf")
+    pack(tmp_path / "hf", tmp_path / "packed", PackConfig(quant="int8", group_size=group_size, dense_quant=dense_quant))
+    sparse = load_for_run(str(tmp_path / "packed"))
+    dense = load_for_run(str(tmp_path / "packed"), dense=True)
+    table, head = sparse.model.model.embed_tokens, sparse.model.lm_head
+    assert isinstance(table, Int8Embedding) and isinstance(head, Int8Linear)
+    assert head.codes is table.codes and head.scale is table.scale  # one copy of the codes
+    assert "lm_head" in sparse.swapped
+    assert model_bytes(sparse.model) < model_bytes(dense.model) / 3
+    ids = torch.randint(0, 384, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(sparse.model(ids).logits, dense.model(ids).logits, atol=1e-4, rtol=0)
+        torch.testing.assert_close(table(ids), dense.model.model.embed_tokens(ids), atol=1e-6, rtol=0)
+        x = torch.randn(1, 64)
+        fast = head(x)
+        with force_kernel("reference"):  # the dequantizing path of Int8Linear agrees
+            torch.testing.assert_close(head(x), fast, atol=1e-4, rtol=0)
+
+
+def test_int8_linear_groups_match_the_dequantized_weight():
+    from sparsemerge.kernels.dense_int8 import Int8Linear
+
+    lin = torch.nn.Linear(100, 37, bias=True)
+    for group in (0, 32, 100):
+        q = Int8Linear.from_linear(lin, group_size=group)
+        x = torch.randn(3, 100)
+        expect = x @ q.to_dense().T + lin.bias
+        torch.testing.assert_close(q(x), expect, rtol=1e-5, atol=1e-5)
+        with force_kernel("reference"):
+            torch.testing.assert_close(q(x), expect, rtol=1e-5, atol=1e-5)
+        assert float((q.to_dense() - lin.weight).abs().max()) <= float(lin.weight.abs().max()) / 127
+    with pytest.raises(SparsemergeError, match="does not fit"):
+        Int8Linear(torch.zeros(4, 10, dtype=torch.int8), torch.ones(4, 2), group_size=3)

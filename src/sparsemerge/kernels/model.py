@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.kernels.dense_int8 import Int8Embedding, Int8Linear
 from sparsemerge.kernels.sparse_linear import SparseLinear, SparsifyConfig, SparsifyReport, sparsify_
 
 log = logging.getLogger(__name__)
@@ -70,19 +71,23 @@ def load_packed(path: "str | os.PathLike[str]", dense: bool = False, verify: boo
         raise SparsemergeError(f"packed checkpoint {str(folder)!r} has no usable config.json ({exc}); repack it from an HF folder") from None
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    swapped = []
+    swapped: list[str] = []
+    int8_tables: list[str] = []
     state: dict[str, torch.Tensor] = {}
     with read_packed(folder) as ckpt:
         for name in ckpt.names():
             obj = ckpt.get_format(name, verify=verify)
             module_name = name[: -len(".weight")] if name.endswith(".weight") else None
             module = _get(model, module_name) if module_name else None
+            codes = None if dense else _int8_codes(obj)
             if not dense and isinstance(obj, NMPacked) and isinstance(module, nn.Linear):
-                bias = None
-                if module.bias is not None:
-                    bias_name = module_name + ".bias"
-                    bias = ckpt.get_dense(bias_name, verify=verify).float() if bias_name in ckpt else None
-                _replace(model, module_name, SparseLinear.from_packed(obj, bias))
+                _replace(model, module_name, SparseLinear.from_packed(obj, _bias(ckpt, module, module_name, verify)))
+                swapped.append(module_name)
+            elif codes is not None and isinstance(module, nn.Embedding):  # INT8 table: kept as codes
+                _replace(model, module_name, Int8Embedding(*codes, padding_idx=module.padding_idx))
+                int8_tables.append(module_name)
+            elif codes is not None and isinstance(module, nn.Linear):
+                _replace(model, module_name, Int8Linear(codes[0], codes[1], _bias(ckpt, module, module_name, verify), codes[2]))
                 swapped.append(module_name)
             else:
                 state[name] = obj.to_dense().float()
@@ -92,13 +97,46 @@ def load_packed(path: "str | os.PathLike[str]", dense: bool = False, verify: boo
     if unexpected:
         raise SparsemergeError(f"packed checkpoint {str(folder)!r} holds tensors the config does not know: {unexpected[:5]}")
     if getattr(config, "tie_word_embeddings", False):
-        model.tie_weights()
+        table = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        if isinstance(table, Int8Embedding) and head is not None:
+            # the head reads the table's codes (no float copy of either)
+            name = next(n for n, m in model.named_modules() if m is head)
+            _replace(model, name, table.tied_head(getattr(head, "bias", None) if not _is_meta(getattr(head, "bias", None)) else None))
+            swapped.append(name)
+        else:
+            model.tie_weights()
     _materialize_rest(model)
     still_meta = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.device.type == "meta"]
     if still_meta:
         raise SparsemergeError(f"packed checkpoint {str(folder)!r} lacks tensors {still_meta[:5]}")
     model.eval()
     return SparseModel(model, _load_tokenizer(folder), "dense" if dense else "packed", time.perf_counter() - start, swapped)
+
+
+def _int8_codes(obj) -> "tuple[torch.Tensor, torch.Tensor, int] | None":
+    """``(codes, scale, group_size)`` of a dense 2-D tensor stored as symmetric INT8/INT4
+    codes with groups along its rows (``pack --dense-quant``), else None."""
+    from sparsemerge.formats.dense import Dense
+    from sparsemerge.formats.quant import QuantizedValues
+
+    values = getattr(obj, "values", None)
+    if not (isinstance(obj, Dense) and isinstance(values, QuantizedValues) and len(obj.shape) == 2):
+        return None
+    if values.zero_point is not None or values.codes.shape != tuple(obj.shape):
+        return None
+    return values.int8_codes().contiguous(), values.scale.float(), int(values.group_size)
+
+
+def _bias(ckpt, module: nn.Module, module_name: str, verify: bool) -> Optional[torch.Tensor]:
+    if getattr(module, "bias", None) is None:
+        return None
+    bias_name = module_name + ".bias"
+    return ckpt.get_dense(bias_name, verify=verify).float() if bias_name in ckpt else None
+
+
+def _is_meta(t: Optional[torch.Tensor]) -> bool:
+    return t is not None and t.device.type == "meta"
 
 
 def _materialize_rest(model: nn.Module) -> None:
