@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 
 def test_demo_prunes_packs_and_times_decoding(tiny_llama_dir, text_file, tmp_path, capsys):
@@ -20,6 +21,11 @@ def test_demo_prunes_packs_and_times_decoding(tiny_llama_dir, text_file, tmp_pat
     # pruned models are written inside --out, named after the model folder
     assert all(r["folder"].startswith(str(out)) for r in rows[1:])
     assert (out / f"{tiny_llama_dir.name}-sparsegpt-block-2of4" / "config.json").is_file()
+    # the best pruned model is recovered by distillation (its zeros kept), then packed
+    recovered = rows[4]
+    assert recovered["name"].endswith("+recovered") and recovered["perplexity"] > 0
+    assert (Path(recovered["folder"]) / "sparsemerge_recover.json").is_file()
+    assert main(["check", recovered["folder"], "--pattern", "2:4", "--quiet"]) == 0
     packed = rows[-1]
     assert packed["name"].endswith("+int4") and packed["megabytes"] < packed["dense_megabytes"]
     assert packed["speedup"] > 0 and packed["perplexity"] > 0

@@ -34,6 +34,12 @@ def test_prune_check_eval_end_to_end(tiny_llama_dir, tmp_path, text_file, capsys
     assert run("eval", "ppl", out, "--data", text_file, "--seqlen", "32", "--no-progress") == 0
     line = capsys.readouterr().out
     assert "perplexity" in line and float(line.split()[1]) > 1.0
+    # a packed checkpoint is evaluated from its stored values: unquantized, the same perplexity
+    assert run("pack", out, tmp_path / "packed", "--quant", "none") == 0
+    capsys.readouterr()
+    assert run("eval", "ppl", tmp_path / "packed", "--data", text_file, "--seqlen", "32", "--no-progress") == 0
+    packed_line = capsys.readouterr().out
+    assert float(packed_line.split()[1]) == pytest.approx(float(line.split()[1]), rel=1e-4)
 
 
 def test_prune_gradient_with_text_calibration(tiny_llama_dir, tmp_path, text_file):
