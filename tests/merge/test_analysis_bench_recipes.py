@@ -1,7 +1,6 @@
 """The merge-quality benchmark's recipes are valid configs that the engine runs, for every registered method."""
 from __future__ import annotations
 
-import math
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
 from conftest import make_tiny_llama
+from layout_reference import hand_perplexity
 from sparsemerge.merge import list_methods, run_merge
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
@@ -61,7 +61,7 @@ def test_every_method_recipe_runs_on_tiny_models(tmp_path):
 
     def score(state):
         model.load_state_dict(state, strict=False)
-        return _perplexity(model, val)
+        return hand_perplexity(model, val)
 
     individual = [score(s) for s in spec_states]
     order = sorted(range(3), key=lambda i: individual[i])
@@ -79,10 +79,3 @@ def test_every_method_recipe_runs_on_tiny_models(tmp_path):
 def _state(folder):
     return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
 
-
-@torch.no_grad()
-def _perplexity(model, windows):
-    """exp(mean next-token cross-entropy) over all windows, each predicting its tokens 2..n."""
-    logits = model(input_ids=windows).logits[:, :-1].double()
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, windows[:, 1:, None])
-    return math.exp(-float(logp.mean()))
