@@ -39,7 +39,8 @@ def test_output_is_a_loadable_model_with_tokenizer_and_record(family, tmp_path):
     report = run_merge(_ta(base, tuned), out)
     assert report.tensors == 20 and report.files == ["model.safetensors"]
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert AutoTokenizer.from_pretrained(out) is not None
+    text = "The team won the match in the final minutes."
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(base)(text).input_ids
     record = json.loads((out / "sparsemerge_merge.json").read_text())
     assert record["method"] == "task_arithmetic"
     b, ts, merged = tensors(base), [tensors(t) for t in tuned], tensors(out)
