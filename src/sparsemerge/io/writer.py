@@ -17,10 +17,12 @@ or ``single_name`` when one shard suffices; with ``index`` and more than one sha
 ``PREFIX.safetensors.index.json`` (``{"metadata": {"total_size"}, "weight_map"}``) as
 transformers writes it.
 
-Header bytes (``layout``): ``"safetensors"`` reproduces ``safetensors.torch.save_file``
-exactly (tensors by descending dtype rank of :mod:`.dtypes`, then name; metadata keys
-sorted; compact JSON padded with spaces to 8 bytes); ``"plan"`` keeps tensors and metadata
-in the caller's order (the merge engine's layout).
+Header bytes: compact JSON, ``__metadata__`` first (keys in the caller's order), padded with
+spaces to a multiple of 8. ``layout="safetensors"`` orders tensors as
+``safetensors.torch.save_file`` does (descending dtype rank of :mod:`.dtypes`, then name), so
+a file equals save_file's byte for byte (save_file's own order of several metadata keys is a
+hash-map order, so byte equality holds for at most one metadata key); ``layout="plan"``
+keeps the caller's order (the merge engine's layout).
 """
 from __future__ import annotations
 
@@ -67,7 +69,7 @@ def header_bytes(entries: Iterable[PlannedTensor], metadata: Optional[Mapping[st
         ordered.sort(key=lambda p: (-BY_TORCH[p.dtype].rank, p.name))
     header: dict[str, Any] = {}
     if metadata is not None:
-        header["__metadata__"] = dict(sorted(metadata.items())) if layout == "safetensors" else dict(metadata)
+        header["__metadata__"] = dict(metadata)
     offset = 0
     for p in ordered:
         header[p.name] = {"dtype": to_code(p.dtype, p.name), "shape": list(p.shape), "data_offsets": [offset, offset + p.nbytes]}
