@@ -1,10 +1,11 @@
 """The streaming merge engine: one output tensor at a time, from lazily opened inputs.
 
-For each planned tensor the engine reads that tensor from each input (positioned reads of
-safetensors, :mod:`sparsemerge.io.reader`), converts to the working dtype (``dtype:`` or the inputs' promoted dtype),
-resolves the method's parameters for that tensor (filters, gradients), merges, optionally
-projects onto an N:M pattern, converts to ``out_dtype`` and appends the bytes to the output
-shard. Peak memory is a few tensors. The output folder (config, tokenizer, generation
+For each planned tensor the engine reads that tensor from each input (positioned reads,
+:mod:`sparsemerge.io.reader`), converts to the working dtype (``dtype:`` or the inputs'
+promoted dtype), resolves the method's parameters for that tensor (filters, gradients),
+merges, optionally projects onto an N:M pattern, converts to ``out_dtype`` and writes the
+bytes to the output shard (:class:`sparsemerge.io.writer.ShardedWriter`, headers laid out
+from the plan). Peak memory is a few tensors. The output folder (config, tokenizer, generation
 config, shards, ``sparsemerge_merge.json``) appears atomically.
 """
 from __future__ import annotations
@@ -22,14 +23,14 @@ from typing import Any, Optional
 import torch
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.io.dtypes import dtype_from_name
+from sparsemerge.io.writer import PlannedTensor, ShardedWriter
 from sparsemerge.merge import mergekit_yaml as params_mod
 from sparsemerge.merge.base import MergeInputs, MethodSpec, get_method, seed_for
 from sparsemerge.merge.config import MergeConfig, load_config
 from sparsemerge.merge.lora import LoraAdapter, LoraTensorSource, is_lora_adapter, lora_config, lora_key, low_rank_factors
 from sparsemerge.merge.plan import Source, TensorJob, build_plan, split_layer
 from sparsemerge.merge.sparsity import PatternProjector
-from sparsemerge.io.dtypes import dtype_from_name
-from sparsemerge.io.writer import PlannedTensor, ShardedWriter
 
 log = logging.getLogger(__name__)
 
