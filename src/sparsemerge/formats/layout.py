@@ -1,12 +1,18 @@
-"""Names shared by the packed-checkpoint writer (:mod:`.model`) and reader (:mod:`.reader`)."""
+"""Names shared by the packed-checkpoint writer (:mod:`.model`), reader (:mod:`.reader`) and
+the compressed-tensors writer (:mod:`.ct`), so none of them imports another's internals."""
 from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+from sparsemerge.io.dtypes import DTYPE_NAMES
 
 MANIFEST_NAME = "sparsemerge_packed.json"
+# --dtype of pack: "keep" the source dtype, or store floats in one of these
+STORED_DTYPES = {"keep": None, **{n: DTYPE_NAMES[n] for n in ("float32", "float16", "bfloat16")}}
 LAYOUT, VERSION = "sparsemerge-packed", 1
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.safetensors\.index\.json|\.bin\.index\.json)$")
 SKIP_FILES = {"sparsemerge-cache.json", MANIFEST_NAME}
@@ -37,3 +43,29 @@ def _progress(items: list[str], enabled: bool, desc: str) -> Iterator[str]:
     from tqdm import tqdm
 
     yield from tqdm(items, desc=desc, unit="tensor")
+
+
+def _targets(config: Any) -> Callable[[str], bool]:
+    from sparsemerge.prune.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+
+    include = [re.compile(r) for r in (config.include or DEFAULT_INCLUDE)]
+    exclude = [re.compile(r) for r in (config.exclude or DEFAULT_EXCLUDE)]
+
+    def targeted(name: str) -> bool:
+        if not name.endswith(".weight"):
+            return False
+        module = name[: -len(".weight")]
+        return any(r.search(module) for r in include) and not any(r.search(module) for r in exclude)
+
+    return targeted
+
+
+@dataclass
+class PackReport:
+    out: Path
+    tensors: int = 0
+    packed: list[str] = field(default_factory=list)  # names stored in a sparse format
+    kept_dense: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) targeted but stored dense
+    nbytes: int = 0
+    numel: int = 0
+    seconds: float = 0.0
