@@ -1,8 +1,12 @@
 """One small registry used by every pluggable family (pruning methods, merge methods,
-formats, kernels). Registration happens one way only: the `register` decorator."""
+formats, kernels). Registration happens one way only: the `register` decorator.
+
+A registry made with ``discover="package"`` imports every module of that package the first
+time it is looked up (``get``, ``names``, ``in``, iteration), so a new member is one module
+that registers itself: no import list to extend."""
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+from typing import Callable, Generic, Iterator, Optional, TypeVar
 
 from sparsemerge.errors import SparsemergeError
 
@@ -10,9 +14,26 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, family: str) -> None:
+    def __init__(self, family: str, discover: Optional[str] = None) -> None:
         self.family = family
         self._items: dict[str, T] = {}
+        self._discover = discover
+
+    def _load(self) -> None:
+        """Import every module of the ``discover`` package once (each registers its members)."""
+        if self._discover is None:
+            return
+        package_name, self._discover = self._discover, None  # first: the imports below look us up again
+        import importlib
+        import pkgutil
+
+        try:
+            package = importlib.import_module(package_name)
+            for info in pkgutil.iter_modules(package.__path__):
+                importlib.import_module(f"{package_name}.{info.name}")
+        except BaseException:
+            self._discover = package_name  # a broken module fails every lookup, not just the first
+            raise
 
     def register(self, name: str) -> Callable[[T], T]:
         key = name.lower()
@@ -26,6 +47,7 @@ class Registry(Generic[T]):
         return decorator
 
     def get(self, name: str) -> T:
+        self._load()
         try:
             return self._items[name.lower()]
         except KeyError:
@@ -35,9 +57,11 @@ class Registry(Generic[T]):
             ) from None
 
     def names(self) -> list[str]:
+        self._load()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        self._load()
         return name.lower() in self._items
 
     def __iter__(self) -> Iterator[str]:
