@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sparsemerge.cli.common import KeepLinesFormatter, add_overwrite, format_table
+from sparsemerge.cli.common import KeepLinesFormatter, add_overwrite, defer, format_table
 from sparsemerge.errors import SparsemergeError
 
 
@@ -22,9 +22,17 @@ def _methods_epilog() -> str:
     return "\n".join(lines)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def _add_registry_texts(p: argparse.ArgumentParser) -> None:
+    """The method list (epilog) and the --tv-format values, from the registries."""
     from sparsemerge.formats.base import FORMATS
 
+    p.epilog = _methods_epilog()
+    for action in p._actions:
+        if action.dest == "tv_format":
+            action.help = f"packed format of the task vector: {', '.join(FORMATS.names())} (default bitmask; see pack --help)"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "merge",
         help="merge fine-tuned models (mergekit YAML configs)",
@@ -33,7 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
             "parameters, dtype, out_dtype, ...) into OUT, streaming one tensor at a time, with one of the "
             "methods listed below (--list-methods gives their references)."
         ),
-        epilog=_methods_epilog(),
         formatter_class=KeepLinesFormatter,
     )
     p.add_argument("config", nargs="?", help="merge config YAML (mergekit format, plus sparsemerge keys)")
@@ -42,8 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-mask", choices=["merged", "base"], help="mask for --keep-pattern: merged magnitudes (default) or the base's support")
     p.add_argument("--lora-rank", type=int, help="write the merge minus the base as a LoRA adapter of this rank (SVD)")
     p.add_argument("--task-vector-out", metavar="DIR", help="also write the merged task vector (merge - base) as a sparse, quantized packed checkpoint")
-    p.add_argument("--tv-format", default="bitmask",
-                   help=f"packed format of the task vector: {', '.join(FORMATS.names())} (default bitmask; see pack --help)")
+    p.add_argument("--tv-format", default="bitmask", help="packed format of the task vector (default bitmask)")
     p.add_argument("--tv-quant", default="int8", choices=["none", "int8", "int4"], help="value codec of the task vector (default int8)")
     p.add_argument("--seed", type=int, help="seed for DARE/DELLA (overrides the config's seed)")
     p.add_argument("--threads", type=int, help="tensors merged concurrently (default: CPU count, at most 4)")
@@ -51,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_overwrite(p)
     p.set_defaults(func=run)
+    defer(p, _add_registry_texts)  # the registries are read when merge is the command, not for every command
 
 
 def keep_freed_memory() -> None:

@@ -6,7 +6,7 @@ import re
 import sys
 from typing import Any
 
-from sparsemerge.cli.common import KeepLinesFormatter, add_overwrite, format_table
+from sparsemerge.cli.common import KeepLinesFormatter, add_overwrite, defer, format_table
 from sparsemerge.errors import SparsemergeError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.I)
@@ -20,29 +20,32 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
-def _formats_epilog(formats: dict[str, str]) -> str:
-    """The ``--format`` values from the registries: every format and pack layout with its one line."""
+def _add_format_options(p: argparse.ArgumentParser) -> None:
+    """What the formats declare: the list of ``--format`` values with their one line (epilog)
+    and each format's own options as flags (e.g. nm: --pattern, --metadata; bsr: --block)."""
+    from sparsemerge.formats.base import format_options, pack_formats
+
+    formats = pack_formats()
     width = max(map(len, formats)) + 2
-    return "formats (--format):\n" + "\n".join(f"  {name:<{width}}{text}" for name, text in formats.items())
+    p.epilog = "formats (--format):\n" + "\n".join(f"  {name:<{width}}{text}" for name, text in formats.items())
+    group = p.add_argument_group("format options (declared by the formats)")
+    options = format_options()
+    for option in options.values():
+        group.add_argument(option.flag, dest=option.name, type=option.type, default=option.default, help=option.help)
+    p.set_defaults(format_options=list(options))
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from sparsemerge.formats.base import format_options, pack_formats
-
     p = sub.add_parser(
         "pack",
         help="write a compressed (sparse / quantized) checkpoint",
         description="Pack SRC into OUT: targeted weights (the pruning include/exclude default) in a sparse "
         "format, the rest dense; safetensors shards plus a manifest with a checksum per tensor.",
-        epilog=_formats_epilog(pack_formats()),
         formatter_class=KeepLinesFormatter,
     )
     p.add_argument("src", help="HF folder, .safetensors or .gguf file, or smollm2")
     p.add_argument("out", help="output folder")
     p.add_argument("--format", default="nm", metavar="FORMAT", help="storage format, one of those listed below (default nm)")
-    options = format_options()  # declared by the formats themselves (e.g. nm: --pattern, --metadata; bsr: --block)
-    for option in options.values():
-        p.add_argument(option.flag, dest=option.name, type=option.type, default=option.default, help=option.help)
     p.add_argument("--quant", default="none", help="value codec: none (default), int8, int4")
     p.add_argument("--group", type=int, default=128, help="quantization group size G (0 = per output channel; default 128)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric quantization (scale + zero point)")
@@ -54,7 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shard-size", default="2GB", help="maximum shard size (default 2GB)")
     p.add_argument("--no-progress", action="store_true")
     add_overwrite(p)
-    p.set_defaults(func=run_pack, format_options=list(options))
+    p.set_defaults(func=run_pack)
+    defer(p, _add_format_options)  # the registry is read when pack is the command, not for every command
 
     u = sub.add_parser("unpack", help="decode a packed checkpoint into a Hugging Face folder")
     u.add_argument("packed", help="packed folder (or a compressed-tensors sparse-24-bitmask folder)")
