@@ -155,3 +155,20 @@ def test_bsr_and_nm_keep_their_reasons(tmp_path):
     assert report.kept_dense == [("model.layers.0.mlp.up_proj.weight", "shape (8, 6) not divisible by block 4")]
     report = pack(src, tmp_path / "n", pattern="4:8")
     assert report.kept_dense == [("model.layers.0.mlp.up_proj.weight", "input dimension 6 not divisible by M=8")]
+
+
+def test_building_the_cli_leaves_the_registries_unloaded():
+    """pack/merge read the registries only when they are the command (defer in cli/common.py)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import sparsemerge
+
+    src = str(Path(sparsemerge.__file__).resolve().parents[1])  # the sparsemerge under test
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([src, os.environ.get("PYTHONPATH", "")])}
+    code = ("import sys; from sparsemerge.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('sparsemerge.formats.base', 'sparsemerge.merge.base') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env).stdout
+    assert out.strip() == "[]"
