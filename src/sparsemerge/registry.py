@@ -6,6 +6,9 @@ time it is looked up (``get``, ``names``, ``in``, iteration), so a new member is
 that registers itself: no import list to extend."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
+import threading
 from typing import Callable, Generic, Iterator, Optional, TypeVar
 
 from sparsemerge.errors import SparsemergeError
@@ -18,22 +21,26 @@ class Registry(Generic[T]):
         self.family = family
         self._items: dict[str, T] = {}
         self._discover = discover
+        self._discovered = discover is None
+        self._loading = False
+        self._lock = threading.RLock()  # re-entrant: the importing thread looks us up again
 
     def _load(self) -> None:
-        """Import every module of the ``discover`` package once (each registers its members)."""
-        if self._discover is None:
+        """Import every module of the ``discover`` package once (each registers its members);
+        other threads wait until that is done instead of seeing a partial registry."""
+        if self._discovered:
             return
-        package_name, self._discover = self._discover, None  # first: the imports below look us up again
-        import importlib
-        import pkgutil
-
-        try:
-            package = importlib.import_module(package_name)
-            for info in pkgutil.iter_modules(package.__path__):
-                importlib.import_module(f"{package_name}.{info.name}")
-        except BaseException:
-            self._discover = package_name  # a broken module fails every lookup, not just the first
-            raise
+        with self._lock:
+            if self._discovered or self._loading:  # done, or a lookup made by the imports below
+                return
+            self._loading = True
+            try:
+                package = importlib.import_module(str(self._discover))
+                for info in pkgutil.iter_modules(package.__path__):
+                    importlib.import_module(f"{self._discover}.{info.name}")
+                self._discovered = True
+            finally:  # a broken module fails every lookup, not just the first
+                self._loading = False
 
     def register(self, name: str) -> Callable[[T], T]:
         key = name.lower()

@@ -21,7 +21,7 @@ safetensors entry per storage field, keyed ``NAME:FIELD`` (fields of a format, e
       "shards": {shard file name: [tensor names in it]},
       "tensors": {
         NAME: {
-          "format": "nm"|"bitmask"|"coo"|"csr"|"bsr"|"dense",
+          "format": a registered format name ("nm", "bitmask", "coo", "csr", "bsr", "dense", ...),
           "shape": [rows, cols] (dense: any shape),
           "dtype": source dtype name ("float32", "bfloat16", ...),
           "params": format parameters + "codec": null | codec parameters,
