@@ -164,17 +164,34 @@ def cpu_features_missing() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled() -> tuple[Optional[object], Optional[str]]:
-    """(numba runner, None) or (None, reason). Compiled once per process."""
+def _compiled_fns() -> tuple[Optional[dict], Optional[str]]:
+    """({"f32": ctypes function}, None) or (None, reason). Compiled once per process."""
     try:
         missing = cpu_features_missing()
         if missing:
             return None, f"the CPU lacks {', '.join(missing)}"
         proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_int64] * 5))
         fn = compile_functions(_kernel_ir(), {"gemv24_f32_gather": proto})["gemv24_f32_gather"]
-        return _row_runner(fn), None
+        return {"f32": fn}, None
     except Exception as exc:  # noqa: BLE001 - any llvmlite failure means "not available", with the reason
         return None, f"could not compile the gather kernel: {exc}"
+
+
+def compiled_functions() -> dict:
+    """``{"f32": fn}``: the raw ctypes function ``fn(vals, meta, x, out, r0, r1, units, quads,
+    block_units)`` (pointers, then int64s; rows ``r0..r1-1`` in multiples of 4) for callers
+    that close over it in their own numba code. Raises RuntimeError when unavailable."""
+    fns, reason = _compiled_fns()
+    if fns is None:
+        raise RuntimeError(reason)
+    return fns
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled() -> tuple[Optional[object], Optional[str]]:
+    """(numba runner, None) or (None, reason)."""
+    fns, reason = _compiled_fns()
+    return (None, reason) if fns is None else (_row_runner(fns["f32"]), None)
 
 
 def _row_runner(fn):
@@ -206,7 +223,7 @@ def unavailable_reason(layer: BlockedNM) -> Optional[str]:
         return "values are not float32"
     if layer.cols % UNIT:
         return f"input features {layer.cols} are not a multiple of {UNIT}"
-    return _compiled()[1]
+    return _compiled_fns()[1]
 
 
 def prepare(layer: BlockedNM) -> dict:
@@ -256,3 +273,18 @@ def gather_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> torch.Tens
     rows = layer.rows
     return torch.from_numpy(run(plan["vals"], plan["meta"], x.numpy(), rows, plan["units"],
                                 threads if rows >= 128 * threads else 1))
+
+
+def token_runner(layer: BlockedNM):
+    """``x (..., cols) float32 CPU with one row -> (1, rows)``: the batch-1 shortcut of the
+    registry row (no dispatch per call)."""
+    from sparsemerge.kernels.threads import row_tasks, sync_threads
+
+    run, plan = runner_for(layer)
+    vals, meta, units, rows = plan["vals"], plan["meta"], plan["units"], layer.rows
+
+    def token(x: torch.Tensor):
+        sync_threads()
+        return torch.from_numpy(run(vals, meta, x.detach().numpy().reshape(1, -1), rows, units, row_tasks(rows)))
+
+    return token

@@ -259,8 +259,8 @@ def cpu_features_missing() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled() -> tuple[Optional[dict], Optional[str]]:
-    """({codec: numba runner}, None) or (None, reason). Compiled once per process."""
+def _compiled_fns() -> tuple[Optional[dict], Optional[str]]:
+    """({codec: ctypes function}, None) or (None, reason). Compiled once per process."""
     try:
         missing = cpu_features_missing()
         if missing:
@@ -268,9 +268,26 @@ def _compiled() -> tuple[Optional[dict], Optional[str]]:
         proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 6), *([ctypes.c_int64] * 6))
         fns = compile_functions("\n".join(_kernel_ir(f"gemv24_{c}_a8", c) for c in ("int8", "int4")),
                                 {f"gemv24_{c}_a8": proto for c in ("int8", "int4")})
-        return {c: _row_runner(fns[f"gemv24_{c}_a8"]) for c in ("int8", "int4")}, None
+        return {c: fns[f"gemv24_{c}_a8"] for c in ("int8", "int4")}, None
     except Exception as exc:  # noqa: BLE001 - any llvmlite failure means "not available", with the reason
         return None, f"could not compile the VNNI kernel: {exc}"
+
+
+def compiled_functions() -> dict:
+    """``{"int8": fn, "int4": fn}``: the raw ctypes functions ``fn(stream, wscale, corr, xu, xs,
+    out, r0, r1, npairs, tail, nscale, xb_per_q)`` (six pointers, six int64s) for callers that
+    close over them in their own numba code. Raises RuntimeError when unavailable."""
+    fns, reason = _compiled_fns()
+    if fns is None:
+        raise RuntimeError(reason)
+    return fns
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled() -> tuple[Optional[dict], Optional[str]]:
+    """({codec: numba runner}, None) or (None, reason)."""
+    fns, reason = _compiled_fns()
+    return (None, reason) if fns is None else ({c: _row_runner(f) for c, f in fns.items()}, None)
 
 
 @njit(cache=True)
@@ -345,8 +362,7 @@ def unavailable_reason(layer: BlockedNM) -> Optional[str]:
     gps = layer.groups_per_scale
     if layer.group_size is not None and (4 * gps) % XBLOCK:
         return f"a scale group covers {4 * gps} inputs, not a multiple of {XBLOCK}"
-    fns, reason = _compiled()
-    return reason
+    return _compiled_fns()[1]
 
 
 def _pack_meta(pos: np.ndarray) -> np.ndarray:
@@ -469,6 +485,22 @@ def vnni_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> Optional[tor
     run, args = cached
     out = run(*args[:3], x.numpy(), *args[3:], threads if layer.rows >= 128 * threads else 1)
     return torch.from_numpy(out) if out.size else None
+
+
+def token_runner(layer: BlockedNM):
+    """``x (..., cols) float32 CPU with one row -> (1, rows)``, or None when ``x`` is not finite
+    (the caller then takes a float row): the batch-1 shortcut of the registry row."""
+    from sparsemerge.kernels.threads import row_tasks, sync_threads
+
+    run, args = runner_for(layer)
+    rows = layer.rows
+
+    def token(x: torch.Tensor):
+        sync_threads()
+        out = run(*args[:3], x.detach().numpy().reshape(1, -1), *args[3:], row_tasks(rows))
+        return torch.from_numpy(out) if out.size else None
+
+    return token
 
 
 def reference_w8a8(layer: BlockedNM, x: torch.Tensor) -> torch.Tensor:
