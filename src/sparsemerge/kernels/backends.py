@@ -11,7 +11,11 @@ row                   priority  runs
 cuda                  0         input on a CUDA device (2:4 -> semi-structured, else dense GPU)
 avx512-vnni-a8        10        2:4 INT8/INT4 (symmetric), batch 1, INT8 activations
                                 (``kernels/cpu_vnni.py``; AVX-512 VBMI + VNNI + GFNI)
+avxvnni-a8            12        the same with the 256-bit VEX ``vpdpbusd`` (``kernels/cpu_avx2.py``;
+                                AVX2 + FMA + AVX-VNNI: Alder Lake, Zen 5)
+avx2-a8               14        the same with AVX2 + FMA (``kernels/cpu_avx2.py``; Haswell, Zen 1-3)
 avx512-gather-f32     20        2:4 float32, batch 1 (``kernels/cpu_gather.py``; AVX-512 VBMI)
+avx2-f32              22        2:4 float32, batch 1 (``kernels/cpu_avx2.py``; AVX2 + FMA)
 numba-gemv24          30        2:4, any codec, batch 1 (``kernels/cpu_blocked.py``)
 numba-gemm24          31        2:4, any codec and batch
 numba-general         32        any N:M, codec and batch (``kernels/cpu_general.py``)
@@ -218,6 +222,46 @@ def _gather_token(layout):
     return token_runner(layout)
 
 
+# ---------------------------------------------------------------- AVX2 rows
+def _avx2_f32_check(layout) -> Optional[str]:
+    from sparsemerge.kernels.cpu_avx2 import f32_unavailable_reason
+
+    return f32_unavailable_reason(layout)
+
+
+def _avx2_f32_run(layer, x: torch.Tensor) -> torch.Tensor:
+    from sparsemerge.kernels.cpu_avx2 import f32_matmul
+    from sparsemerge.kernels.threads import sync_threads
+
+    return f32_matmul(layout_of(layer), as_f32(x), sync_threads())
+
+
+def _avx2_f32_token(layout):
+    from sparsemerge.kernels.cpu_avx2 import f32_token_runner
+
+    return f32_token_runner(layout)
+
+
+def _avx2_a8(vnni: bool):
+    def check(layout) -> Optional[str]:
+        from sparsemerge.kernels.cpu_avx2 import a8_unavailable_reason
+
+        return a8_unavailable_reason(layout, vnni)
+
+    def run(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
+        from sparsemerge.kernels.cpu_avx2 import a8_matmul
+        from sparsemerge.kernels.threads import sync_threads
+
+        return a8_matmul(layout_of(layer), as_f32(x), sync_threads(), vnni)
+
+    def token(layout):
+        from sparsemerge.kernels.cpu_avx2 import a8_token_runner
+
+        return a8_token_runner(layout, vnni)
+
+    return check, run, token
+
+
 # ---------------------------------------------------------------- numba rows
 def _numba(path: str):
     def run(layer, x: torch.Tensor) -> torch.Tensor:
@@ -243,12 +287,20 @@ SYM_24_Q = Handles(patterns=("2:4",), codecs=("int8", "int4"), batch1=True, act_
 F32_24 = Handles(patterns=("2:4",), codecs=("none",), value_dtypes=("float32",), batch1=True)
 VNNI512 = ("avx512f", "avx512bw", "avx512vbmi", "avx512vnni", "gfni")
 GATHER512 = ("avx512f", "avx512bw", "avx512vbmi")
+AVX2 = ("avx2", "fma")
+_vnni256 = _avx2_a8(True)
+_avx2a8 = _avx2_a8(False)
 
 register_kernel(Kernel("cuda", 0, _cuda_supports, _cuda_run, "cuda", handles=Handles(), source="kernels/cuda.py"))
 register_kernel(cpu_row("avx512-vnni-a8", 10, _vnni_run, SYM_24_Q, VNNI512, _vnni_check, _vnni_token, "int8",
                         "kernels/cpu_vnni.py"))
+register_kernel(cpu_row("avxvnni-a8", 12, _vnni256[1], SYM_24_Q, AVX2 + ("avxvnni",), _vnni256[0], _vnni256[2], "int8",
+                        "kernels/cpu_avx2.py"))
+register_kernel(cpu_row("avx2-a8", 14, _avx2a8[1], SYM_24_Q, AVX2, _avx2a8[0], _avx2a8[2], "int8", "kernels/cpu_avx2.py"))
 register_kernel(cpu_row("avx512-gather-f32", 20, _gather_run, F32_24, GATHER512, _gather_check, _gather_token,
                         source="kernels/cpu_gather.py"))
+register_kernel(cpu_row("avx2-f32", 22, _avx2_f32_run, F32_24, AVX2, _avx2_f32_check, _avx2_f32_token,
+                        source="kernels/cpu_avx2.py"))
 register_kernel(cpu_row("numba-gemv24", 30, _numba("gemv24"), Handles(patterns=("2:4",), batch1=True),
                         source="kernels/cpu_blocked.py"))
 register_kernel(cpu_row("numba-gemm24", 31, _numba("gemm24"), Handles(patterns=("2:4",)), source="kernels/cpu_blocked.py"))

@@ -226,9 +226,12 @@ def unavailable_reason(layer: BlockedNM) -> Optional[str]:
     return _compiled_fns()[1]
 
 
-def prepare(layer: BlockedNM) -> dict:
-    """The row-major arrays the kernel reads (cached in ``layer.extra``)."""
-    plan = layer.extra.get("gather_plan")
+def prepare(layer: BlockedNM, order: Optional[np.ndarray] = None, key: str = "gather_plan") -> dict:
+    """The row-major arrays the kernel reads (cached in ``layer.extra[key]``). ``order``: the
+    kept weight (0..15, column order) each of a unit's 16 slots holds (None: column order);
+    the metadata field of slot j is the in-group position of that weight (the AVX2 kernel of
+    ``kernels/cpu_avx2.py`` uses this layout with its own slot order)."""
+    plan = layer.extra.get(key)
     if plan is not None:
         return plan
     rows, cols = layer.rows, layer.cols
@@ -236,11 +239,15 @@ def prepare(layer: BlockedNM) -> dict:
     quads = -(-rows // 4)
     pos = np.zeros((quads * 4, units, 16), np.uint32)  # padding rows: weight 0 at position 0
     pos[:rows] = positions_of(layer).cpu().numpy().reshape(rows, units, 16)
+    if order is not None:
+        pos = np.ascontiguousarray(pos[:, :, order])
     meta = np.zeros((quads * 4, units), np.uint32)
     for j in range(16):
         meta |= pos[:, :, j] << np.uint32(2 * j)
     vals = np.zeros((quads * 4, units, 16), np.float32)
     vals[:rows] = unblock(layer.values, rows).cpu().reshape(rows, units, 16).numpy()
+    if order is not None:
+        vals = np.ascontiguousarray(vals[:, :, order])
     # column block c, quad q, unit u of the block: the 4 rows' 16 weights one after the other
     blocks_meta, blocks_vals = [], []
     for c0 in range(0, units, BLOCK_UNITS):
@@ -251,7 +258,7 @@ def prepare(layer: BlockedNM) -> dict:
     vals = np.ascontiguousarray(np.concatenate(blocks_vals))
     plan = {"vals": vals, "meta": meta, "units": units}
     plan["nbytes"] = vals.nbytes + meta.nbytes
-    layer.extra["gather_plan"] = plan
+    layer.extra[key] = plan
     return plan
 
 

@@ -347,6 +347,13 @@ def _row_runner(fn):
 
 def unavailable_reason(layer: BlockedNM) -> Optional[str]:
     """None when this kernel can run ``layer`` at batch 1; else why not."""
+    return layout_reason(layer) or _compiled_fns()[1]
+
+
+def layout_reason(layer: BlockedNM) -> Optional[str]:
+    """Why a layer does not fit the INT8-activation kernels' arithmetic (this module's and the
+    AVX2 ones of ``kernels/cpu_avx2.py``): 2:4, symmetric INT8 or INT4 (zero point 8),
+    columns in 64s, scale groups covering whole 256-input activation blocks. None: it fits."""
     if not layer.is_24:
         return f"{layer.n}:{layer.m} is not 2:4"
     if layer.codec == "int8":
@@ -362,7 +369,7 @@ def unavailable_reason(layer: BlockedNM) -> Optional[str]:
     gps = layer.groups_per_scale
     if layer.group_size is not None and (4 * gps) % XBLOCK:
         return f"a scale group covers {4 * gps} inputs, not a multiple of {XBLOCK}"
-    return _compiled_fns()[1]
+    return None
 
 
 def _pack_meta(pos: np.ndarray) -> np.ndarray:
