@@ -3,7 +3,8 @@
 
 The kernels themselves live one family per module: ``cpu_blocked.py`` (numba, row-blocked
 2:4), ``cpu_general.py`` (numba, any N:M), ``cpu_gather.py`` / ``cpu_vnni.py`` (AVX-512),
-``cpu_avx2.py`` (AVX2 + FMA). Names of the numba module are re-exported here for older callers.
+``cpu_avx2.py`` (AVX2 + FMA). Names of the numba module are re-exported here for older callers
+(``cpu_blocked.py`` also says why its vectorised loops live in small ``@njit`` helpers).
 """
 from __future__ import annotations
 
