@@ -169,3 +169,15 @@ def test_kernels_modules_have_no_import_cycle():
     cycles = sorted(m for m in graph if m in reach(m))
     assert not cycles, f"import cycles through {cycles}"
     assert "sparsemerge.kernels.dispatch" not in graph["sparsemerge.kernels.backends"]
+
+
+def test_rows_describe_their_features_and_what_they_handle():
+    from sparsemerge.kernels.dispatch import describe_rows
+
+    table = {name: (prio, feats, handles) for name, prio, feats, handles, _ in describe_rows()}
+    assert list(table) == [k.name for k in rows()]  # by priority
+    assert table["avx2-f32"] == (22, "avx2,fma", "2:4, none, float32 values, batch 1")
+    assert table["avx2-a8"][2] == "2:4, int8/int4, batch 1, int8 activations"
+    assert table["numba-general"][1:] == ("-", "N:M, any codec, any batch")
+    assert table["avx512-vnni-a8"][0] < table["avxvnni-a8"][0] < table["avx2-a8"][0] < table["avx512-gather-f32"][0]
+    assert set(KERNELS.get("cpu").members) == {k.name for k in rows() if k.device == "cpu"}
