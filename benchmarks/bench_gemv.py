@@ -4,8 +4,11 @@ Run (unset the OpenBLAS overrides so numpy's dense GEMV gets its best kernel):
 
     env -u OPENBLAS_CORETYPE -u OPENBLAS_L2_SIZE .venv/bin/python benchmarks/bench_gemv.py
 
-Variants ending in "a8" run the AVX-512 VBMI/VNNI kernel (``kernels/cpu_vnni.py``): INT8
-activations quantized per call (the quantization is inside the timed call), batch 1 only.
+Variants ending in "a8" run a kernel with INT8 activations (``kernels/cpu_vnni.py`` with
+AVX-512 VNNI, ``kernels/cpu_avx2.py`` with AVX2 or AVX-VNNI): quantized per call (the
+quantization is inside the timed call), batch 1 only. Every sparse method names the registry
+row it ran at batch 1 in brackets. ``--cpu-level avx2`` caps the CPU features the registry may
+use (``SPARSEMERGE_CPU_FEATURES``), so an AVX-512 machine runs the AVX2 kernels.
 
 For every shape and batch all methods are timed interleaved in one process (round robin,
 ``--repeats`` rounds); before every timed call a 96 MiB buffer (3x the last-level cache) is
@@ -33,6 +36,9 @@ import numpy as np
 import torch
 
 from sparsemerge.kernels.cpu import cpu_matmul
+from sparsemerge.kernels.cpu_avx2 import prepare_a8
+from sparsemerge.kernels.cpu_vnni import prepare as prepare_vnni
+from sparsemerge.kernels.dispatch import KERNELS, select
 from sparsemerge.kernels.layout import BlockedNM, pack_blocked
 from sparsemerge.masks import nm_mask
 
@@ -90,17 +96,15 @@ def methods_for(w: torch.Tensor, variants: list[str]) -> dict:
     out["numpy dense f32"] = ([np_fn(d) for d in dense_np], wn.nbytes)
     out["torch dense f32"] = ([torch_fn(d) for d in dense_t], wn.nbytes)
     for name in variants:
-        if name.endswith(" a8"):  # the VNNI kernel: INT8 activations, batch 1 (kernels/cpu_vnni.py)
-            from sparsemerge.kernels.cpu_vnni import prepare, unavailable_reason
-
+        if name.endswith(" a8"):  # INT8 activations, batch 1: the best a8 row of the registry
             codec, gs = ("int8" if "int8" in name else "int4"), (128 if "g128" in name else None)
             layer = pack_blocked(w, 2, 4, codec, gs)
-            reason = unavailable_reason(layer)
-            if reason:
-                print(f"skipping {name}: {reason}")
+            row = batch1_row(layer, "int8")
+            if KERNELS.get(row).act_quant != "int8":
+                print(f"skipping {name}: no INT8-activation row can run it (the best row is {row})")
                 continue
-            nb = prepare(layer)["nbytes"]
-            out[name] = ([(lambda L: (lambda x: cpu_matmul(L, x, act_quant="int8")))(layer)], nb)
+            plan = (prepare_vnni if row == "avx512-vnni-a8" else prepare_a8)(layer)
+            out[f"{name} [{row}]"] = ([(lambda L: (lambda x: cpu_matmul(L, x, act_quant="int8")))(layer)], plan["nbytes"])
             continue
         codec, value_dtype, gs = {
             "2:4 f32": ("none", "float32", None),
@@ -113,8 +117,14 @@ def methods_for(w: torch.Tensor, variants: list[str]) -> dict:
         layer = pack_blocked(w, 2, 4, codec, gs, value_dtype)
         nb = layer.nbytes()
         layers = [layer] + [clone(layer) for _ in range(copies_for(nb) - 1)]
-        out[name] = ([(lambda L: (lambda x: cpu_matmul(L, x)))(L) for L in layers], nb)
+        out[f"{name} [{batch1_row(layer, 'none')}]"] = ([(lambda L: (lambda x: cpu_matmul(L, x)))(L) for L in layers], nb)
     return out
+
+
+def batch1_row(layer: BlockedNM, act_quant: str) -> str:
+    """The registry row ``cpu_matmul`` runs for this layer at batch 1."""
+    request = type("Request", (), {"layout": layer, "act_quant": act_quant})()
+    return select(request, torch.zeros(1, layer.cols), forced="cpu").name
 
 
 def bench_shape(rows: int, cols: int, batches: list[int], variants: list[str], repeats: int, clock=time.perf_counter) -> list[tuple]:
@@ -126,7 +136,7 @@ def bench_shape(rows: int, cols: int, batches: list[int], variants: list[str], r
     for batch in batches:
         x = torch.randn(batch, cols, generator=g)
         # INT8 activations are a batch-1 path; larger batches run the float kernels
-        methods = {k: v for k, v in all_methods.items() if batch == 1 or not k.endswith(" a8")}
+        methods = {k: v for k, v in all_methods.items() if batch == 1 or " a8" not in k}
         times: dict[str, list[float]] = {m: [] for m in methods}
         for fns, _ in methods.values():  # warm up: JIT, page faults
             for f in fns:
@@ -157,11 +167,19 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--variants", default="2:4 f32,2:4 bf16,2:4 int8,2:4 int8 g128,2:4 int4,2:4 int4 g128,"
                    "2:4 int8 a8,2:4 int8 g128 a8,2:4 int4 a8,2:4 int4 g128 a8",
-                   help="'... a8': the AVX-512 VNNI kernel with INT8 activations (batch 1 only)")
+                   help="'... a8': a kernel with INT8 activations (AVX-512 VNNI, AVX-VNNI or AVX2; batch 1 only)")
+    p.add_argument("--cpu-level", default=None,
+                   help="cap the CPU features of the kernel registry, e.g. avx2 (the AVX2 kernels on an AVX-512 machine)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="wall time, or process CPU time (use with --threads 1)")
     args = p.parse_args(argv)
+    if args.cpu_level:
+        from sparsemerge.kernels.features import LEVELS
+
+        if args.cpu_level not in LEVELS and "," not in args.cpu_level:
+            p.error(f"--cpu-level: one of {', '.join(LEVELS)} or a comma list of LLVM feature names")
+        os.environ["SPARSEMERGE_CPU_FEATURES"] = args.cpu_level
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ.setdefault("OPENBLAS_NUM_THREADS", str(args.threads))
@@ -173,7 +191,8 @@ def main(argv: "list[str] | None" = None) -> int:
     variants = [v.strip() for v in args.variants.split(",")]
     print(f"python {sys.version.split()[0]}, torch {torch.__version__} ({torch.get_num_threads()} threads), numpy {np.__version__}")
     print(f"BLAS: {blas_info()}")
-    print(f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; clock: {args.clock}")
+    print(f"cpu: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start; clock: {args.clock}; "
+          f"feature cap: {os.environ.get('SPARSEMERGE_CPU_FEATURES', 'none')}")
     all_rows = []
     for rows, cols in shapes:
         all_rows += bench_shape(rows, cols, batches, variants, args.repeats, clock)

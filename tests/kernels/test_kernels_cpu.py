@@ -38,7 +38,7 @@ SHAPES = [(1, 4), (63, 36), (65, 100), (130, 8)]
 @pytest.mark.parametrize("batch", [1, 5])
 @pytest.mark.parametrize("parallel", [False, True])
 def test_24_paths_match_reference_and_dense(rows, cols, codec, value_dtype, group_size, batch, parallel, monkeypatch):
-    import sparsemerge.kernels.cpu as cpu
+    import sparsemerge.kernels.cpu_blocked as cpu  # the numba kernels read the threshold there
 
     monkeypatch.setattr(cpu, "PARALLEL_MIN_BYTES", 0 if parallel else 1 << 60)
     w = nm_weight(rows, cols, 2, 4, seed=rows + cols, extra_zeros=0.1)
@@ -59,7 +59,7 @@ def test_24_paths_match_reference_and_dense(rows, cols, codec, value_dtype, grou
 @pytest.mark.parametrize("codec,group_size", [("none", None), ("int8", None), ("int4", None), ("int8", 12)])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_general_nm_matches_reference(n, m, codec, group_size, batch, monkeypatch):
-    import sparsemerge.kernels.cpu as cpu
+    import sparsemerge.kernels.cpu_blocked as cpu  # the numba kernels read the threshold there
 
     monkeypatch.setattr(cpu, "PARALLEL_MIN_BYTES", 0 if batch == 3 else 1 << 60)
     if group_size is not None and group_size % n:

@@ -70,5 +70,7 @@ def test_swapped_layer_uses_the_token_shortcut():
     x = torch.randn(1, 1, 64)
     with torch.no_grad():
         y = layer(x)
-        assert layer.__dict__["_kernel"][2] is not None  # the shortcut was built
+        (choice, token), = layer.__dict__["_kernel"].values()  # one cached choice (cpu, one row)
+        assert choice.name == "avx512-gather-f32" and token is not None  # the shortcut was built
+        assert layer.kernel_choice[0] == "avx512-gather-f32"
         torch.testing.assert_close(y, lin(x), rtol=1e-5, atol=1e-5)

@@ -83,7 +83,7 @@ def test_dispatch_force_and_errors():
     layer = SparseLinear.from_dense(torch.randn(64, 32), prune=True)
     x = torch.randn(1, 32)
     assert set(KERNELS.names()) >= {"cpu", "cuda", "reference"}
-    assert choose_kernel(layer, x).name == "cpu"
+    assert choose_kernel(layer, x).name in KERNELS.get("cpu").members  # a row of the "cpu" group
     with force_kernel("reference"):
         assert choose_kernel(layer, x).name == "reference"
     with pytest.raises(SparsemergeError, match="known kernels"):

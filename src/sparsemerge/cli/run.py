@@ -21,7 +21,8 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    help="int8: quantize decoding inputs per block of 256 and run 2:4 INT8/INT4 layers with the "
                    "AVX-512 VNNI kernel (faster; adds activation rounding error)")
     p.add_argument("--prune", action="store_true", help="apply the magnitude N:M mask to layers that are not N:M yet")
-    p.add_argument("--kernel", default="auto", help="auto (default), cpu, cuda or reference")
+    p.add_argument("--kernel", default="auto", help="auto (default), cpu, cuda, reference or a kernel row "
+                   "(e.g. numba-gemv24; the rows: sparsemerge.kernels.backends)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and numba (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
 

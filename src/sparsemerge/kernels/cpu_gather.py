@@ -164,24 +164,34 @@ def cpu_features_missing() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def raw_function() -> tuple[Optional[object], Optional[str]]:
-    """(ctypes function, None) or (None, reason): the compiled row kernel itself (the decode
-    runtime calls it by address). Compiled once per process."""
+def _compiled_fns() -> tuple[Optional[dict], Optional[str]]:
+    """({"f32": ctypes function}, None) or (None, reason). Compiled once per process."""
     try:
         missing = cpu_features_missing()
         if missing:
             return None, f"the CPU lacks {', '.join(missing)}"
         proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_int64] * 5))
-        return compile_functions(_kernel_ir(), {"gemv24_f32_gather": proto})["gemv24_f32_gather"], None
+        fn = compile_functions(_kernel_ir(), {"gemv24_f32_gather": proto})["gemv24_f32_gather"]
+        return {"f32": fn}, None
     except Exception as exc:  # noqa: BLE001 - any llvmlite failure means "not available", with the reason
         return None, f"could not compile the gather kernel: {exc}"
 
 
+def compiled_functions() -> dict:
+    """``{"f32": fn}``: the raw ctypes function ``fn(vals, meta, x, out, r0, r1, units, quads,
+    block_units)`` (pointers, then int64s; rows ``r0..r1-1`` in multiples of 4) for callers
+    that close over it in their own numba code. Raises RuntimeError when unavailable."""
+    fns, reason = _compiled_fns()
+    if fns is None:
+        raise RuntimeError(reason)
+    return fns
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled() -> tuple[Optional[object], Optional[str]]:
-    """(numba runner, None) or (None, reason). Compiled once per process."""
-    fn, reason = raw_function()
-    return (None, reason) if fn is None else (_row_runner(fn), None)
+    """(numba runner, None) or (None, reason)."""
+    fns, reason = _compiled_fns()
+    return (None, reason) if fns is None else (_row_runner(fns["f32"]), None)
 
 
 def _row_runner(fn):
@@ -213,12 +223,15 @@ def unavailable_reason(layer: BlockedNM) -> Optional[str]:
         return "values are not float32"
     if layer.cols % UNIT:
         return f"input features {layer.cols} are not a multiple of {UNIT}"
-    return _compiled()[1]
+    return _compiled_fns()[1]
 
 
-def prepare(layer: BlockedNM) -> dict:
-    """The row-major arrays the kernel reads (cached in ``layer.extra``)."""
-    plan = layer.extra.get("gather_plan")
+def prepare(layer: BlockedNM, order: Optional[np.ndarray] = None, key: str = "gather_plan") -> dict:
+    """The row-major arrays the kernel reads (cached in ``layer.extra[key]``). ``order``: the
+    kept weight (0..15, column order) each of a unit's 16 slots holds (None: column order);
+    the metadata field of slot j is the in-group position of that weight (the AVX2 kernel of
+    ``kernels/cpu_avx2.py`` uses this layout with its own slot order)."""
+    plan = layer.extra.get(key)
     if plan is not None:
         return plan
     rows, cols = layer.rows, layer.cols
@@ -226,11 +239,15 @@ def prepare(layer: BlockedNM) -> dict:
     quads = -(-rows // 4)
     pos = np.zeros((quads * 4, units, 16), np.uint32)  # padding rows: weight 0 at position 0
     pos[:rows] = positions_of(layer).cpu().numpy().reshape(rows, units, 16)
+    if order is not None:
+        pos = np.ascontiguousarray(pos[:, :, order])
     meta = np.zeros((quads * 4, units), np.uint32)
     for j in range(16):
         meta |= pos[:, :, j] << np.uint32(2 * j)
     vals = np.zeros((quads * 4, units, 16), np.float32)
     vals[:rows] = unblock(layer.values, rows).cpu().reshape(rows, units, 16).numpy()
+    if order is not None:
+        vals = np.ascontiguousarray(vals[:, :, order])
     # column block c, quad q, unit u of the block: the 4 rows' 16 weights one after the other
     blocks_meta, blocks_vals = [], []
     for c0 in range(0, units, BLOCK_UNITS):
@@ -241,7 +258,7 @@ def prepare(layer: BlockedNM) -> dict:
     vals = np.ascontiguousarray(np.concatenate(blocks_vals))
     plan = {"vals": vals, "meta": meta, "units": units}
     plan["nbytes"] = vals.nbytes + meta.nbytes
-    layer.extra["gather_plan"] = plan
+    layer.extra[key] = plan
     return plan
 
 
@@ -263,3 +280,18 @@ def gather_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> torch.Tens
     rows = layer.rows
     return torch.from_numpy(run(plan["vals"], plan["meta"], x.numpy(), rows, plan["units"],
                                 threads if rows >= 128 * threads else 1))
+
+
+def token_runner(layer: BlockedNM):
+    """``x (..., cols) float32 CPU with one row -> (1, rows)``: the batch-1 shortcut of the
+    registry row (no dispatch per call)."""
+    from sparsemerge.kernels.threads import row_tasks, sync_threads
+
+    run, plan = runner_for(layer)
+    vals, meta, units, rows = plan["vals"], plan["meta"], plan["units"], layer.rows
+
+    def token(x: torch.Tensor):
+        sync_threads()
+        return torch.from_numpy(run(vals, meta, x.detach().numpy().reshape(1, -1), rows, units, row_tasks(rows)))
+
+    return token

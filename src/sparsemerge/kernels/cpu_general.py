@@ -1,5 +1,5 @@
-"""numba CPU kernels for any N:M pattern and batch (see ``kernels/cpu.py`` for the 2:4
-kernels and the entry point): each (group, slot) run of R values is decoded once
+"""numba CPU kernels for any N:M pattern and batch (see ``kernels/cpu_blocked.py`` for the 2:4
+kernels; ``kernels/cpu.py`` for the entry point): each (group, slot) run of R values is decoded once
 (dequantized, positions from the 2:4 metadata or the index array) and applied as
 ``acc[r, :B] += w[r] * xT[g*m + p[r], :B]``, a gather of x at batch 1.
 """

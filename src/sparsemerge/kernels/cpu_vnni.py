@@ -259,9 +259,8 @@ def cpu_features_missing() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def raw_functions() -> tuple[Optional[dict], Optional[str]]:
-    """({codec: ctypes function}, None) or (None, reason): the compiled row kernels themselves
-    (the decode runtime calls them by address). Compiled once per process."""
+def _compiled_fns() -> tuple[Optional[dict], Optional[str]]:
+    """({codec: ctypes function}, None) or (None, reason). Compiled once per process."""
     try:
         missing = cpu_features_missing()
         if missing:
@@ -274,13 +273,21 @@ def raw_functions() -> tuple[Optional[dict], Optional[str]]:
         return None, f"could not compile the VNNI kernel: {exc}"
 
 
+def compiled_functions() -> dict:
+    """``{"int8": fn, "int4": fn}``: the raw ctypes functions ``fn(stream, wscale, corr, xu, xs,
+    out, r0, r1, npairs, tail, nscale, xb_per_q)`` (six pointers, six int64s) for callers that
+    close over them in their own numba code. Raises RuntimeError when unavailable."""
+    fns, reason = _compiled_fns()
+    if fns is None:
+        raise RuntimeError(reason)
+    return fns
+
+
 @functools.lru_cache(maxsize=None)
 def _compiled() -> tuple[Optional[dict], Optional[str]]:
-    """({codec: numba runner}, None) or (None, reason). Compiled once per process."""
-    fns, reason = raw_functions()
-    if fns is None:
-        return None, reason
-    return {c: _row_runner(f) for c, f in fns.items()}, None
+    """({codec: numba runner}, None) or (None, reason)."""
+    fns, reason = _compiled_fns()
+    return (None, reason) if fns is None else ({c: _row_runner(f) for c, f in fns.items()}, None)
 
 
 @njit(cache=True)
@@ -340,6 +347,13 @@ def _row_runner(fn):
 
 def unavailable_reason(layer: BlockedNM) -> Optional[str]:
     """None when this kernel can run ``layer`` at batch 1; else why not."""
+    return layout_reason(layer) or _compiled_fns()[1]
+
+
+def layout_reason(layer: BlockedNM) -> Optional[str]:
+    """Why a layer does not fit the INT8-activation kernels' arithmetic (this module's and the
+    AVX2 ones of ``kernels/cpu_avx2.py``): 2:4, symmetric INT8 or INT4 (zero point 8),
+    columns in 64s, scale groups covering whole 256-input activation blocks. None: it fits."""
     if not layer.is_24:
         return f"{layer.n}:{layer.m} is not 2:4"
     if layer.codec == "int8":
@@ -355,8 +369,7 @@ def unavailable_reason(layer: BlockedNM) -> Optional[str]:
     gps = layer.groups_per_scale
     if layer.group_size is not None and (4 * gps) % XBLOCK:
         return f"a scale group covers {4 * gps} inputs, not a multiple of {XBLOCK}"
-    fns, reason = _compiled()
-    return reason
+    return None
 
 
 def _pack_meta(pos: np.ndarray) -> np.ndarray:
@@ -479,6 +492,22 @@ def vnni_matmul(layer: BlockedNM, x: torch.Tensor, threads: int) -> Optional[tor
     run, args = cached
     out = run(*args[:3], x.numpy(), *args[3:], threads if layer.rows >= 128 * threads else 1)
     return torch.from_numpy(out) if out.size else None
+
+
+def token_runner(layer: BlockedNM):
+    """``x (..., cols) float32 CPU with one row -> (1, rows)``, or None when ``x`` is not finite
+    (the caller then takes a float row): the batch-1 shortcut of the registry row."""
+    from sparsemerge.kernels.threads import row_tasks, sync_threads
+
+    run, args = runner_for(layer)
+    rows = layer.rows
+
+    def token(x: torch.Tensor):
+        sync_threads()
+        out = run(*args[:3], x.detach().numpy().reshape(1, -1), *args[3:], row_tasks(rows))
+        return torch.from_numpy(out) if out.size else None
+
+    return token
 
 
 def reference_w8a8(layer: BlockedNM, x: torch.Tensor) -> torch.Tensor:

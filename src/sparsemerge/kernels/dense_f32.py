@@ -55,14 +55,14 @@ class GemvLinear(nn.Linear):
                 or w.dtype != torch.float32 or w.device.type != "cpu" or not w.is_contiguous()
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return super().forward(x)
-        from sparsemerge.kernels.cpu import _threads, sync_threads
-        from sparsemerge.kernels.dispatch import forced_kernel
+        from sparsemerge.kernels.dispatch import cpu_fast_path_allowed
+        from sparsemerge.kernels.threads import sync_threads
 
-        if forced_kernel() not in (None, "cpu"):
+        if not cpu_fast_path_allowed():
             return super().forward(x)
-        sync_threads()
+        threads = sync_threads()
         out = np.empty(self.out_features, np.float32)
-        tasks = max(1, min(_threads[0], self.out_features // MIN_ROWS_PER_THREAD))
+        tasks = max(1, min(threads, self.out_features // MIN_ROWS_PER_THREAD))
         gemv_f32_dense(w.detach().numpy(), x.detach().reshape(-1).contiguous().numpy(), out, tasks)
         y = torch.from_numpy(out)
         if self.bias is not None:

@@ -84,12 +84,12 @@ class Int8Linear(nn.Module):
         return self.codes.float() * _expand(self.scale, self.in_features, self.group_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from sparsemerge.kernels.cpu import sync_threads
-        from sparsemerge.kernels.dispatch import forced_kernel
+        from sparsemerge.kernels.dispatch import cpu_fast_path_allowed
+        from sparsemerge.kernels.threads import sync_threads
 
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).float()
-        if x2.device.type == "cpu" and forced_kernel() in (None, "cpu"):
+        if x2.device.type == "cpu" and cpu_fast_path_allowed():
             sync_threads()
             out = np.empty((x2.shape[0], self.out_features), np.float32)
             group = self.group_size or self.in_features

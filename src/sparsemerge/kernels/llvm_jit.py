@@ -21,9 +21,12 @@ def features_missing(required: Iterable[str]) -> list[str]:
     return [f for f in required if not features.get(f, False)]
 
 
-def compile_functions(ir: str, signatures: dict[str, ctypes._CFuncPtr]) -> dict:
-    """Compile the module ``ir`` (repeated ``declare`` lines are merged) for the host CPU at
-    -O3 and return ``{name: ctypes function}`` for each ``name -> CFUNCTYPE`` in ``signatures``."""
+def compile_functions(ir: str, signatures: dict[str, ctypes._CFuncPtr], cpu: "str | None" = None,
+                      features: "str | None" = None) -> dict:
+    """Compile the module ``ir`` (repeated ``declare`` lines are merged) at -O3 and return
+    ``{name: ctypes function}`` for each ``name -> CFUNCTYPE`` in ``signatures``. By default
+    for the host CPU; ``cpu``/``features`` (LLVM names, e.g. ``"x86-64-v3"``, ``"+avxvnni"``)
+    target a lesser one, so that the AVX2 kernels stay AVX2 code on an AVX-512 machine."""
     import llvmlite.binding as llvm
 
     llvm.initialize_native_target()
@@ -38,7 +41,8 @@ def compile_functions(ir: str, signatures: dict[str, ctypes._CFuncPtr]) -> dict:
     module = llvm.parse_assembly("\n".join(lines))
     module.verify()
     machine = llvm.Target.from_default_triple().create_target_machine(
-        cpu=llvm.get_host_cpu_name(), features=llvm.get_host_cpu_features().flatten(), opt=3
+        cpu=cpu or llvm.get_host_cpu_name(),
+        features=llvm.get_host_cpu_features().flatten() if features is None and cpu is None else (features or ""), opt=3
     )
     engine = llvm.create_mcjit_compiler(module, machine)
     engine.finalize_object()

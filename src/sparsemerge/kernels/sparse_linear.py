@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, field_validator
 from torch import nn
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.kernels.dispatch import choose_kernel, forced_kernel
+from sparsemerge.kernels.dispatch import select, state_key
 from sparsemerge.kernels.layout import VALUE_DTYPES, BlockedNM, codes_from_quantized, pack_blocked, pack_slots, to_dense
 from sparsemerge.masks import nm_mask
 from sparsemerge.patterns import NM, parse_pattern
@@ -150,61 +150,51 @@ class SparseLinear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise SparsemergeError(f"SparseLinear expects inputs with last dimension {self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
-        # the kernel choice depends only on the device and a forced name: cache it (per-call
-        # overhead matters at batch 1, where a small layer takes a few microseconds)
-        key = (x.device.type, forced_kernel())
-        cached = self.__dict__.get("_kernel")
-        if cached is None or cached[0] != key:
-            cached = (key, choose_kernel(self, x.reshape(-1, self.in_features)), self._token_runner(key))
-            self.__dict__["_kernel"] = cached
+        # the registry is asked once per situation (device, one row or more, forced name,
+        # feature cap) and the choice cached: per-call overhead matters at batch 1, where a
+        # small layer takes a few microseconds
+        one = x.numel() == self.in_features
+        key = (x.device.type, one, *state_key())
+        entry = self._kernel_entry(key, x.reshape(-1, self.in_features), one)
         y = None
-        if cached[2] is not None and x.numel() == self.in_features and x.dtype == torch.float32:
-            y = cached[2](x)  # one decoding token: straight to the kernel (None: not finite)
+        if entry[1] is not None and x.dtype == torch.float32:
+            y = entry[1](x)  # one decoding token: straight to the kernel (None: not finite)
         if y is None:
             x2 = x.reshape(-1, self.in_features)
-            y = cached[1].run(self, x2 if x2.device.type == "cuda" else x2.float())
+            y = entry[0].run(self, x2 if x2.device.type == "cuda" else x2.float())
         if self.bias is not None:
             y = y + self.bias.to(y.device)
         if y.dtype != x.dtype:
             y = y.to(x.dtype)
         return y.reshape(*lead, self.out_features)
 
-    def _token_runner(self, key: tuple):
-        """For batch-1 float32 CPU inputs of a 2:4 layer that a row kernel can run (the VNNI
-        kernel with INT8 activations, the gather kernel for float32 values): a callable
-        ``x -> (out_features,) tensor or None`` that skips the generic dispatch (a decoding
-        step calls ~200 small layers; the generic path costs ~15 us of Python per call)."""
-        if key != ("cpu", None) or self.values.device.type != "cpu" or not (self.n == 2 and self.m == 4):
-            return None
-        from sparsemerge.kernels.cpu import _threads, gather_reason, sync_threads, vnni_reason
+    def _kernel_entry(self, key: tuple, x2: torch.Tensor, one: bool) -> tuple:
+        """``(KernelChoice, token runner or None)`` for ``key``, chosen once and cached."""
+        cache = self.__dict__.get("_kernel")
+        if cache is None:
+            cache = self.__dict__["_kernel"] = {}
+        entry = cache.get(key)
+        if entry is None:
+            choice = select(self, x2)
+            token = None
+            if one and key[0] == "cpu" and choice.kernel.token_runner is not None:
+                token = choice.kernel.token_runner(self.layout)
+            entry = cache[key] = (choice, token)
+        return entry
 
-        layout = self.layout
-        rows = self.out_features
-        if self.act_quant == "int8" and vnni_reason(layout) is None:
-            from sparsemerge.kernels.cpu_vnni import runner_for
+    def explain_kernel(self, batch: int = 1, device: "str | torch.device | None" = None):
+        """The registry's :class:`~sparsemerge.kernels.dispatch.KernelChoice` for ``batch``
+        input rows on ``device`` (default: where the values are): the row, the reasons the
+        faster rows were skipped, and ``why()`` in words. The same choice ``forward`` makes."""
+        dev = torch.device(device) if device is not None else self.values.device
+        x2 = torch.zeros(batch, self.in_features, device=dev)
+        return self._kernel_entry((dev.type, batch == 1, *state_key()), x2, batch == 1)[0]
 
-            run, args = runner_for(layout)
-
-            def token(x: torch.Tensor):
-                sync_threads()
-                out = run(*args[:3], x.detach().numpy().reshape(1, -1), *args[3:],
-                          _threads[0] if rows >= 128 * _threads[0] else 1)
-                return torch.from_numpy(out) if out.size else None
-
-            return token
-        if gather_reason(layout) is None:
-            from sparsemerge.kernels.cpu_gather import runner_for
-
-            run, plan = runner_for(layout)
-            vals, meta, units = plan["vals"], plan["meta"], plan["units"]
-
-            def token(x: torch.Tensor):
-                sync_threads()
-                return torch.from_numpy(run(vals, meta, x.detach().numpy().reshape(1, -1), rows, units,
-                                            _threads[0] if rows >= 128 * _threads[0] else 1))
-
-            return token
-        return None
+    @property
+    def kernel_choice(self) -> tuple[str, tuple[tuple[str, str], ...]]:
+        """``(row name, ((skipped row, reason), ...))`` at batch 1 on the values' device."""
+        choice = self.explain_kernel()
+        return choice.name, choice.reasons
 
     def _load_from_state_dict(self, *args, **kwargs):
         # in-place copies keep the buffer objects: drop what was derived from the old values
