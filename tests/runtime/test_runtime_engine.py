@@ -11,6 +11,7 @@ from sparsemerge.kernels import SparsifyConfig, sparsify_
 from sparsemerge.kernels.cpu_vnni import cpu_features_missing as vnni_missing
 from sparsemerge.kernels.cpu_vnni import fake_quant_inputs
 from sparsemerge.kernels.sparse_linear import SparseLinear
+from sparsemerge.kernels.features import cpu_level, missing_reason
 from sparsemerge.runtime import UnsupportedModel, build_plan
 from sparsemerge.runtime.engine import DecodeEngine
 from sparsemerge.runtime.step import KIND_A8, KIND_BF, KIND_BQ, KIND_F32
@@ -169,3 +170,26 @@ def test_plan_table_collapses_layers_and_counts_bytes():
 
     rows = json.loads(plan.to_json())["layers"]
     assert len(rows) == 3 * 4 + 1 and all(r["why"] for r in rows)
+
+
+@pytest.mark.parametrize("level,f32_row,a8_row", [("avx2", "avx2-f32", "avx2-a8"), ("none", "numba-gemv24", "numba-gemv24")])
+def test_capped_cpu_levels_plan_and_match(level, f32_row, a8_row):
+    """The AVX2 rows (or the portable numba ones) run every product under a feature cap, on
+    any machine that has the features, and give the same logits."""
+    if level == "avx2" and missing_reason(("avx2", "fma")):
+        pytest.skip("the CPU lacks AVX2/FMA")
+    with cpu_level(level):
+        model = _sparse_llama("none")
+        engine = DecodeEngine(model, max_seq=32)
+        assert {p.kernel for p in engine.plan.layers if p.name != "lm_head"} == {f32_row}
+        assert level in engine.plan.cpu
+        np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=2e-5, rtol=1e-4)
+        model = _sparse_llama("int4", act_quant="int8", group_size=128)
+        engine = DecodeEngine(model, act_quant="int8", max_seq=32)
+        assert {p.kernel for p in engine.plan.layers if p.name != "lm_head"} == {a8_row}
+        engine.reset()
+        got = np.stack([engine.step(t).copy() for t in IDS[:-1]])
+        ref = _reference_logits(model, IDS, act_quant="int8" if a8_row != "numba-gemv24" else "none")[:-1]
+        np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)
+        if a8_row != "numba-gemv24":
+            assert "passed over avx512-vnni-a8" in engine.plan.layers[0].why or missing_reason(("avx512vnni",))

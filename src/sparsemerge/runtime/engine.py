@@ -70,16 +70,12 @@ class DecodeEngine:
 
     # ------------------------------------------------------------------ construction
     def _build_weights(self) -> None:
-        from sparsemerge.kernels.cpu import sync_threads, _threads
+        from sparsemerge.kernels.threads import sync_threads
         from sparsemerge.kernels.dense_int8 import Int8Embedding
-        from sparsemerge.runtime.kernels import a8_functions, f32_function
 
-        sync_threads()
         model, c = self.model, self.plan.config
         decoder = model.model
-        self.threads = max(1, _threads[0])
-        a8_addr, _, _ = a8_functions() if any(p.kind == S.KIND_A8 for p in self.plan.layers) else ({}, None, "")
-        f32_addr = f32_function()[0] if any(p.kind == S.KIND_F32 for p in self.plan.layers) else None
+        self.threads = max(1, sync_threads())
 
         f32_2d, f32_3d, f32_1d = types.float32[:, ::1], types.float32[:, :, ::1], types.float32[::1]
         kw = {
@@ -105,7 +101,7 @@ class DecodeEngine:
         self.max_cols = 0
         head_op = np.full(S.OP_FIELDS, -1, np.int64)
         for p in self.plan.layers:
-            idx = self._add_op(p, kw, a8_par, f32_par, bq_par, dq_par, a8_addr, f32_addr)
+            idx = self._add_op(p, kw, a8_par, f32_par, bq_par, dq_par)
             bias = self._add_bias(p, kw)
             self.max_rows = max(self.max_rows, p.rows)
             self.max_cols = max(self.max_cols, p.cols)
@@ -169,7 +165,7 @@ class DecodeEngine:
         self.cos = np.ascontiguousarray(cos[:, : hd // 2].numpy())
         self.sin = np.ascontiguousarray(sin[:, : hd // 2].numpy())
 
-    def _add_op(self, p, kw, a8_par, f32_par, bq_par, dq_par, a8_addr, f32_addr) -> int:
+    def _add_op(self, p, kw, a8_par, f32_par, bq_par, dq_par) -> int:
         """Append the arrays of plan row ``p`` to its kind's lists; returns the index."""
         from sparsemerge.kernels.dense_int8 import Int8Linear
 
@@ -177,22 +173,22 @@ class DecodeEngine:
         if p.kind in (S.KIND_A8, S.KIND_F32, S.KIND_BQ, S.KIND_BF):
             layouts = [m.layout for m in p.modules]
             layout = layouts[0] if len(layouts) == 1 else concat_rows(layouts)
-        if p.kind == S.KIND_A8:
-            from sparsemerge.kernels import cpu_vnni
-
-            plan = cpu_vnni.prepare(layout)
-            kw["a8_stream"].append(plan["stream"])
-            kw["a8_scale"].append(plan["scale"])
-            kw["a8_corr"].append(plan["corr"])
-            a8_par.append((plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"], a8_addr[layout.codec]))
-            return len(a8_par) - 1
-        if p.kind == S.KIND_F32:
+        if p.kind in (S.KIND_A8, S.KIND_F32):
             from sparsemerge.kernels import cpu_gather
+            from sparsemerge.runtime.kernels import address, decode_kernel
 
-            plan = cpu_gather.prepare(layout)
+            dk = decode_kernel(p.kernel, layout)
+            plan = dk.prepare(layout)
+            fn = address(dk.functions()[layout.codec if p.kind == S.KIND_A8 else "f32"])
+            if p.kind == S.KIND_A8:
+                kw["a8_stream"].append(plan["stream"])
+                kw["a8_scale"].append(plan["scale"])
+                kw["a8_corr"].append(plan["corr"])
+                a8_par.append((plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"], fn))
+                return len(a8_par) - 1
             kw["f32_vals"].append(plan["vals"])
             kw["f32_meta"].append(plan["meta"])
-            f32_par.append((plan["units"], -(-layout.rows // 4), cpu_gather.BLOCK_UNITS, f32_addr))
+            f32_par.append((plan["units"], -(-layout.rows // 4), cpu_gather.BLOCK_UNITS, fn))
             return len(f32_par) - 1
         if p.kind == S.KIND_BQ:
             codes = layout.values.numpy()

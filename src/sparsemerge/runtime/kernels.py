@@ -1,72 +1,137 @@
-"""The batch-1 kernels the decode runtime can call, in order of preference, and the choice
-for one packed layer (name, ``runtime.step`` kind, why).
+"""Which registry row runs each product of a decoding step, and how the runtime calls it.
 
-The row kernels are LLVM functions (``kernels/cpu_vnni.py``, ``kernels/cpu_gather.py``): the
-compiled step calls them by address (``runtime/ffi.py``). The numba kernels over the
-row-blocked layout run any 2:4 layer on any x86-64 or ARM CPU, so every supported layer has
-a kernel; what changes from CPU to CPU is how fast it is.
+The choice is the kernel registry's (``kernels/backends.py``): its rows are tried by priority
+with their own ``supports`` checks - CPU features (under the cap of ``kernels/features.py``,
+so ``SPARSEMERGE_CPU_FEATURES=avx2`` plans an AVX2 machine's kernels), pattern, codec,
+activation quantization, column counts. The runtime can call the batch-1 rows below from its
+compiled step: the LLVM row kernels by address (``runtime/ffi.py``) on the plan their module
+prepares, the numba blocked kernel directly. Rows it cannot call at batch 1 (gemm, general
+N:M, reference, cuda) make the model fall back to the transformers path, with the reason.
 """
 from __future__ import annotations
 
 import ctypes
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
 
 from sparsemerge.runtime.step import KIND_A8, KIND_BF, KIND_BQ, KIND_F32
 
 
-def _address(fn) -> int:
+@dataclass(frozen=True)
+class DecodeKernel:
+    kind: int  # runtime.step KIND_*
+    prepare: Optional[Callable] = None  # layout -> plan dict (row kernels)
+    functions: Optional[Callable] = None  # () -> {"int8"|"int4"|"f32": ctypes function}
+    what: str = ""
+
+
+def _vnni():
+    from sparsemerge.kernels import cpu_vnni
+
+    return DecodeKernel(KIND_A8, cpu_vnni.prepare, cpu_vnni.compiled_functions, "INT8 activations, 512-bit vpdpbusd")
+
+
+def _avxvnni():
+    from sparsemerge.kernels import cpu_avx2
+
+    return DecodeKernel(KIND_A8, cpu_avx2.prepare_a8, lambda: cpu_avx2.compiled_functions(vnni=True),
+                        "INT8 activations, 256-bit VEX vpdpbusd")
+
+
+def _avx2_a8():
+    from sparsemerge.kernels import cpu_avx2
+
+    return DecodeKernel(KIND_A8, cpu_avx2.prepare_a8, cpu_avx2.compiled_functions, "INT8 activations, vpmaddubsw")
+
+
+def _gather():
+    from sparsemerge.kernels import cpu_gather
+
+    return DecodeKernel(KIND_F32, cpu_gather.prepare, cpu_gather.compiled_functions, "vpermi2ps input gather")
+
+
+def _avx2_f32():
+    from sparsemerge.kernels import cpu_avx2
+
+    return DecodeKernel(KIND_F32, cpu_avx2.prepare_f32, cpu_avx2.compiled_functions, "vpermilps input gather")
+
+
+# registry row -> how the compiled step runs it (numba-gemv24 is resolved per codec below)
+DECODE_ROWS: dict[str, Callable[[], DecodeKernel]] = {
+    "avx512-vnni-a8": _vnni,
+    "avxvnni-a8": _avxvnni,
+    "avx2-a8": _avx2_a8,
+    "avx512-gather-f32": _gather,
+    "avx2-f32": _avx2_f32,
+    "numba-gemv24": lambda: DecodeKernel(-1, what="numba blocked kernel, any CPU"),
+}
+
+
+class _Request:
+    """What a registry row's ``supports`` reads of a layer."""
+
+    def __init__(self, layout, act_quant: str) -> None:
+        self.layout = layout
+        self.act_quant = act_quant
+
+
+def address(fn) -> int:
     return ctypes.cast(fn, ctypes.c_void_p).value
 
 
-def a8_functions() -> tuple[dict[str, int], Optional[str], str]:
-    """``({codec: address}, reason or None, kernel name)`` of the best INT8-activation 2:4 kernel."""
-    from sparsemerge.kernels import cpu_vnni
-
-    fns, reason = cpu_vnni.raw_functions()
-    if fns is not None:
-        return {c: _address(f) for c, f in fns.items()}, None, "avx512-vnni-a8"
-    return {}, reason, "avx512-vnni-a8"
-
-
-def f32_function() -> tuple[Optional[int], Optional[str], str]:
-    from sparsemerge.kernels import cpu_gather
-
-    fn, reason = cpu_gather.raw_function()
-    return (None if fn is None else _address(fn)), reason, "avx512-gather-f32"
-
-
-def cpu_summary() -> str:
-    """The CPU and the SIMD features the kernels care about, for plans and reports."""
-    try:
-        import llvmlite.binding as llvm
-
-        feats = llvm.get_host_cpu_features()
-        have = [f for f in ("avx2", "fma", "avx512f", "avx512vbmi", "avx512vnni", "avxvnni", "neon", "dotprod")
-                if feats.get(f, False)]
-        return f"{llvm.get_host_cpu_name()} ({' '.join(have) or 'no SIMD features found'})"
-    except Exception:  # noqa: BLE001 - a description only
-        return "unknown CPU"
+def decode_kernel(name: str, layout) -> DecodeKernel:
+    kernel = DECODE_ROWS[name]()
+    if name == "numba-gemv24":
+        kind = KIND_BQ if layout.codec in ("int8", "int4") else KIND_BF
+        return DecodeKernel(kind, what=kernel.what)
+    return kernel
 
 
 def choose(layout, act_quant: str) -> tuple[Optional[str], int, str]:
-    """The decode kernel for one packed layer: ``(name, kind, why)``; name None if none fits."""
-    from sparsemerge.kernels import cpu_gather, cpu_vnni
+    """``(row name, runtime kind, why)`` for one packed layer at batch 1 on this CPU (under
+    the feature cap); name None when no row the runtime can call fits (why says so)."""
+    from sparsemerge.kernels.backends import rows
+    from sparsemerge.kernels.dispatch import forced_kernel
 
-    if not layout.is_24:
-        return None, -1, (f"{layout.n}:{layout.m} layers have no batch-1 decode kernel yet (2:4 only); "
-                          "the transformers path runs them")
-    if layout.codec in ("int8", "int4"):
-        if act_quant == "int8":
-            reason = cpu_vnni.unavailable_reason(layout)
-            if reason is None:
-                return "avx512-vnni-a8", KIND_A8, "INT8 activations, vpdpbusd row kernel"
-            skipped = f"avx512-vnni-a8 skipped: {reason}"
-        else:
-            skipped = "A8 kernels skipped: float activations (act_quant none)"
-        return "numba-blocked", KIND_BQ, f"{skipped}; numba blocked kernel"
-    if layout.values.dtype.is_floating_point and str(layout.values.dtype) == "torch.float32":
-        reason = cpu_gather.unavailable_reason(layout)
+    x = torch.empty(1, layout.cols)
+    req = _Request(layout, act_quant)
+    forced = forced_kernel()
+    skipped = []
+    for row in rows():
+        if row.device == "cuda":
+            continue
+        if forced and forced not in ("cpu", row.name):
+            continue
+        reason = row.supports(req, x)
+        if reason is None and row.name not in DECODE_ROWS:
+            reason = "not a batch-1 kernel of the decode runtime"
+        if reason is None and layout.codec == "none" and layout.values.dtype != torch.float32:
+            reason = f"{layout.values.dtype} values: the runtime's blocked path reads float32"
         if reason is None:
-            return "avx512-gather-f32", KIND_F32, "vpermi2ps gather row kernel"
-        return "numba-blocked", KIND_BF, f"avx512-gather-f32 skipped: {reason}; numba blocked kernel"
-    return None, -1, f"{layout.values.dtype} values have no decode kernel (float32, INT8 and INT4 do)"
+            kernel = decode_kernel(row.name, layout)
+            why = kernel.what
+            passed = [(n, r) for n, r in skipped if n in DECODE_ROWS]
+            if passed:
+                why += "; passed over " + "; ".join(f"{n} ({r})" for n, r in passed)
+            return row.name, kernel.kind, why
+        skipped.append((row.name, reason))
+    detail = "; ".join(f"{n}: {r}" for n, r in skipped)
+    return None, -1, f"no batch-1 decode kernel for this {layout.n}:{layout.m} {layout.codec} layer ({detail})"
+
+
+def cpu_summary() -> str:
+    """The CPU, its SIMD features the kernels care about, and the cap if one is set."""
+    from sparsemerge.kernels import features as F
+
+    try:
+        import llvmlite.binding as llvm
+
+        name = llvm.get_host_cpu_name()
+    except Exception:  # noqa: BLE001 - a description only
+        name = "unknown CPU"
+    have = [f for f in ("avx2", "fma", "avx512f", "avx512vbmi", "avx512vnni", "avxvnni", "neon", "dotprod")
+            if f in F.host_features()]
+    cap = F.current_cap()
+    return f"{name} ({' '.join(have) or 'no SIMD features found'})" + (f", kernels capped to {cap}" if cap else "")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from sparsemerge.kernels.cpu import BITS, R, _g24_f32_block, _g24_q_block
+from sparsemerge.kernels.cpu_blocked import BITS, R, _g24_f32_block, _g24_q_block
 from sparsemerge.kernels.cpu_vnni import _quantize
 from sparsemerge.runtime.ffi import call_a8, call_f32
 
