@@ -140,16 +140,20 @@ def test_cli_run_and_bench(tmp_path, tiny_tokenizer, capsys):
     tiny_tokenizer.save_pretrained(tmp_path / "hf")
     assert main(["run", str(tmp_path / "hf"), "--quant", "int8", "--prompt", "The team", "--max-new-tokens", "4"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("The team") and "14 sparse layers" in out
+    assert out.startswith("The team") and "14 sparse layers" in out and "decode runtime" in out
     assert main(["bench", str(tmp_path / "hf"), "--quant", "int4", "--tokens", "3", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "dense float32" in out and "tokens/s" in out and "peak RSS +MiB" in out
     # peak memory comes from a fresh process per model: a number, not nan
     sparse_row = next(line for line in out.splitlines() if line.startswith("sparse "))
-    assert float(sparse_row.split()[5]) > 0
+    assert sparse_row.split()[2] == "runtime" and float(sparse_row.split()[6]) > 0
     assert main(["bench", str(tmp_path / "hf"), "--tokens", "1", "--repeats", "1", "--no-dense", "--no-peak-memory"]) == 0
     assert "nan" in capsys.readouterr().out
+    # the transformers path on request, saying so
+    assert main(["run", str(tmp_path / "hf"), "--prompt", "The team", "--max-new-tokens", "2", "--runtime", "off"]) == 0
+    assert "transformers (the decode runtime is off" in capsys.readouterr().out
     assert main(["run", str(tmp_path / "hf"), "--prompt", "x", "--kernel", "nope"]) == 2
+    assert main(["run", str(tmp_path / "hf"), "--prompt", "x", "--top-p", "0"]) == 2
     assert main(["bench", str(tmp_path / "missing"), "--tokens", "1"]) == 2
 
 

@@ -19,14 +19,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from sparsemerge.cli.run import _load, _setup
+    from sparsemerge.cli.run import _spec
     import json
 
     from sparsemerge.io.atomic import write_json_atomic
     from sparsemerge.runtime.plan import build_plan
 
-    with _setup(args):
-        loaded = _load(args, dense=False)
+    spec = _spec(args)
+    with spec.setup():
+        loaded = spec.load(dense=False)
         plan = build_plan(loaded.model, args.act_quant)
     print(plan.format_table(collapse=not args.all_layers))
     if args.json:

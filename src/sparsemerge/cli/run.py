@@ -8,7 +8,7 @@ import time
 
 from sparsemerge.cli.common import format_table
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.eval.speed import DEVICES, RunSpec, bench_decoding
+from sparsemerge.eval.speed import BENCH_HEADERS, DEVICES, RunSpec, bench_decoding
 
 
 def _add_model_options(p: argparse.ArgumentParser) -> None:
@@ -25,6 +25,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
                    "(e.g. numba-gemv24; the rows: sparsemerge.kernels.backends)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and numba (default: all cores)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--runtime", choices=["auto", "off"], default="auto",
+                   help="auto (default): the compiled decode runtime for the models it supports (Llama, Mistral, "
+                   "Qwen2 shapes; see `sparsemerge plan`), transformers otherwise; off: always transformers")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +37,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--prompt", required=True, help="text to continue")
     r.add_argument("--max-new-tokens", type=int, default=32)
     r.add_argument("--dense", action="store_true", help="run the dense float32 model instead (for comparison)")
+    r.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; > 0 samples")
+    r.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    r.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling: the smallest set with this mass")
+    r.add_argument("--seed", type=int, default=None, help="seed for sampling")
+    r.add_argument("--stop", action="append", default=[], help="stop when the text contains this string (repeatable)")
     r.set_defaults(func=run_run)
 
     b = sub.add_parser("bench", help="decoding tokens/s, memory and load time: sparse vs dense, one process",
@@ -61,27 +69,46 @@ def _spec(args: argparse.Namespace) -> RunSpec:
             raise SparsemergeError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return RunSpec(model=args.model, quant=args.quant, group_size=args.group_size, pattern=args.pattern, prune=args.prune,
                    head_quant=args.head_quant, act_quant=args.act_quant, kernel=args.kernel, threads=args.threads,
-                   device=args.device)
+                   device=args.device, runtime=args.runtime)
 
 
 def run_run(args: argparse.Namespace) -> int:
     import torch
 
+    from sparsemerge.runtime.sampling import SamplingConfig
+
+    if args.max_new_tokens < 1:
+        raise SparsemergeError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    try:
+        sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    except ValueError as exc:
+        raise SparsemergeError(f"bad sampling option: {exc.errors()[0]['loc'][0]} {exc.errors()[0]['msg']}") from None
     spec = _spec(args)
     with spec.setup():
         loaded = spec.load(dense=args.dense)
         if loaded.tokenizer is None:
             raise SparsemergeError(f"{args.model!r} has no tokenizer; run needs one to encode --prompt")
         ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
+        engine, why = spec.decoder(loaded, max_seq=ids.shape[1] + args.max_new_tokens + 1)
+        print(args.prompt, end="", flush=True)
         start = time.perf_counter()
-        with torch.no_grad():
-            out = loaded.model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=False,
-                                        pad_token_id=loaded.tokenizer.eos_token_id)
+        if engine is not None:  # tokens stream as they are made
+            res = engine.generate(ids[0].tolist(), args.max_new_tokens, sampling, args.stop,
+                                  on_token=lambda t, piece: print(piece, end="", flush=True))
+            n, stop_reason = len(res.tokens), res.stop_reason
+        else:
+            with torch.no_grad():
+                out = loaded.model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=sampling.temperature > 0,
+                                            temperature=sampling.temperature or None, top_k=sampling.top_k or None,
+                                            top_p=sampling.top_p, pad_token_id=loaded.tokenizer.eos_token_id)
+            text = loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+            hit = next((s for s in args.stop if s and s in text), None)
+            print(text if hit is None else text[: text.index(hit)], end="")
+            n, stop_reason = out.shape[1] - ids.shape[1], "stop string" if hit else "length or eos"
         seconds = time.perf_counter() - start
-    new = out[0, ids.shape[1]:]
-    print(args.prompt + loaded.tokenizer.decode(new, skip_special_tokens=True))
-    print(f"[{loaded.kind}: {len(loaded.swapped)} sparse layers, load {loaded.load_seconds:.1f} s, "
-          f"{len(new)} tokens in {seconds:.2f} s]", flush=True)
+    path = "decode runtime" if engine is not None else f"transformers ({why})"
+    print(f"\n[{loaded.kind}: {len(loaded.swapped)} sparse layers, {path}, load {loaded.load_seconds:.1f} s, "
+          f"{n} tokens in {seconds:.2f} s, stopped: {stop_reason}]", flush=True)
     return 0
 
 
@@ -92,8 +119,10 @@ def run_bench(args: argparse.Namespace) -> int:
     with spec.setup():
         rows = bench_decoding(spec, tokens=args.tokens, prompt_tokens=args.prompt_tokens, repeats=args.repeats,
                               dense=not args.no_dense, peak_memory=not args.no_peak_memory)
-    print(format_table(["model", "kind", "sparse layers", "load s", "weights MiB", "peak RSS +MiB", "tokens/s", "x dense"],
-                       [r.as_tuple() for r in rows]))
+    print(format_table(BENCH_HEADERS, [r.as_tuple() for r in rows]))
+    for r in rows:
+        if r.path != "runtime" and args.runtime == "auto":
+            print(f"{r.label}: transformers path because {r.why}")
     import torch
 
     print(f"decoding {args.tokens} tokens after a {args.prompt_tokens}-token prompt, batch 1, best of {args.repeats}, "

@@ -4,6 +4,8 @@ float32 model, in one process (``sparsemerge bench``, the demo's packed row).
 Protocol: the prompt is run once (KV cache filled), then ``tokens`` single-token steps are
 timed, each feeding back the argmax; models are warmed up (JIT compile, caches) and timed
 interleaved, ``repeats`` times, keeping the best time of each (the least disturbed run).
+Models the decode runtime supports (``sparsemerge.runtime``) are timed on it by default
+(``RunSpec.runtime = "auto"``); others go through transformers' forward, and the row says why.
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from sparsemerge.errors import SparsemergeError
 log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "cuda")
+RUNTIMES = ("auto", "off")
 
 
 def decode_seconds(model: Any, ids: Any, tokens: int) -> float:
@@ -55,8 +58,11 @@ class RunSpec:
     kernel: str = "auto"  # auto, or a kernel registry name forced for every SparseLinear
     threads: Optional[int] = None  # torch/numba threads (None: all cores)
     device: str = "cpu"
+    runtime: str = "auto"  # "auto": the decode runtime where it supports the model; "off": transformers
 
     def __post_init__(self) -> None:
+        if self.runtime not in RUNTIMES:
+            raise SparsemergeError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
         if self.threads is not None and self.threads < 1:
             raise SparsemergeError(f"threads must be >= 1, got {self.threads}")
         if self.device not in DEVICES:
@@ -92,8 +98,39 @@ class RunSpec:
             loaded.model.to(self.device)
         return loaded
 
+    def decoder(self, loaded: Any, max_seq: int = 2048) -> tuple[Any, str]:
+        """``(DecodeEngine or None, why)``: the decode runtime for ``loaded`` when this spec
+        asks for it and the runtime supports the model on this device, else None and the reason
+        (the caller then runs transformers' forward)."""
+        if self.runtime == "off":
+            return None, "the decode runtime is off (--runtime off)"
+        if self.device != "cpu":
+            return None, f"the decode runtime runs on the CPU, not {self.device}"
+        if self.kernel in ("reference", "cuda"):
+            return None, f"--kernel {self.kernel} runs through transformers"
+        from sparsemerge.runtime.engine import DecodeEngine
+        from sparsemerge.runtime.plan import build_plan
+
+        plan = build_plan(loaded.model, self.act_quant)
+        if not plan.supported:
+            return None, plan.reason
+        return DecodeEngine(loaded.model, loaded.tokenizer, self.act_quant, max_seq=max_seq, plan=plan), "decode runtime"
+
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def engine_decode_seconds(engine: Any, ids: Any, tokens: int) -> float:
+    """:func:`decode_seconds` on the decode runtime: the prompt through ``prefill``, then
+    ``tokens`` compiled steps each feeding back the argmax."""
+    import numpy as np
+
+    engine.reset()
+    logits = engine.prefill([int(t) for t in ids[0]])
+    start = time.perf_counter()
+    for _ in range(tokens):
+        logits = engine.step(int(np.argmax(logits)))
+    return time.perf_counter() - start
 
 
 @dataclass
@@ -108,10 +145,15 @@ class BenchRow:
     peak_mib: float  # peak resident memory of loading + decoding in a fresh process, above the imports (nan: not measured)
     tokens_per_second: float
     x_dense: float  # dense seconds / these seconds (nan without the dense baseline)
+    path: str = "transformers"  # "runtime" (the compiled decode runtime) or "transformers"
+    why: str = ""  # why this path
 
     def as_tuple(self) -> tuple:
-        return (self.label, self.kind, self.sparse_layers, self.load_seconds, self.weights_mib, self.peak_mib,
+        return (self.label, self.kind, self.path, self.sparse_layers, self.load_seconds, self.weights_mib, self.peak_mib,
                 self.tokens_per_second, self.x_dense)
+
+
+BENCH_HEADERS = ["model", "kind", "path", "sparse layers", "load s", "weights MiB", "peak RSS +MiB", "tokens/s", "x dense"]
 
 
 def load_and_decode(spec: RunSpec, dense: bool, prompt_tokens: int, tokens: int = 4) -> None:
@@ -122,7 +164,11 @@ def load_and_decode(spec: RunSpec, dense: bool, prompt_tokens: int, tokens: int 
     with spec.setup():
         loaded = spec.load(dense)
         ids = torch.zeros((1, prompt_tokens), dtype=torch.long, device=spec.device)
-        decode_seconds(loaded.model, ids, tokens)
+        engine, _ = spec.decoder(loaded, max_seq=prompt_tokens + tokens + 1)
+        if engine is not None:
+            engine_decode_seconds(engine, ids, tokens)
+        else:
+            decode_seconds(loaded.model, ids, tokens)
 
 
 def bench_decoding(spec: RunSpec, tokens: int = 32, prompt_tokens: int = 16, repeats: int = 3, dense: bool = True,
@@ -139,19 +185,28 @@ def bench_decoding(spec: RunSpec, tokens: int = 32, prompt_tokens: int = 16, rep
     if tokens < 1 or repeats < 1 or prompt_tokens < 1:
         raise SparsemergeError(f"tokens, prompt_tokens and repeats must be >= 1, got {tokens}, {prompt_tokens}, {repeats}")
     variants = [("sparse", False)] + ([("dense float32", True)] if dense else [])
-    loaded = {}
+    loaded, engines, why = {}, {}, {}
     for label, is_dense in variants:
         gc.collect()
         loaded[label] = spec.load(is_dense)
+        engines[label], why[label] = spec.decoder(loaded[label], max_seq=prompt_tokens + tokens + 1)
+        if engines[label] is None and spec.runtime == "auto":
+            log.warning("%s: transformers path (%s)", label, why[label])
     torch.manual_seed(0)
     vocab = loaded["sparse"].model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prompt_tokens), device=spec.device)
+
+    def timed(label: str, n: int) -> float:
+        if engines[label] is not None:
+            return engine_decode_seconds(engines[label], ids, n)
+        return decode_seconds(loaded[label].model, ids, n)
+
     best = {label: float("inf") for label in loaded}
     for label in loaded:  # warm-up (numba compile, caches)
-        decode_seconds(loaded[label].model, ids, 2)
+        timed(label, 2)
     for _ in range(repeats):
         for label in loaded:
-            best[label] = min(best[label], decode_seconds(loaded[label].model, ids, tokens))
+            best[label] = min(best[label], timed(label, tokens))
     base = best.get("dense float32")
     peaks: dict[str, Any] = {}
     if peak_memory:
@@ -166,5 +221,6 @@ def bench_decoding(spec: RunSpec, tokens: int = 32, prompt_tokens: int = 16, rep
             label, item.kind, len(item.swapped), item.load_seconds, model_bytes(item.model) / 2**20,
             (peak[1] - peak[0]) / 2**20 if isinstance(peak, tuple) else float("nan"),
             tokens / best[label], base / best[label] if base else float("nan"),
+            "runtime" if engines[label] is not None else "transformers", why[label],
         ))
     return rows
