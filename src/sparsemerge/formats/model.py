@@ -41,7 +41,6 @@ tensor (and the shard). Writes go to a temporary folder renamed when complete.
 from __future__ import annotations
 
 import json
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +55,7 @@ from sparsemerge.formats.dense import Dense
 from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, VERSION, _progress, copy_side_files
 from sparsemerge.formats.shards import ShardWriter, fields_digest
 from sparsemerge.patterns import NM, parse_pattern
+from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, LayerFilter
 
 STORED_DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -98,18 +98,8 @@ class PackConfig(BaseModel):
 
 
 def _targets(config: PackConfig) -> Callable[[str], bool]:
-    from sparsemerge.prune.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
-
-    include = [re.compile(r) for r in (config.include or DEFAULT_INCLUDE)]
-    exclude = [re.compile(r) for r in (config.exclude or DEFAULT_EXCLUDE)]
-
-    def targeted(name: str) -> bool:
-        if not name.endswith(".weight"):
-            return False
-        module = name[: -len(".weight")]
-        return any(r.search(module) for r in include) and not any(r.search(module) for r in exclude)
-
-    return targeted
+    """Tensor name -> packed in the sparse format; an empty or missing list means the default."""
+    return LayerFilter(config.include or DEFAULT_INCLUDE, config.exclude or DEFAULT_EXCLUDE).weight
 
 
 @dataclass
