@@ -101,7 +101,7 @@ def block_mask(scores: torch.Tensor, rows: int, cols: int, sparsity: float) -> t
             f"{out_f}x{in_f}; exclude this tensor or choose another block size"
         )
     block_scores = scores.reshape(out_f // rows, rows, in_f // cols, cols).sum(dim=(1, 3))
-    keep_blocks = _keep_top_fraction(block_scores.flatten(), 1.0 - sparsity).reshape(block_scores.shape)
+    keep_blocks = _drop_bottom_fraction(block_scores.flatten(), sparsity).reshape(block_scores.shape)
     return keep_blocks.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
 
 
@@ -119,11 +119,13 @@ def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = Fal
             idx = torch.topk(flat.float(), n_keep, dim=1, sorted=False).indices
             keep.scatter_(1, idx, True)
         return keep.reshape(scores.shape)
-    return _keep_top_fraction(scores.flatten(), 1.0 - sparsity).reshape(scores.shape)
+    return _drop_bottom_fraction(scores.flatten(), sparsity).reshape(scores.shape)
 
 
-def _keep_top_fraction(flat: torch.Tensor, density: float) -> torch.Tensor:
-    n_keep = flat.numel() - int(round((1.0 - density) * flat.numel()))
+def _drop_bottom_fraction(flat: torch.Tensor, sparsity: float) -> torch.Tensor:
+    # round(sparsity * n) from the sparsity itself: 1 - (1 - 0.15) = 0.15000000000000002 made
+    # round(0.15 * 70) = 11 instead of 10
+    n_keep = flat.numel() - int(round(sparsity * flat.numel()))
     keep = torch.zeros_like(flat, dtype=torch.bool)
     if n_keep > 0:
         keep[torch.topk(flat.float(), n_keep, sorted=False).indices] = True

@@ -164,17 +164,24 @@ def cpu_features_missing() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled() -> tuple[Optional[object], Optional[str]]:
-    """(numba runner, None) or (None, reason). Compiled once per process."""
+def raw_function() -> tuple[Optional[object], Optional[str]]:
+    """(ctypes function, None) or (None, reason): the compiled row kernel itself (the decode
+    runtime calls it by address). Compiled once per process."""
     try:
         missing = cpu_features_missing()
         if missing:
             return None, f"the CPU lacks {', '.join(missing)}"
         proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 4), *([ctypes.c_int64] * 5))
-        fn = compile_functions(_kernel_ir(), {"gemv24_f32_gather": proto})["gemv24_f32_gather"]
-        return _row_runner(fn), None
+        return compile_functions(_kernel_ir(), {"gemv24_f32_gather": proto})["gemv24_f32_gather"], None
     except Exception as exc:  # noqa: BLE001 - any llvmlite failure means "not available", with the reason
         return None, f"could not compile the gather kernel: {exc}"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled() -> tuple[Optional[object], Optional[str]]:
+    """(numba runner, None) or (None, reason). Compiled once per process."""
+    fn, reason = raw_function()
+    return (None, reason) if fn is None else (_row_runner(fn), None)
 
 
 def _row_runner(fn):

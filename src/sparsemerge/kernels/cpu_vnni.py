@@ -259,8 +259,9 @@ def cpu_features_missing() -> list[str]:
 
 
 @functools.lru_cache(maxsize=None)
-def _compiled() -> tuple[Optional[dict], Optional[str]]:
-    """({codec: numba runner}, None) or (None, reason). Compiled once per process."""
+def raw_functions() -> tuple[Optional[dict], Optional[str]]:
+    """({codec: ctypes function}, None) or (None, reason): the compiled row kernels themselves
+    (the decode runtime calls them by address). Compiled once per process."""
     try:
         missing = cpu_features_missing()
         if missing:
@@ -268,9 +269,18 @@ def _compiled() -> tuple[Optional[dict], Optional[str]]:
         proto = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 6), *([ctypes.c_int64] * 6))
         fns = compile_functions("\n".join(_kernel_ir(f"gemv24_{c}_a8", c) for c in ("int8", "int4")),
                                 {f"gemv24_{c}_a8": proto for c in ("int8", "int4")})
-        return {c: _row_runner(fns[f"gemv24_{c}_a8"]) for c in ("int8", "int4")}, None
+        return {c: fns[f"gemv24_{c}_a8"] for c in ("int8", "int4")}, None
     except Exception as exc:  # noqa: BLE001 - any llvmlite failure means "not available", with the reason
         return None, f"could not compile the VNNI kernel: {exc}"
+
+
+@functools.lru_cache(maxsize=None)
+def _compiled() -> tuple[Optional[dict], Optional[str]]:
+    """({codec: numba runner}, None) or (None, reason). Compiled once per process."""
+    fns, reason = raw_functions()
+    if fns is None:
+        return None, reason
+    return {c: _row_runner(f) for c, f in fns.items()}, None
 
 
 @njit(cache=True)

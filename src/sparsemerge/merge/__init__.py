@@ -12,6 +12,7 @@ Python API:
   disjoint mean, drop-and-rescale, Gram-Schmidt); :func:`greedy_soup` -- the greedy soup.
 * :func:`list_methods` -- the registered method names.
 """
+import sparsemerge.merge.methods  # noqa: F401  (each method module registers itself)
 from sparsemerge.merge.api import list_methods, merge_state_dicts, merge_tensors
 from sparsemerge.merge.base import MERGE_METHODS, MergeInputs, MethodSpec, get_method
 from sparsemerge.merge.config import MergeConfig, load_config

@@ -9,14 +9,11 @@ from typing import Any, Mapping, Optional, Sequence
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.merge.base import REQUIRED, MergeInputs, get_method, seed_for
+from sparsemerge.merge.base import MERGE_METHODS, REQUIRED, MergeInputs, get_method, seed_for
 
 
 def list_methods() -> list[str]:
     """Names of every registered merge method."""
-    from sparsemerge.merge.base import MERGE_METHODS
-
-    get_method("linear")  # imports the method modules
     return MERGE_METHODS.names()
 
 

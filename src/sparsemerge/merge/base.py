@@ -5,8 +5,10 @@ config order, per-model parameters, global parameters, a seeded generator) and r
 merged tensor. The engine streams one tensor at a time and calls it; the Python API
 (:func:`sparsemerge.merge.merge_tensors`) calls it directly on in-memory tensors.
 
-Methods register in :data:`MERGE_METHODS` with :func:`register_method`; the spec lists the
-parameters (with mergekit's names and defaults), so configs are checked before any work.
+Methods register in :data:`MERGE_METHODS` with :func:`register_method` (the only way), each
+from its own module in :mod:`sparsemerge.merge.methods`; the spec lists the parameters (with
+mergekit's names and defaults), so configs are checked before any work. This module imports no
+method (no import cycle); ``import sparsemerge.merge`` imports them all and fills the registry.
 """
 from __future__ import annotations
 
@@ -99,8 +101,6 @@ def register_method(
 
 def get_method(name: str) -> MethodSpec:
     """The spec of a registered method; an unknown name lists the known ones."""
-    import sparsemerge.merge.methods  # noqa: F401  (registers every method)
-
     return MERGE_METHODS.get(name)
 
 

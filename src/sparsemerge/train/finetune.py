@@ -7,7 +7,8 @@ domain. It is deliberately plain:
 * data: the texts are joined with blank lines, tokenized once, and every step draws
   ``batch_size`` random windows of ``seqlen`` tokens (seeded), the same protocol as the
   calibration windows of :mod:`sparsemerge.eval.data`; loss = mean next-token cross-entropy;
-* optimizer: AdamW, linear warm-up for ``warmup_steps`` then linear decay to 10% of ``lr``,
+* optimizer (the loop shared with recovery, :mod:`sparsemerge.train.loop`): AdamW, linear
+  warm-up for ``warmup_steps`` then linear decay to 10% of ``lr``,
   gradient clipping at ``grad_clip``;
 * ``mode="full"``: every weight of the decoder blocks trains; the token embedding (tied to
   the LM head in SmolLM2, 28M of its 135M parameters) is frozen unless ``train_embeddings``,
@@ -25,7 +26,6 @@ Full fine-tunes are saved with :func:`sparsemerge.io.save_model` (atomic Hugging
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,11 +33,11 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 from pydantic import BaseModel, ConfigDict, Field
-from tqdm.auto import tqdm
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.io.atomic import atomic_output, write_json_atomic
 from sparsemerge.selection import replace_module
+from sparsemerge.train.loop import dense_parameters, set_trainable_, train_loop, training_tokens
 
 FINETUNE_RECORD = "sparsemerge_finetune.json"
 PEFT_PREFIX = "base_model.model."
@@ -146,35 +146,15 @@ def merge_lora_(model: nn.Module) -> int:
 # ----------------------------------------------------------------------------- training
 
 
-def _windows(tokenizer: Any, texts: list[str], seqlen: int) -> torch.Tensor:
-    from sparsemerge.eval.data import tokenize_joined
-
-    ids = tokenize_joined(tokenizer, texts)
-    if ids.numel() <= seqlen:
-        raise SparsemergeError(f"the training text has {ids.numel()} tokens; need more than seqlen={seqlen}")
-    return ids
-
-
-def _lr_factor(step: int, config: FinetuneConfig) -> float:
-    """Linear warm-up to 1, then linear decay to 0.1 at the last step."""
-    if config.warmup_steps and step < config.warmup_steps:
-        return (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    return 1.0 - 0.9 * (step - config.warmup_steps) / span
-
-
 def _trainable(model: nn.Module, config: FinetuneConfig) -> list[nn.Parameter]:
-    for p in model.parameters():
-        p.requires_grad_(False)
     if config.mode == "lora":
+        for p in model.parameters():
+            p.requires_grad_(False)
         add_lora_(model, config.lora_r, config.lora_alpha, config.lora_targets, config.lora_dropout)
         params = [p for m in lora_modules(model).values() for p in (m.lora_A, m.lora_B)]
     else:
-        embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-        params = [p for p in model.parameters() if config.train_embeddings or id(p) not in embeddings]
-    for p in params:
-        p.requires_grad_(True)
-    return params
+        params = dense_parameters(model, config.train_embeddings)
+    return set_trainable_(model, params)
 
 
 def finetune_(model: nn.Module, tokenizer: Any, texts: list[str], config: "FinetuneConfig | None" = None) -> FinetuneReport:
@@ -184,39 +164,15 @@ def finetune_(model: nn.Module, tokenizer: Any, texts: list[str], config: "Finet
     :func:`save_lora_adapter` or fold them in with :func:`merge_lora_`.
     """
     config = config or FinetuneConfig()
-    ids = _windows(tokenizer, texts, config.seqlen)
+    ids = training_tokens(tokenizer, texts, config.seqlen)
     torch.manual_seed(config.seed)  # LoRA init
     params = _trainable(model, config)
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
-    generator = torch.Generator().manual_seed(config.seed)
-    report = FinetuneReport(config.mode, config.steps, 0, sum(p.numel() for p in params), 0.0)
-    model.train()
-    start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc=f"finetune ({config.mode})", disable=not config.progress)
-    try:
-        for _ in bar:
-            starts = torch.randint(0, ids.numel() - config.seqlen, (config.batch_size,), generator=generator)
-            batch = torch.stack([ids[s : s + config.seqlen] for s in starts.tolist()])
-            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            value = loss.item()
-            if not math.isfinite(value):
-                raise SparsemergeError(f"the loss became {value} at step {len(report.losses)}; lower lr (now {config.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            report.losses.append(value)
-            report.tokens += batch.numel()
-            bar.set_postfix(loss=f"{value:.3f}")
-    finally:
-        bar.close()
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-    report.seconds = time.perf_counter() - start
-    return report
+
+    def loss_fn(batch: torch.Tensor) -> torch.Tensor:  # mean next-token cross-entropy
+        return model(input_ids=batch, labels=batch, use_cache=False).loss
+
+    result = train_loop(model, params, ids, loss_fn, config, f"finetune ({config.mode})")
+    return FinetuneReport(config.mode, config.steps, result.tokens, sum(p.numel() for p in params), result.seconds, result.losses)
 
 
 # ----------------------------------------------------------------------------- PEFT adapters

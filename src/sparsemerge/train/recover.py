@@ -12,24 +12,22 @@ is pure distillation (``ce_weight = 0``): the student is pulled back towards the
 rather than adapted to the training text, so "recovered" means closer to the teacher, not
 fitted to the domain. The pruned positions stay zero (:class:`FixedMasks`: masked gradients,
 masks re-applied after every step), so the output keeps its N:M pattern and can be packed.
-AdamW with linear warm-up and decay to 10% of ``lr``, gradient clipping; the token embedding
+The loop (:mod:`sparsemerge.train.loop`, shared with fine-tuning): AdamW with linear warm-up
+and decay to 10% of ``lr``, gradient clipping; the token embedding
 (and a head tied to it) is frozen unless ``train_embeddings``.
 """
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from tqdm.auto import tqdm
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.train.distill import kd_loss
-from sparsemerge.train.finetune import _lr_factor, _windows
+from sparsemerge.train.loop import dense_parameters, set_trainable_, train_loop, training_tokens
 from sparsemerge.train.masked import FixedMasks
 
 RECOVER_RECORD = "sparsemerge_recover.json"
@@ -80,16 +78,6 @@ class RecoverReport:
         }
 
 
-def _trainable(model: nn.Module, train_embeddings: bool) -> list[nn.Parameter]:
-    embeddings = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
-    params = [p for p in model.parameters() if train_embeddings or id(p) not in embeddings]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    return params
-
-
 def recover_(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: list[str],
              config: "RecoverConfig | None" = None) -> RecoverReport:
     """Distil ``teacher`` into the pruned ``student`` in place, keeping its zeros."""
@@ -100,50 +88,28 @@ def recover_(student: nn.Module, teacher: nn.Module, tokenizer: Any, texts: list
     if s_vocab is not None and t_vocab is not None and s_vocab.weight.shape[0] != t_vocab.weight.shape[0]:
         raise SparsemergeError(f"student and teacher vocabularies differ ({s_vocab.weight.shape[0]} vs "
                                f"{t_vocab.weight.shape[0]} tokens): distillation needs the same tokenizer")
-    ids = _windows(tokenizer, texts, config.seqlen)
-    params = _trainable(student, config.train_embeddings)
+    ids = training_tokens(tokenizer, texts, config.seqlen)
+    params = set_trainable_(student, dense_parameters(student, config.train_embeddings))
     masks = FixedMasks(student)
     if not len(masks):
         raise SparsemergeError("the student has no pruned Linear layers (no zeros): prune it first")
-    masks.attach()
     for p in teacher.parameters():
         p.requires_grad_(False)
     teacher.eval()
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, config))
-    generator = torch.Generator().manual_seed(config.seed)
-    report = RecoverReport(config.steps, 0, sum(p.numel() for p in params), len(masks), 0.0)
-    student.train()
-    start = time.perf_counter()
-    bar = tqdm(range(config.steps), desc="recover (distillation)", disable=not config.progress)
+
+    def loss_fn(batch: torch.Tensor) -> torch.Tensor:  # kd_weight * T^2 KL(teacher || student) + ce_weight * CE
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=batch, use_cache=False).logits
+        out = student(input_ids=batch, labels=batch if config.ce_weight else None, use_cache=False)
+        loss = config.kd_weight * kd_loss(out.logits, teacher_logits, config.temperature)
+        if config.ce_weight:
+            loss = loss + config.ce_weight * out.loss
+        return loss
+
+    masks.attach()
     try:
-        for step in bar:
-            starts = torch.randint(0, ids.numel() - config.seqlen, (config.batch_size,), generator=generator)
-            batch = torch.stack([ids[s : s + config.seqlen] for s in starts.tolist()])
-            with torch.no_grad():
-                teacher_logits = teacher(input_ids=batch, use_cache=False).logits
-            out = student(input_ids=batch, labels=batch if config.ce_weight else None, use_cache=False)
-            loss = config.kd_weight * kd_loss(out.logits, teacher_logits, config.temperature)
-            if config.ce_weight:
-                loss = loss + config.ce_weight * out.loss
-            value = loss.item()
-            if not math.isfinite(value):
-                raise SparsemergeError(f"the loss became {value} at step {step}; lower lr (now {config.lr})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            masks.apply_()
-            report.losses.append(value)
-            report.tokens += batch.numel()
-            bar.set_postfix(loss=f"{value:.3f}")
+        result = train_loop(student, params, ids, loss_fn, config, "recover (distillation)", after_step=masks.apply_)
     finally:
-        bar.close()
         masks.detach()
-        student.eval()
-        for p in student.parameters():
-            p.requires_grad_(False)
-    report.mask_violations = masks.violations()
-    report.seconds = time.perf_counter() - start
-    return report
+    return RecoverReport(config.steps, result.tokens, sum(p.numel() for p in params), len(masks), result.seconds,
+                         result.losses, mask_violations=masks.violations())

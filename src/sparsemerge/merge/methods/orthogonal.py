@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from sparsemerge.merge import ops
+from sparsemerge.merge.ops import gram_schmidt, task_vector
 from sparsemerge.merge.base import MergeInputs, register_method
 
 
@@ -22,7 +22,7 @@ from sparsemerge.merge.base import MergeInputs, register_method
 def orthogonal(inputs: MergeInputs) -> torch.Tensor:
     base = inputs.base
     assert base is not None
-    taus = ops.gram_schmidt([ops.task_vector(t, base) for t in inputs.tensors])
+    taus = gram_schmidt([task_vector(t, base) for t in inputs.tensors])
     lam = float(inputs.globals.get("lambda", 1.0))
     out = base.double()
     for tau, params in zip(taus, inputs.params):

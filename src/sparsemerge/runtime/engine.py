@@ -1,0 +1,378 @@
+"""``DecodeEngine``: generate with a packed Llama-family model, one compiled call per token.
+
+At construction the engine turns the plan (``runtime/plan.py``) into flat arrays - the op
+table, each kernel kind's weights (the row kernels' byte streams built once, fused q/k/v and
+gate/up stacked), RMSNorm weights, RoPE tables taken from the model's own rotary embedding
+(so every rope scaling transformers implements is reproduced exactly) - and preallocates the
+buffers and the KV cache. The prompt goes through the transformers model (its SparseLinear
+layers run the batched kernels) and its keys/values are copied into the cache; every later
+token is one ``runtime.step.decode_step`` call.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+from numba import typed, types
+from torch import nn
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.runtime import step as S
+from sparsemerge.runtime.plan import DecodePlan, UnsupportedModel, build_plan, concat_rows
+from sparsemerge.runtime.sampling import SamplingConfig, Sampler
+
+SLACK = 128  # floats of slack behind every output buffer (kernels write whole row quads/blocks)
+
+
+def _list(ty) -> typed.List:
+    return typed.List.empty_list(ty)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    prompt_seconds: float
+    decode_seconds: float
+    stop_reason: str  # "eos", "stop string", "length"
+    step_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = max(0, len(self.tokens) - 1)  # the first token comes from the prompt's logits
+        return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
+
+
+class DecodeEngine:
+    """Compiled batch-1 decoding of ``model`` (see module docstring).
+
+    ``act_quant="int8"`` feeds the 2:4 INT8/INT4 layers INT8 activations (the A8 kernels),
+    as ``SparseLinear`` does with ``act_quant="int8"``; ``max_seq`` bounds prompt + output."""
+
+    def __init__(self, model: nn.Module, tokenizer=None, act_quant: str = "none", max_seq: int = 2048,
+                 plan: Optional[DecodePlan] = None) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.plan = plan if plan is not None else build_plan(model, act_quant)
+        if not self.plan.supported:
+            raise UnsupportedModel(self.plan.reason)
+        self.act_quant = self.plan.act_quant
+        c = self.plan.config
+        limit = int(getattr(model.config, "max_position_embeddings", max_seq) or max_seq)
+        self.max_seq = min(max_seq, limit)
+        self._build_weights()
+        self._build_buffers()
+        self.pos = 0
+
+    # ------------------------------------------------------------------ construction
+    def _build_weights(self) -> None:
+        from sparsemerge.kernels.cpu import sync_threads, _threads
+        from sparsemerge.kernels.dense_int8 import Int8Embedding
+        from sparsemerge.runtime.kernels import a8_functions, f32_function
+
+        sync_threads()
+        model, c = self.model, self.plan.config
+        decoder = model.model
+        self.threads = max(1, _threads[0])
+        a8_addr, _, _ = a8_functions() if any(p.kind == S.KIND_A8 for p in self.plan.layers) else ({}, None, "")
+        f32_addr = f32_function()[0] if any(p.kind == S.KIND_F32 for p in self.plan.layers) else None
+
+        f32_2d, f32_3d, f32_1d = types.float32[:, ::1], types.float32[:, :, ::1], types.float32[::1]
+        kw = {
+            "a8_stream": _list(types.uint8[:, ::1]), "a8_scale": _list(f32_2d), "a8_corr": _list(types.int32[:, ::1]),
+            "f32_vals": _list(f32_1d), "f32_meta": _list(types.uint32[::1]),
+            "bq_codes8": _list(types.int8[:, :, :, ::1]), "bq_codes4": _list(types.uint8[:, :, :, ::1]),
+            "bq_meta": _list(types.uint32[:, :, ::1]), "bq_scale": _list(f32_3d), "bq_zero": _list(f32_3d),
+            "bf_vals": _list(types.float32[:, :, :, ::1]), "bf_meta": _list(types.uint32[:, :, ::1]),
+            "df_w": _list(f32_2d), "dq_codes": _list(types.int8[:, ::1]), "dq_scale": _list(f32_2d),
+            "biases": _list(f32_1d),
+        }
+        a8_par, f32_par, bq_par, dq_par = [], [], [], []
+        self._keep: list = []  # arrays the typed lists view
+        L = c["layers"]
+        ops = np.full((L, S.SLOTS, S.OP_FIELDS), -1, np.int64)
+        a8_in = np.zeros((L + 1, 4), np.int64)
+        slot_of = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "o_proj": 3, "gate_proj": 4, "up_proj": 5, "down_proj": 6}
+        in_of = {0: 0, 1: 0, 2: 0, 3: 2, 4: 1, 5: 1, 6: 3}
+        q_rows = c["heads"] * c["head_dim"]
+        kv_rows = c["kv_heads"] * c["head_dim"]
+        offsets = {0: 0, 1: q_rows, 2: q_rows + kv_rows, 3: 0, 4: 0, 5: c["intermediate"], 6: 0}
+        self.max_rows = 0
+        self.max_cols = 0
+        head_op = np.full(S.OP_FIELDS, -1, np.int64)
+        for p in self.plan.layers:
+            idx = self._add_op(p, kw, a8_par, f32_par, bq_par, dq_par, a8_addr, f32_addr)
+            bias = self._add_bias(p, kw)
+            self.max_rows = max(self.max_rows, p.rows)
+            self.max_cols = max(self.max_cols, p.cols)
+            if p.name == "lm_head":
+                head_op[:] = (p.kind, idx, 0, p.rows, bias)
+                if p.kind == S.KIND_A8:
+                    a8_in[L, 0] = 1
+                continue
+            parts = p.name.split(".")
+            layer = int(parts[2])
+            first = parts[-1].split("+")[0]
+            slot = slot_of[first]
+            ops[layer, slot] = (p.kind, idx, offsets[slot], p.rows, bias)
+            if p.kind == S.KIND_A8:
+                a8_in[layer, in_of[slot]] = 1
+        self.ops, self.head_op, self.a8_in = ops, head_op, a8_in
+        self.kw = (np.array(a8_par, np.int64).reshape(-1, S.A8_FIELDS), kw["a8_stream"], kw["a8_scale"], kw["a8_corr"],
+                   np.array(f32_par, np.int64).reshape(-1, S.F32_FIELDS), kw["f32_vals"], kw["f32_meta"],
+                   np.array(bq_par, np.int64).reshape(-1, 4), kw["bq_codes8"], kw["bq_codes4"], kw["bq_meta"],
+                   kw["bq_scale"], kw["bq_zero"], kw["bf_vals"], kw["bf_meta"], kw["df_w"],
+                   np.array(dq_par, np.int64).reshape(-1, 1), kw["dq_codes"], kw["dq_scale"], kw["biases"])
+        # norms, embedding, rope
+        norms = [t for layer in decoder.layers for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
+        norms.append(decoder.norm.weight)
+        self.norms = np.ascontiguousarray(torch.stack([n.detach().float() for n in norms]).numpy())
+        epss = {float(getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6)))
+                for layer in decoder.layers for m in (layer.input_layernorm, layer.post_attention_layernorm)}
+        epss.add(float(getattr(decoder.norm, "variance_epsilon", getattr(decoder.norm, "eps", 1e-6))))
+        if len(epss) != 1:
+            raise UnsupportedModel(f"RMSNorm epsilons differ between layers ({sorted(epss)})")
+        self.eps = np.float32(epss.pop())
+        emb = decoder.embed_tokens
+        dummy2 = np.zeros((1, 1), np.float32)
+        if isinstance(emb, Int8Embedding):
+            group = emb.group_size or emb.embedding_dim
+            self.emb = (dummy2, emb.codes.numpy(), emb.scale.numpy())
+            emb_group = group
+        elif isinstance(emb, nn.Embedding) and emb.weight.dtype == torch.float32:
+            self.emb = (emb.weight.detach().numpy(), np.zeros((1, 1), np.int8), dummy2)
+            emb_group = 1
+        else:
+            raise UnsupportedModel(f"embedding {type(emb).__name__} ({getattr(getattr(emb, 'weight', None), 'dtype', '?')}) "
+                                   "is not a float32 or INT8 table")
+        self.cfg = np.array([c["hidden"], c["heads"], c["kv_heads"], c["head_dim"], c["intermediate"], L, c["vocab"],
+                             self.max_seq, self.threads, c["window"], emb_group], np.int64)
+        attn0 = decoder.layers[0].self_attn
+        self.scaling = np.float32(getattr(attn0, "scaling", c["head_dim"] ** -0.5))
+        self._rope_tables()
+
+    def _rope_tables(self) -> None:
+        """cos/sin (max_seq, head_dim/2) from the model's rotary module (any rope scaling)."""
+        c = self.plan.config
+        rotary = self.model.model.rotary_emb
+        hd = c["head_dim"]
+        pos = torch.arange(self.max_seq).unsqueeze(0)
+        with torch.no_grad():
+            cos, sin = rotary(torch.zeros(1, 1, hd, dtype=torch.float32), pos)
+        cos, sin = cos[0].float(), sin[0].float()
+        if not torch.allclose(cos[:, : hd // 2], cos[:, hd // 2:]) or not torch.allclose(sin[:, : hd // 2], sin[:, hd // 2:]):
+            raise UnsupportedModel("the rotary embedding's two halves differ (not the rotate_half RoPE)")
+        self.cos = np.ascontiguousarray(cos[:, : hd // 2].numpy())
+        self.sin = np.ascontiguousarray(sin[:, : hd // 2].numpy())
+
+    def _add_op(self, p, kw, a8_par, f32_par, bq_par, dq_par, a8_addr, f32_addr) -> int:
+        """Append the arrays of plan row ``p`` to its kind's lists; returns the index."""
+        from sparsemerge.kernels.dense_int8 import Int8Linear
+
+        layout = None
+        if p.kind in (S.KIND_A8, S.KIND_F32, S.KIND_BQ, S.KIND_BF):
+            layouts = [m.layout for m in p.modules]
+            layout = layouts[0] if len(layouts) == 1 else concat_rows(layouts)
+        if p.kind == S.KIND_A8:
+            from sparsemerge.kernels import cpu_vnni
+
+            plan = cpu_vnni.prepare(layout)
+            kw["a8_stream"].append(plan["stream"])
+            kw["a8_scale"].append(plan["scale"])
+            kw["a8_corr"].append(plan["corr"])
+            a8_par.append((plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"], a8_addr[layout.codec]))
+            return len(a8_par) - 1
+        if p.kind == S.KIND_F32:
+            from sparsemerge.kernels import cpu_gather
+
+            plan = cpu_gather.prepare(layout)
+            kw["f32_vals"].append(plan["vals"])
+            kw["f32_meta"].append(plan["meta"])
+            f32_par.append((plan["units"], -(-layout.rows // 4), cpu_gather.BLOCK_UNITS, f32_addr))
+            return len(f32_par) - 1
+        if p.kind == S.KIND_BQ:
+            codes = layout.values.numpy()
+            bits4 = layout.codec == "int4"
+            lst = kw["bq_codes4"] if bits4 else kw["bq_codes8"]
+            lst.append(np.ascontiguousarray(codes))
+            kw["bq_meta"].append(layout.meta.numpy().view(np.uint32))
+            scale = layout.scale.float().contiguous().numpy()
+            kw["bq_scale"].append(scale)
+            kw["bq_zero"].append(scale if layout.zero is None else layout.zero.float().contiguous().numpy())
+            bq_par.append((int(bits4), int(layout.zero is not None), layout.groups_per_scale, len(lst) - 1))
+            return len(bq_par) - 1
+        if p.kind == S.KIND_BF:
+            kw["bf_vals"].append(layout.values.numpy())
+            kw["bf_meta"].append(layout.meta.numpy().view(np.uint32))
+            return len(kw["bf_vals"]) - 1
+        module = p.modules[0]
+        if p.kind == S.KIND_DQ:
+            assert isinstance(module, Int8Linear)
+            kw["dq_codes"].append(module.codes.numpy())
+            kw["dq_scale"].append(module.scale.numpy())
+            dq_par.append((module.group_size or module.in_features,))
+            return len(dq_par) - 1
+        kw["df_w"].append(module.weight.detach().contiguous().numpy())  # tied heads share the table
+        return len(kw["df_w"]) - 1
+
+    def _add_bias(self, p, kw) -> int:
+        biases = [getattr(m, "bias", None) for m in p.modules]
+        if all(b is None for b in biases):
+            return -1
+        parts = [torch.zeros(m.out_features) if b is None else b.detach().float() for m, b in zip(p.modules, biases)]
+        kw["biases"].append(np.ascontiguousarray(torch.cat(parts).numpy()))
+        return len(kw["biases"]) - 1
+
+    def _build_buffers(self) -> None:
+        c = self.plan.config
+        H, NH, KVH, HD, I = c["hidden"], c["heads"], c["kv_heads"], c["head_dim"], c["intermediate"]
+        f = np.float32
+        cols = max(self.max_cols, I, H)
+        self.bufs = (
+            np.zeros(H + SLACK, f),  # h: the residual stream
+            np.zeros(max(H, NH * HD) + SLACK, f),  # x: normalized input / o and down outputs
+            np.zeros((NH + 2 * KVH) * HD + SLACK, f),  # qkv
+            np.zeros(NH * HD + SLACK, f),  # attention output
+            np.zeros(2 * I + SLACK, f),  # gate / up
+            np.zeros(I + SLACK, f),  # silu(g) * u
+            np.full((cols // 128 + 2) * 128, 128, np.uint8),  # INT8 activations + 128
+            np.ones(cols // 256 + 2, f),  # their scales per 256
+            np.zeros(((self.max_rows + 63) // 64) * 64 + SLACK, f),  # kernel output scratch
+            np.zeros(self.max_seq, f),  # attention scores
+        )
+        self.kc = np.zeros((c["layers"], KVH, self.max_seq, HD), f)
+        self.vc = np.zeros_like(self.kc)
+        self.logits = np.zeros(c["vocab"], f)
+
+    # ------------------------------------------------------------------ running
+    def reset(self) -> None:
+        self.pos = 0
+
+    def step(self, token: int) -> np.ndarray:
+        """Run one token at the current position; returns the logits (a view, overwritten by
+        the next call) and advances the position."""
+        if self.pos >= self.max_seq:
+            raise SparsemergeError(f"the sequence reached max_seq={self.max_seq}; create the engine with a larger max_seq")
+        if not 0 <= token < self.plan.config["vocab"]:
+            raise SparsemergeError(f"token id {token} is outside the vocabulary (0..{self.plan.config['vocab'] - 1})")
+        ok = S.decode_step(token, self.pos, self.cfg, self.eps, self.scaling, self.ops, self.head_op, self.a8_in,
+                           self.norms, self.emb, self.kc, self.vc, self.cos, self.sin, self.bufs, self.kw, self.logits)
+        if not ok:  # an activation was NaN/Inf: INT8 cannot carry it; a float model gives NaN logits
+            self.logits[:] = np.nan
+        self.pos += 1
+        return self.logits
+
+    def prefill(self, ids: Sequence[int]) -> np.ndarray:
+        """Run the prompt through the transformers model (batched sparse kernels), keep its
+        keys/values, return the last position's logits."""
+        ids = list(ids)
+        if not ids:
+            raise SparsemergeError("the prompt is empty: give at least one token")
+        if self.pos + len(ids) > self.max_seq:
+            raise SparsemergeError(f"prompt of {len(ids)} tokens does not fit max_seq={self.max_seq}")
+        if self.pos > 0:  # continuing: feed token by token through the compiled step
+            for t in ids:
+                logits = self.step(t)
+            return logits
+        with torch.no_grad():
+            out = self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values
+        T = len(ids)
+        for i, layer in enumerate(cache.layers):
+            self.kc[i, :, :T] = layer.keys[0].float().numpy()
+            self.vc[i, :, :T] = layer.values[0].float().numpy()
+        self.pos = T
+        self.logits[:] = out.logits[0, -1].float().numpy()
+        return self.logits
+
+    def generate(self, prompt: "str | Sequence[int]", max_new_tokens: int = 64,
+                 sampling: Optional[SamplingConfig] = None, stop: Sequence[str] = (),
+                 on_token: Optional[Callable[[int, str], None]] = None) -> GenerationResult:
+        """Generate up to ``max_new_tokens`` after ``prompt`` (text or token ids); stops at EOS
+        or when the text ends with one of ``stop``. ``on_token(id, text_piece)`` streams."""
+        sampling = sampling or SamplingConfig()
+        ids = self._encode(prompt)
+        if len(ids) + max_new_tokens > self.max_seq:
+            raise SparsemergeError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed max_seq={self.max_seq}")
+        eos = self._eos_ids()
+        sampler = Sampler(sampling)
+        self.reset()
+        t0 = time.perf_counter()
+        logits = self.prefill(ids)
+        t1 = time.perf_counter()
+        out: list[int] = []
+        text, reason = "", "length"
+        steps = []
+        for i in range(max_new_tokens):
+            tok = sampler(logits)
+            out.append(tok)
+            piece = self._piece(out, text)
+            text += piece
+            if on_token is not None:
+                on_token(tok, piece)
+            if tok in eos:
+                reason = "eos"
+                break
+            hit = next((s for s in stop if s and s in text), None)
+            if hit is not None:  # the text up to the stop string (which is not returned)
+                text = text[: text.index(hit)]
+                reason = "stop string"
+                break
+            if i + 1 < max_new_tokens:
+                s0 = time.perf_counter()
+                logits = self.step(tok)
+                steps.append(time.perf_counter() - s0)
+        t2 = time.perf_counter()
+        return GenerationResult(out, text, len(ids), t1 - t0, t2 - t1, reason, steps)
+
+    def stream(self, prompt, max_new_tokens: int = 64, sampling: Optional[SamplingConfig] = None,
+               stop: Sequence[str] = ()) -> Iterator[str]:
+        """Yield text pieces as they are made (a generator over :meth:`generate`)."""
+        import queue
+        import threading
+
+        q: "queue.Queue" = queue.Queue()
+        done = object()
+
+        def work():
+            try:
+                self.generate(prompt, max_new_tokens, sampling, stop, on_token=lambda t, p: q.put(p))
+            finally:
+                q.put(done)
+
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        while True:
+            item = q.get()
+            if item is done:
+                break
+            yield item
+        th.join()
+
+    # ------------------------------------------------------------------ text
+    def _encode(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise SparsemergeError("a text prompt needs a tokenizer; pass token ids or give the engine one")
+            return list(self.tokenizer(prompt)["input_ids"])
+        return [int(t) for t in prompt]
+
+    def _eos_ids(self) -> set[int]:
+        ids = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config, self.tokenizer):
+            e = getattr(src, "eos_token_id", None) if src is not None else None
+            if isinstance(e, int):
+                ids.add(e)
+            elif isinstance(e, (list, tuple)):
+                ids.update(int(x) for x in e)
+        return ids
+
+    def _piece(self, out: list[int], text_so_far: str) -> str:
+        if self.tokenizer is None:
+            return ""
+        full = self.tokenizer.decode(out, skip_special_tokens=True)
+        return full[len(text_so_far):] if full.startswith(text_so_far) else full

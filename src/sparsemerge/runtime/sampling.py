@@ -1,0 +1,58 @@
+"""Choosing the next token from logits: greedy, temperature, top-k and top-p (nucleus).
+
+``p_i = softmax(z / T)_i`` over the ``top_k`` largest logits, then the smallest prefix of the
+sorted probabilities whose mass reaches ``top_p`` (Holtzman et al., 2020), renormalized;
+``temperature = 0`` is greedy (argmax). A seed makes sampling repeatable.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class SamplingConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    temperature: float = Field(0.0, ge=0.0)  # 0: greedy
+    top_k: int = Field(0, ge=0)  # 0: all tokens
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: Optional[int] = None
+
+
+def sample_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
+    """The distribution the sampler draws from (float64, sums to 1); tests check it."""
+    z = np.asarray(logits, np.float64)
+    if cfg.temperature == 0:
+        p = np.zeros_like(z)
+        p[int(np.argmax(z))] = 1.0
+        return p
+    z = z / cfg.temperature
+    keep = np.ones(z.shape[0], bool)
+    if cfg.top_k and cfg.top_k < z.shape[0]:
+        kth = np.partition(z, -cfg.top_k)[-cfg.top_k]
+        keep &= z >= kth
+    zk = np.where(keep, z, -np.inf)
+    p = np.exp(zk - zk.max())
+    p /= p.sum()
+    if cfg.top_p < 1.0:
+        order = np.argsort(-p, kind="stable")
+        cum = np.cumsum(p[order])
+        n = int(np.searchsorted(cum, cfg.top_p) + 1)  # smallest prefix with mass >= top_p
+        mask = np.zeros_like(keep)
+        mask[order[:n]] = True
+        p = np.where(mask, p, 0.0)
+        p /= p.sum()
+    return p
+
+
+class Sampler:
+    def __init__(self, cfg: SamplingConfig) -> None:
+        self.cfg = cfg
+        self.rng = np.random.default_rng(cfg.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        if self.cfg.temperature == 0:
+            return int(np.argmax(logits))
+        p = sample_probs(logits, self.cfg)
+        return int(self.rng.choice(p.shape[0], p=p))

@@ -1,0 +1,315 @@
+"""The compiled decode step: one numba call runs a token through every decoder layer.
+
+A Llama-family layer (Llama, SmolLM2, Mistral, Qwen2) at position ``p`` with hidden state h::
+
+    x  = RMSNorm(h) * w_in                          x_i / sqrt(mean(x^2) + eps), then the weight
+    qkv = [W_q; W_k; W_v] x (+ b)                    one fused product (3 if they cannot fuse)
+    q, k = RoPE(q, p), RoPE(k, p)                    rotate_half form: (a, b) -> (a c - b s, b c + a s)
+    K[p], V[p] = k, v                                the float32 KV cache
+    o_h = sum_t softmax_t(q_h . K_t[g(h)] / sqrt(d)) V_t[g(h)]    GQA: g(h) = h // (heads / kv_heads)
+    h  = h + W_o o
+    x  = RMSNorm(h) * w_post
+    [g; u] = [W_gate; W_up] x                        one fused product
+    h  = h + W_down (silu(g) * u)
+
+and after the last layer ``logits = W_head RMSNorm(h)``. Each projection is an *op*: a row of
+``ops[layer, slot]`` = (kind, index into that kind's arrays, output offset, rows, bias index).
+Kinds (the kernel the plan chose for the layer):
+
+    A8   2:4 INT8/INT4 with INT8 activations: an LLVM row kernel at an address (VNNI or AVX2)
+    F32  2:4 float32 row kernel at an address (vpermi2ps gather or its AVX2 sibling)
+    BQ   2:4 INT8/INT4, float activations: numba kernel over the row-blocked layout
+    BF   2:4 float32/any CPU: numba kernel over the row-blocked layout
+    DF   dense float32 (numba GEMV)          DQ   dense INT8 codes with row/group scales
+
+Nothing is allocated per token: every buffer lives in ``bufs`` (built by the engine).
+"""
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from sparsemerge.kernels.cpu import BITS, R, _g24_f32_block, _g24_q_block
+from sparsemerge.kernels.cpu_vnni import _quantize
+from sparsemerge.runtime.ffi import call_a8, call_f32
+
+KIND_A8, KIND_F32, KIND_BQ, KIND_BF, KIND_DF, KIND_DQ = 0, 1, 2, 3, 4, 5
+KIND_NAMES = ("A8", "F32", "BQ", "BF", "DF", "DQ")
+# op table fields
+F_KIND, F_IDX, F_OFF, F_ROWS, F_BIAS = 0, 1, 2, 3, 4
+OP_FIELDS = 5
+# slots of a layer: up to 3 ops reading the attention input, o, up to 2 for the MLP input, down
+SLOT_QKV, SLOT_O, SLOT_GU, SLOT_DOWN = (0, 1, 2), (3,), (4, 5), (6,)
+SLOTS = 7
+# model parameters (cfg int64 array)
+C_HIDDEN, C_HEADS, C_KV_HEADS, C_HEAD_DIM, C_INTER, C_LAYERS, C_VOCAB, C_MAX_SEQ, C_THREADS, C_WINDOW, C_EMB_GROUP = range(11)
+CFG_FIELDS = 11
+# A8 params: npairs, tail, nscale, xb_per_q, fn address; F32 params: units, quads, block_units, fn address
+A8_FIELDS, F32_FIELDS = 5, 4
+MIN_ROWS_PER_THREAD = 128  # below this a second thread costs more than it saves
+
+
+# ---------------------------------------------------------------- per-kind products (out has slack)
+@njit(parallel=True, cache=True)
+def _run_a8(par, stream, wscale, corr, xu, xs, out, rows, tasks):  # pragma: no cover - jitted
+    step = (rows + tasks - 1) // tasks
+    for t in prange(tasks):
+        r0 = t * step
+        r1 = min(rows, r0 + step)
+        if r0 < r1:
+            call_a8(par[4], stream.ctypes.data, wscale.ctypes.data, corr.ctypes.data, xu.ctypes.data,
+                    xs.ctypes.data, out.ctypes.data, r0, r1, par[0], par[1], par[2], par[3])
+
+
+@njit(parallel=True, cache=True)
+def _run_f32(par, vals, meta, x, out, rows, tasks):  # pragma: no cover - jitted
+    quads = par[1]
+    step = 4 * ((quads + tasks - 1) // tasks)
+    for t in prange(tasks):
+        r0 = t * step
+        r1 = min(4 * quads, r0 + step)
+        if r0 < r1:
+            call_f32(par[3], vals.ctypes.data, meta.ctypes.data, x.ctypes.data, out.ctypes.data,
+                     r0, r1, par[0], quads, par[2])
+
+
+@njit(parallel=True, cache=True)
+def _run_bq(codes, bits4, meta, scale, zero, has_zero, gps, x, out, tasks):  # pragma: no cover - jitted
+    nb = codes.shape[0]
+    step = (nb + tasks - 1) // tasks
+    for t in prange(tasks):
+        for blk in range(t * step, min(nb, (t + 1) * step)):
+            _g24_q_block(codes, bits4, meta, scale, zero, has_zero, gps, x, out, blk, BITS)
+
+
+@njit(parallel=True, cache=True)
+def _run_bf(vals, meta, x, out, tasks):  # pragma: no cover - jitted
+    nb = vals.shape[0]
+    step = (nb + tasks - 1) // tasks
+    for t in prange(tasks):
+        for blk in range(t * step, min(nb, (t + 1) * step)):
+            _g24_f32_block(vals, meta, x, out, blk, BITS)
+
+
+@njit(fastmath=True, cache=True)
+def _dot_f32(w, x):  # pragma: no cover - jitted
+    acc = np.float32(0.0)
+    for k in range(w.shape[0]):
+        acc += w[k] * x[k]
+    return acc
+
+
+@njit(fastmath=True, cache=True)
+def _dot_q8(q, x):  # pragma: no cover - jitted
+    acc = np.float32(0.0)
+    for k in range(q.shape[0]):
+        acc += np.float32(q[k]) * x[k]
+    return acc
+
+
+@njit(parallel=True, cache=True)
+def _run_df(w, x, out, tasks):  # pragma: no cover - jitted
+    rows = w.shape[0]
+    step = (rows + tasks - 1) // tasks
+    for t in prange(tasks):
+        for r in range(t * step, min(rows, (t + 1) * step)):
+            out[r] = _dot_f32(w[r], x)
+
+
+@njit(parallel=True, cache=True)
+def _run_dq(q, scale, group, x, out, tasks):  # pragma: no cover - jitted
+    """``out[r] = sum_g scale[r, g] * dot(q[r, g*group:(g+1)*group], x[same])``."""
+    rows, cols = q.shape
+    step = (rows + tasks - 1) // tasks
+    for t in prange(tasks):
+        for r in range(t * step, min(rows, (t + 1) * step)):
+            acc = np.float32(0.0)
+            for g in range(scale.shape[1]):
+                k0 = g * group
+                k1 = min(cols, k0 + group)
+                acc += _dot_q8(q[r, k0:k1], x[k0:k1]) * scale[r, g]
+            out[r] = acc
+
+
+@njit(cache=True)
+def _tasks(rows, threads):  # pragma: no cover - jitted
+    return threads if rows >= MIN_ROWS_PER_THREAD * threads else 1
+
+
+@njit(cache=True)
+def run_op(op, x, xu, xs, dst, tmp, threads, kw):  # pragma: no cover - jitted
+    """``dst[off : off + rows] = W x (+ b)`` for one op row; ``kw`` = the kinds' arrays."""
+    (a8_par, a8_stream, a8_scale, a8_corr, f32_par, f32_vals, f32_meta,
+     bq_par, bq_codes8, bq_codes4, bq_meta, bq_scale, bq_zero, bf_vals, bf_meta,
+     df_w, dq_par, dq_codes, dq_scale, biases) = kw
+    kind, idx, off, rows, bias = op[F_KIND], op[F_IDX], op[F_OFF], op[F_ROWS], op[F_BIAS]
+    tasks = _tasks(rows, threads)
+    if kind == KIND_A8:
+        _run_a8(a8_par[idx], a8_stream[idx], a8_scale[idx], a8_corr[idx], xu, xs, tmp, rows, tasks)
+    elif kind == KIND_F32:
+        _run_f32(f32_par[idx], f32_vals[idx], f32_meta[idx], x, tmp, rows, tasks)
+    elif kind == KIND_BQ:
+        p = bq_par[idx]
+        if p[0]:
+            _run_bq(bq_codes4[p[3]], True, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, tasks)
+        else:
+            _run_bq(bq_codes8[p[3]], False, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, tasks)
+    elif kind == KIND_BF:
+        _run_bf(bf_vals[idx], bf_meta[idx], x, tmp, tasks)
+    elif kind == KIND_DF:
+        _run_df(df_w[idx], x, tmp, tasks)
+    else:
+        _run_dq(dq_codes[idx], dq_scale[idx], dq_par[idx, 0], x, tmp, tasks)
+    if bias >= 0:
+        b = biases[bias]
+        for r in range(rows):
+            dst[off + r] = tmp[r] + b[r]
+    else:
+        for r in range(rows):
+            dst[off + r] = tmp[r]
+
+
+# ---------------------------------------------------------------- elementwise parts
+@njit(fastmath=True, cache=True)
+def rmsnorm(h, w, eps, out):  # pragma: no cover - jitted
+    """``out = h / sqrt(mean(h^2) + eps) * w`` (LlamaRMSNorm, computed in float32)."""
+    ss = np.float32(0.0)
+    for i in range(h.shape[0]):
+        ss += h[i] * h[i]
+    inv = np.float32(1.0) / np.sqrt(ss / np.float32(h.shape[0]) + eps)
+    for i in range(h.shape[0]):
+        out[i] = w[i] * (h[i] * inv)
+
+
+@njit(cache=True)
+def norm_and_quantize(h, w, eps, out, xu, xs, quantize):  # pragma: no cover - jitted
+    """RMSNorm fused with the INT8 activation quantization the A8 kernels read (per block of
+    256, ``kernels/cpu_vnni._quantize``). Returns False when the input is not finite."""
+    rmsnorm(h, w, eps, out)
+    if quantize:
+        return _quantize(out, xu, xs)
+    return True
+
+
+@njit(fastmath=True, cache=True)
+def rope(v, heads, hd, cos, sin):  # pragma: no cover - jitted
+    """In place on ``heads`` vectors of ``hd``: ``(a, b) -> (a cos - b sin, b cos + a sin)``
+    for the halves a = v[:hd/2], b = v[hd/2:] (transformers' rotate_half convention)."""
+    half = hd // 2
+    for h in range(heads):
+        base = h * hd
+        for i in range(half):
+            a = v[base + i]
+            b = v[base + half + i]
+            v[base + i] = a * cos[i] - b * sin[i]
+            v[base + half + i] = b * cos[i] + a * sin[i]
+
+
+@njit(fastmath=True, cache=True)
+def attend(q, kc, vc, pos, heads, kv_heads, hd, scaling, window, scores, out):  # pragma: no cover - jitted
+    """Grouped-query attention of one token over the cache positions ``t0..pos``:
+    ``out_h = sum_t softmax_t(scaling * q_h . K[g, t]) V[g, t]``, g = h // (heads / kv_heads)."""
+    group = heads // kv_heads
+    t0 = 0 if window <= 0 else max(0, pos - window + 1)
+    for h in range(heads):
+        g = h // group
+        qh = q[h * hd:(h + 1) * hd]
+        mx = np.float32(-np.inf)
+        for t in range(t0, pos + 1):
+            k = kc[g, t]
+            s = np.float32(0.0)
+            for i in range(hd):
+                s += qh[i] * k[i]
+            s *= scaling
+            scores[t] = s
+            if s > mx:
+                mx = s
+        tot = np.float32(0.0)
+        for t in range(t0, pos + 1):
+            e = np.exp(scores[t] - mx)
+            scores[t] = e
+            tot += e
+        inv = np.float32(1.0) / tot
+        o = out[h * hd:(h + 1) * hd]
+        for i in range(hd):
+            o[i] = 0.0
+        for t in range(t0, pos + 1):
+            p = scores[t] * inv
+            v = vc[g, t]
+            for i in range(hd):
+                o[i] += p * v[i]
+
+
+@njit(fastmath=True, cache=True)
+def silu_mul(gu, inter, out):  # pragma: no cover - jitted
+    """``out = silu(g) * u`` for ``gu = [g; u]``, silu(z) = z / (1 + e^-z)."""
+    for i in range(inter):
+        g = gu[i]
+        out[i] = g / (np.float32(1.0) + np.exp(-g)) * gu[inter + i]
+
+
+# ---------------------------------------------------------------- the step
+@njit(cache=True)
+def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, kc, vc, cos, sin, bufs, kw, logits):  # pragma: no cover - jitted
+    """Run token ``token`` at position ``pos`` through the model; writes ``logits``.
+
+    ``a8_in[layer, 0..1]``: whether the attention / MLP input feeds an A8 op (quantize it),
+    ``a8_in[layer, 2..3]``: the same for o_proj / down_proj inputs; ``a8_in[layers, 0]`` the head.
+    ``norms``: (2 * layers + 1, hidden) RMSNorm weights (input, post-attention per layer, final).
+    ``emb``: (table f32 (V, H) or empty, codes int8 (V, H) or empty, scales (V, Gq)).
+    Returns False if an activation was not finite (INT8 cannot carry it: the caller falls back)."""
+    H = cfg[C_HIDDEN]
+    NH = cfg[C_HEADS]
+    KVH = cfg[C_KV_HEADS]
+    HD = cfg[C_HEAD_DIM]
+    INTER = cfg[C_INTER]
+    L = cfg[C_LAYERS]
+    threads = cfg[C_THREADS]
+    h_buf, x_buf, qkv, att, gu, act, xu, xs, tmp, scores = bufs
+    h = h_buf[:H]  # the buffers carry slack behind them: norms need the exact length
+    x = x_buf[:H]
+    table, codes, escale = emb
+    # embedding lookup: float table or INT8 codes with row/group scales
+    if table.shape[0] > 1:
+        for i in range(H):
+            h[i] = table[token, i]
+    else:
+        group = cfg[C_EMB_GROUP]
+        for i in range(H):
+            h[i] = np.float32(codes[token, i]) * escale[token, i // group]
+    c = cos[pos]
+    s = sin[pos]
+    ok = True
+    for layer in range(L):
+        lo = ops[layer]
+        ok &= norm_and_quantize(h, norms[2 * layer], eps, x, xu, xs, a8_in[layer, 0] != 0)
+        for slot in SLOT_QKV:
+            if lo[slot, F_KIND] >= 0:
+                run_op(lo[slot], x, xu, xs, qkv, tmp, threads, kw)
+        rope(qkv[: NH * HD], NH, HD, c, s)
+        rope(qkv[NH * HD: (NH + KVH) * HD], KVH, HD, c, s)
+        kl = kc[layer]
+        vl = vc[layer]
+        for g in range(KVH):
+            for i in range(HD):
+                kl[g, pos, i] = qkv[(NH + g) * HD + i]
+                vl[g, pos, i] = qkv[(NH + KVH + g) * HD + i]
+        attend(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], scores, att)
+        if a8_in[layer, 2] != 0:
+            ok &= _quantize(att[: NH * HD], xu, xs)
+        run_op(lo[SLOT_O[0]], att[: NH * HD], xu, xs, x, tmp, threads, kw)
+        for i in range(H):
+            h[i] += x[i]
+        ok &= norm_and_quantize(h, norms[2 * layer + 1], eps, x, xu, xs, a8_in[layer, 1] != 0)
+        for slot in SLOT_GU:
+            if lo[slot, F_KIND] >= 0:
+                run_op(lo[slot], x, xu, xs, gu, tmp, threads, kw)
+        silu_mul(gu, INTER, act)
+        if a8_in[layer, 3] != 0:
+            ok &= _quantize(act[:INTER], xu, xs)
+        run_op(lo[SLOT_DOWN[0]], act[:INTER], xu, xs, x, tmp, threads, kw)
+        for i in range(H):
+            h[i] += x[i]
+    ok &= norm_and_quantize(h, norms[2 * L], eps, x, xu, xs, a8_in[L, 0] != 0)
+    run_op(head_op, x, xu, xs, logits, tmp, threads, kw)
+    return ok
