@@ -34,13 +34,12 @@ import sparsemerge
 PKG = "sparsemerge"
 CLI = "sparsemerge.cli"
 
-# Known cases that are being removed on other branches of issue 11 (cycles: helpers "io" and
-# "kernels"; cli imports: helper "cli"). The lead empties these after merging them; an entry
+# Known cases that are being removed on other branches of issue 11 (cycle: helper "kernels";
+# cli imports: helper "cli"). The lead empties these after merging them; an entry
 # that no longer matches anything fails the test, so stale ones cannot stay.
 # Each entry is the (importer, imported) edge, imported inside a function, that closes the cycle.
 KNOWN_DEFERRED_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset(
     {
-        ("sparsemerge.formats.ct", "sparsemerge.formats.model"),  # ct -> model -> reader -> ct (helper "io")
         ("sparsemerge.kernels.dispatch", "sparsemerge.kernels.backends"),  # dispatch <-> backends (helper "kernels")
     }
 )

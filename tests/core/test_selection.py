@@ -101,7 +101,8 @@ def test_replace_module_errors(name: str, match: str) -> None:
 # ------------------------------------------------------------------ every user goes through it
 def test_users_reject_a_bad_regex_by_name(tiny_llama) -> None:
     """prune, sparsify, pack and the fixed-mask trainer all report the offending regex."""
-    from sparsemerge.formats.model import PackConfig, _targets
+    from sparsemerge.formats.layout import _targets
+    from sparsemerge.formats.model import PackConfig
     from sparsemerge.kernels.sparse_linear import SparsifyConfig, sparsify_
     from sparsemerge.prune.api import prune_
     from sparsemerge.train.masked import FixedMasks
@@ -121,7 +122,8 @@ def test_users_reject_a_bad_regex_by_name(tiny_llama) -> None:
 
 def test_pack_targets_fall_back_to_defaults() -> None:
     """PackConfig's include/exclude: None or [] means the defaults (unchanged behaviour)."""
-    from sparsemerge.formats.model import PackConfig, _targets
+    from sparsemerge.formats.layout import _targets
+    from sparsemerge.formats.model import PackConfig
 
     for cfg in (PackConfig(), PackConfig(include=[], exclude=[])):
         targeted = _targets(cfg)

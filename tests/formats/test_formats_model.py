@@ -72,6 +72,11 @@ def test_int4_with_int8_dense_is_small_and_close(pruned_dir, tmp_path):
     assert isinstance(emb, Dense) and emb.codec.bits == 8
     dense_fp32 = 4 * report.numel
     assert report.nbytes < 0.2 * dense_fp32
+    # the reported size is the shard's data section, read by a hand-written parser
+    from layout_reference import read_safetensors
+
+    stored = [raw for shard in sorted((tmp_path / "q").glob("*.safetensors")) for _, _, raw in read_safetensors(shard)[0].values()]
+    assert report.nbytes == sum(len(raw) for raw in stored)
     unpack(tmp_path / "q", tmp_path / "qd")
     source, result = _state(pruned_dir), _state(tmp_path / "qd")
     w, w_hat = source["model.layers.0.mlp.up_proj.weight"], result["model.layers.0.mlp.up_proj.weight"]
@@ -94,6 +99,16 @@ def test_sharding_keeps_a_tensor_in_one_shard(pruned_dir, tmp_path):
     assert len(manifest["shards"]) > 2
     names = {n for names in manifest["shards"].values() for n in names}
     assert names == set(manifest["tensors"])
+    # each shard holds whole tensors (all their fields) and stays within shard_size unless it
+    # holds a single tensor larger than that; the files are read by a hand-written parser
+    from layout_reference import read_safetensors
+
+    for shard, members in manifest["shards"].items():
+        stored, _ = read_safetensors(tmp_path / "sharded" / shard)
+        assert set(stored) == {f["key"] for n in members for f in manifest["tensors"][n]["fields"].values()}, shard
+        data = sum(len(raw) for _, _, raw in stored.values())
+        assert data == sum(manifest["tensors"][n]["nbytes"] for n in members), shard
+        assert data <= 40_000 or len(members) == 1, shard
     unpack(tmp_path / "sharded", tmp_path / "sd", shard_size=100_000)
     assert (tmp_path / "sd" / "model.safetensors.index.json").is_file()
     source, result = _state(pruned_dir), _state(tmp_path / "sd")

@@ -138,8 +138,16 @@ def test_chapter_exercise_1_two_four_indices():
     w = torch.tensor([[0.5, -0.2, 0.8, -0.1, 0.3, 0.7, -0.6, 0.4]])
     pruned = w * nm_mask(w.abs(), 2, 4)
     assert pruned.tolist() == [[0.5, 0.0, 0.800000011920929, 0.0, 0.0, 0.699999988079071, -0.6000000238418579, 0.0]]
+    # kept positions: group 0 {0, 2}, group 1 {1, 2}; colex ranks r = C(p1,1) + C(p2,2): 0+1 = 1, 1+1 = 2
+    assert overhead("2:4").index * 2 == 6  # 3 bits per group
     obj = NMPacked.from_dense(pruned, 2, 4, "index")
-    assert obj.metadata_stream().numel() * 8 >= 6 and overhead("2:4").index * 2 == 6  # 3 bits per group
+    # index: 3-bit codes LSB first (bits.py): 1 | 2 << 3 = 0b010001 = 17, 6 bits in one byte
+    assert obj.metadata_stream().tolist() == [1 | 2 << 3]
+    # bits2: positions 0, 2, 1, 2 at 2 bits each = 0 | 2<<2 | 1<<4 | 2<<6 = 152
+    assert NMPacked.from_dense(pruned, 2, 4, "bits2").metadata_stream().tolist() == [0 | 2 << 2 | 1 << 4 | 2 << 6]
+    # entropy: V = r0 + 6 * r1 = 13 in bitlength(6**2 - 1) = 6 bits
+    assert NMPacked.from_dense(pruned, 2, 4, "entropy").metadata_stream().tolist() == [1 + 6 * 2]
+    assert obj.values.tolist() == [[0.5, 0.800000011920929, 0.699999988079071, -0.6000000238418579]]
 
 
 def test_chapter_exercise_2_coo_vs_packed_1024():

@@ -21,12 +21,13 @@ def test_resolve_kinds(tiny_llama_dir, tmp_path):
         resolve_source(tmp_path / "x.txt")
 
 
-def test_load_hf_folder_and_bare_safetensors(tiny_llama_dir):
+def test_load_hf_folder_and_bare_safetensors(tiny_llama_dir, tiny_tokenizer):
     a = load_model(tiny_llama_dir)
     b = load_model(tiny_llama_dir / "model.safetensors")  # config.json beside it
     for (na, ta), (nb, tb) in zip(a.model.state_dict().items(), b.model.state_dict().items()):
         assert na == nb and torch.equal(ta, tb)
-    assert a.tokenizer is not None
+    text = "Shares in the company rose after the results were published."
+    assert a.tokenizer(text).input_ids == tiny_tokenizer(text).input_ids
 
 
 def test_corrupt_safetensors_gives_clear_error(tiny_llama_dir):

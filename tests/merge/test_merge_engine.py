@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from merge_testlib import save_family, tensors
 from sparsemerge.cli.main import main as cli_main
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.io.writer import PlannedTensor, ShardedWriter
 from sparsemerge.masks import check_pattern, nm_mask
 from sparsemerge.merge import greedy_soup, load_config, run_merge
-from sparsemerge.merge.writer import PlannedTensor, StreamingShardWriter
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def test_output_is_a_loadable_model_with_tokenizer_and_record(family, tmp_path):
     report = run_merge(_ta(base, tuned), out)
     assert report.tensors == 20 and report.files == ["model.safetensors"]
     model = AutoModelForCausalLM.from_pretrained(out)
-    assert AutoTokenizer.from_pretrained(out) is not None
+    text = "The team won the match in the final minutes."
+    assert AutoTokenizer.from_pretrained(out)(text).input_ids == AutoTokenizer.from_pretrained(base)(text).input_ids
     record = json.loads((out / "sparsemerge_merge.json").read_text())
     assert record["method"] == "task_arithmetic"
     b, ts, merged = tensors(base), [tensors(t) for t in tuned], tensors(out)
@@ -69,13 +70,13 @@ def test_streaming_writer_layout_is_valid_safetensors(tmp_path):
 
     data = {"a": torch.randn(3, 5), "b": torch.arange(7, dtype=torch.int64), "c": torch.randn(4).to(torch.bfloat16), "d": torch.zeros(0)}
     plan = [PlannedTensor(k, tuple(v.shape), v.dtype) for k, v in data.items()]
-    writer = StreamingShardWriter(tmp_path, plan, 10**9)
+    writer = ShardedWriter(tmp_path, 10**9, plan=plan, layout="plan")
     for k, v in data.items():
         writer.write(k, v)
     writer.finish()
     loaded = load_file(str(tmp_path / "model.safetensors"))
     assert all(torch.equal(loaded[k], v) for k, v in data.items())
-    writer = StreamingShardWriter(tmp_path, plan, 10**9)
+    writer = ShardedWriter(tmp_path, 10**9, plan=plan, layout="plan", overwrite=True)  # the file exists now
     with pytest.raises(SparsemergeError, match="expected a"):
         writer.write("b", data["b"])
     writer.close()

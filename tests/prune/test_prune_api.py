@@ -124,6 +124,44 @@ def test_gradient_scores_follow_formula():
     assert torch.equal(zero[t.name], w)
 
 
+class _LinearLoss(torch.nn.Module):
+    """A model whose loss gradient is known by hand: x_t = one_hot(token_t, 4), y_t = W x_t,
+    L = mean_t (c . y_t), so dL/dW[i, j] = c_i * (share of tokens equal to j)."""
+
+    def __init__(self, weight, c):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 2, bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+        self.c = c
+
+    def forward(self, input_ids, labels=None, use_cache=False):
+        from types import SimpleNamespace
+
+        y = self.proj(torch.nn.functional.one_hot(input_ids, 4).float())
+        return SimpleNamespace(loss=(y * self.c).sum(-1).mean())
+
+
+def test_taylor_score_is_abs_weight_times_mean_gradient_by_hand():
+    """taylor = |W * dL/dW| (first-order Taylor term of the loss change when w -> 0, Molchanov
+    et al. 2019), dL/dW the gradient of the mean loss over the calibration windows."""
+    from sparsemerge.patterns import parse_pattern
+    from sparsemerge.prune.base import Target
+    from sparsemerge.prune.gradient import Taylor
+
+    weight = torch.tensor([[0.5, -1.0, 2.0, -4.0], [3.0, 0.25, -0.5, 1.5]])
+    model = _LinearLoss(weight, torch.tensor([1.0, -2.0]))
+    calib = torch.tensor([[0, 0, 1, 3], [2, 0, 1, 1]])  # token shares: 0: 3/8, 1: 3/8, 2: 1/8, 3: 1/8
+    targets = [Target("proj", model.proj, parse_pattern("2:4"))]
+    scores = Taylor().scores(model, targets, PruneConfig(method="taylor", progress=False), calib)
+    # grad = [[3/8, 3/8, 1/8, 1/8], [-6/8, -6/8, -2/8, -2/8]]; |W * grad| (all exact in float32):
+    assert scores["proj"].tolist() == [[0.1875, 0.375, 0.25, 0.5], [2.25, 0.1875, 0.125, 0.375]]
+    # 2:4 keeps the two largest scores per group: row 0 keeps columns 1, 3 (magnitude would keep 2, 3)
+    Taylor().prune(model, targets, PruneConfig(method="taylor", progress=False), calib)
+    assert model.proj.weight.tolist() == [[0.0, -1.0, 0.0, -4.0], [3.0, 0.0, 0.0, 1.5]]
+    assert model.proj.weight.grad is None
+
+
 def test_gradient_method_needs_tokenizer_or_calibration():
     with pytest.raises(SparsemergeError, match="calibration"):
         prune_(make_tiny_llama(), {"method": "gradient"})

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "sparsemerge.cli.demo",  # demo
     "sparsemerge.cli.pack",  # pack, unpack, inspect           (storage)
     "sparsemerge.cli.run",  # run, bench                      (execution)
+    "sparsemerge.cli.plan",  # plan                            (decode runtime)
     "sparsemerge.cli.merge",  # merge                           (merging)
     "sparsemerge.cli.analysis",  # lmc, tv-stats                (merge analysis)
 ]

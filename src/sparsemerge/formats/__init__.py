@@ -25,7 +25,8 @@ None), ``.positions()`` (uint8 in-group positions, same shape as the values). Co
 ``.zero_point`` (int8 or None), ``.bits``, ``.group_size``, ``.symmetric``.
 
 Model level: :mod:`.model` (``pack``, and ``unpack`` / ``read_packed`` from :mod:`.reader`;
-on-disk layout in its docstring; :mod:`.shards` writes and reads the safetensors shards),
+on-disk layout in its docstring; the safetensors shards are written and read by
+:mod:`sparsemerge.io.writer` and :mod:`sparsemerge.io.reader`),
 :mod:`.ct` (compressed-tensors ``sparse-24-bitmask``), :mod:`.size` (the size calculator
 behind ``sparsemerge inspect --plan``). Bit order and index dtypes: :mod:`.bits`.
 """

@@ -24,35 +24,11 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.io.dtypes import DTYPE_NAMES, dtype_from_name, dtype_name  # noqa: F401  (the one dtype table; re-exported)
 from sparsemerge.registry import Registry
 
 FORMATS: "Registry[type[SparseFormat]]" = Registry("format")
 CODECS: "Registry[type[ValueCodec]]" = Registry("value codec")
-
-DTYPE_NAMES = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-    "int8": torch.int8,
-    "uint8": torch.uint8,
-    "int16": torch.int16,
-    "int32": torch.int32,
-    "int64": torch.int64,
-    "bool": torch.bool,
-}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
-
-
-def dtype_from_name(name: str, what: str = "tensor") -> torch.dtype:
-    try:
-        return DTYPE_NAMES[name]
-    except KeyError:
-        raise SparsemergeError(f"{what}: unknown dtype {name!r}; known: {', '.join(DTYPE_NAMES)}") from None
-
 
 def need(fields: dict[str, torch.Tensor], key: str, dtype: "torch.dtype | None", shape: "tuple[int, ...] | None", what: str) -> torch.Tensor:
     """Fetch one storage field and check its dtype and shape (a corrupt/mismatched file fails here)."""

@@ -92,9 +92,8 @@ def from_ct_fields(name: str, compressed: torch.Tensor, bitmask: torch.Tensor, s
 
 def write_ct(src: Any, out: "str | Path", config: Any, overwrite: bool = False, progress: bool = False) -> Any:
     """``pack --format sparse-24-bitmask``: write a compressed-tensors folder."""
-    from sparsemerge.formats.model import STORED_DTYPES, PackReport, _progress, _targets, copy_side_files
-    from sparsemerge.formats.shards import ShardWriter
-    from sparsemerge.io import atomic_output, ensure_writable, open_tensor_source
+    from sparsemerge.formats.layout import STORED_DTYPES, PackReport, _progress, _targets, copy_side_files
+    from sparsemerge.io import ShardedWriter, atomic_output, ensure_writable, open_tensor_source
 
     if config.quant != "none" or config.codebook is not None or config.dense_quant != "none":
         raise SparsemergeError("the sparse-24-bitmask layout stores unquantized values; drop --quant/--codebook/--dense-quant")
@@ -107,7 +106,7 @@ def write_ct(src: Any, out: "str | Path", config: Any, overwrite: bool = False, 
     ignore: list[str] = []
     zeros = total = 0
     with open_tensor_source(src) as source, atomic_output(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, "model", config.shard_size, metadata={"format": "pt"}, single_name="model.safetensors")
+        writer = ShardedWriter(tmp, config.shard_size, metadata={"format": "pt"})  # model.safetensors, or shards + index
         for name in _progress(source.names(), progress, "pack"):
             tensor = source.get(name)
             if stored is not None and tensor.is_floating_point():
@@ -133,10 +132,7 @@ def write_ct(src: Any, out: "str | Path", config: Any, overwrite: bool = False, 
                     continue
             writer.add(name, tensor)
             report.nbytes += tensor.numel() * tensor.element_size()
-        writer_location = writer.finish()
-        if len(set(writer_location.values())) > 1:
-            index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(writer_location.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        writer.finish()
         copy_side_files(source.folder, tmp, only_known=source.source.kind == "safetensors")
         config_path = tmp / "config.json"
         model_config = json.loads(config_path.read_text()) if config_path.is_file() else {}
@@ -166,7 +162,7 @@ class CTCheckpoint(TensorTable):
     check shapes and bit counts only."""
 
     def __init__(self, folder: "str | Path") -> None:
-        from sparsemerge.formats.shards import ShardReader
+        from sparsemerge.io.reader import ShardReader
 
         self.folder = Path(folder)
         self._config = json.loads((self.folder / "config.json").read_text())

@@ -1,12 +1,19 @@
-"""Names shared by the packed-checkpoint writer (:mod:`.model`) and reader (:mod:`.reader`)."""
+"""Names shared by the packed-checkpoint writer (:mod:`.model`), reader (:mod:`.reader`) and
+the compressed-tensors writer (:mod:`.ct`), so none of them imports another's internals."""
 from __future__ import annotations
 
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
+
+from sparsemerge.io.dtypes import DTYPE_NAMES
+from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, LayerFilter
 
 MANIFEST_NAME = "sparsemerge_packed.json"
+# --dtype of pack: "keep" the source dtype, or store floats in one of these
+STORED_DTYPES = {"keep": None, **{n: DTYPE_NAMES[n] for n in ("float32", "float16", "bfloat16")}}
 LAYOUT, VERSION = "sparsemerge-packed", 1
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.safetensors\.index\.json|\.bin\.index\.json)$")
 SKIP_FILES = {"sparsemerge-cache.json", MANIFEST_NAME}
@@ -37,3 +44,20 @@ def _progress(items: list[str], enabled: bool, desc: str) -> Iterator[str]:
     from tqdm import tqdm
 
     yield from tqdm(items, desc=desc, unit="tensor")
+
+
+def _targets(config: Any) -> Callable[[str], bool]:
+    """Tensor name -> packed in the sparse format (``config``: a PackConfig; an empty or
+    missing include/exclude list means the default)."""
+    return LayerFilter(config.include or DEFAULT_INCLUDE, config.exclude or DEFAULT_EXCLUDE).weight
+
+
+@dataclass
+class PackReport:
+    out: Path
+    tensors: int = 0
+    packed: list[str] = field(default_factory=list)  # names stored in a sparse format
+    kept_dense: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) targeted but stored dense
+    nbytes: int = 0
+    numel: int = 0
+    seconds: float = 0.0

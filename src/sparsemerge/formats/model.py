@@ -42,9 +42,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -52,12 +51,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.formats.base import FORMATS, CodecSpec, SparseFormat, dtype_name
 from sparsemerge.formats.dense import Dense
-from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, VERSION, _progress, copy_side_files
-from sparsemerge.formats.shards import ShardWriter, fields_digest
+from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, STORED_DTYPES, VERSION, PackReport, _progress, _targets, copy_side_files
+from sparsemerge.io.checksum import fields_digest
+from sparsemerge.io.writer import ShardedWriter
 from sparsemerge.patterns import NM, parse_pattern
-from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, LayerFilter
-
-STORED_DTYPES = {"keep": None, "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 class PackConfig(BaseModel):
@@ -95,22 +92,6 @@ class PackConfig(BaseModel):
 
     def dense_codec(self) -> CodecSpec:
         return CodecSpec(self.dense_quant, self.group_size, self.symmetric)
-
-
-def _targets(config: PackConfig) -> Callable[[str], bool]:
-    """Tensor name -> packed in the sparse format; an empty or missing list means the default."""
-    return LayerFilter(config.include or DEFAULT_INCLUDE, config.exclude or DEFAULT_EXCLUDE).weight
-
-
-@dataclass
-class PackReport:
-    out: Path
-    tensors: int = 0
-    packed: list[str] = field(default_factory=list)  # names stored in a sparse format
-    kept_dense: list[tuple[str, str]] = field(default_factory=list)  # (name, reason) targeted but stored dense
-    nbytes: int = 0
-    numel: int = 0
-    seconds: float = 0.0
 
 
 def encode_tensor(name: str, tensor: torch.Tensor, config: PackConfig, targeted: bool) -> tuple[SparseFormat, Optional[str]]:
@@ -165,7 +146,8 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
     report = PackReport(Path(out))
     targeted = _targets(config)
     with open_tensor_source(src) as source, atomic_output(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, "packed", config.shard_size, metadata={"format": LAYOUT})
+        # fields of one tensor share a shard; no index (the manifest maps tensors to shards)
+        writer = ShardedWriter(tmp, config.shard_size, prefix="packed", single_name=None, metadata={"format": LAYOUT}, index=False)
         records: dict[str, Any] = {}
         names = source.names()
         for name in _progress(names, progress, "pack"):

@@ -13,7 +13,9 @@ from sparsemerge.errors import SparsemergeError
 from sparsemerge.formats.base import FORMATS, SparseFormat, TensorTable, dtype_from_name, dtype_name
 from sparsemerge.formats.dense import Dense
 from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, VERSION, _progress, copy_side_files
-from sparsemerge.formats.shards import ShardReader, ShardWriter, fields_digest
+from sparsemerge.io.checksum import fields_digest
+from sparsemerge.io.reader import ShardReader
+from sparsemerge.io.writer import ShardedWriter
 
 
 class PackedCheckpoint(TensorTable):
@@ -148,16 +150,13 @@ def unpack(path: "str | Path", out: "str | Path", overwrite: bool = False, dtype
     ensure_writable(out, overwrite)
     packed = read_packed(path)
     with packed, atomic_output(out, overwrite=overwrite) as tmp:
-        writer = ShardWriter(tmp, "model", shard_size, metadata={"format": "pt"}, single_name="model.safetensors")
+        writer = ShardedWriter(tmp, shard_size, metadata={"format": "pt"})  # model.safetensors, or shards + index
         for name in _progress(packed.names(), progress, "unpack"):
             tensor = packed.get_dense(name)
             if target is not None and tensor.is_floating_point():
                 tensor = tensor.to(target)
-            writer.add(name, tensor)
-        location = writer.finish()
-        if len(set(location.values())) > 1:
-            index = {"metadata": {"total_size": writer.total_bytes}, "weight_map": dict(sorted(location.items()))}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            writer.write(name, tensor)
+        writer.finish()
         for name in copy_side_files(packed.folder, tmp):
             if name == "config.json":
                 config = json.loads((tmp / name).read_text())

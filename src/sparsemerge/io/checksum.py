@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
+
+if TYPE_CHECKING:
+    import torch
 
 _CHUNK = 1 << 22
 
@@ -23,4 +26,19 @@ def sha256_files(paths: Iterable["str | Path"]) -> str:
         path = Path(path)
         digest.update(path.name.encode() + b"\0")
         digest.update(bytes.fromhex(sha256_file(path)))
+    return digest.hexdigest()
+
+
+def fields_digest(fields: "dict[str, torch.Tensor]") -> str:
+    """SHA-256 over ``name \\0 dtype \\0 shape \\0 bytes`` of every field, fields sorted by name
+    (the per-tensor checksum of a packed checkpoint's manifest)."""
+    from sparsemerge.io.dtypes import dtype_name
+    from sparsemerge.io.writer import tensor_bytes
+
+    digest = hashlib.sha256()
+    for name in sorted(fields):
+        t = fields[name]
+        header = f"{name}\0{dtype_name(t.dtype)}\0{','.join(map(str, t.shape))}\0"
+        digest.update(header.encode())
+        digest.update(tensor_bytes(t))
     return digest.hexdigest()

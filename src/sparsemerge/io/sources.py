@@ -160,11 +160,11 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
                     f"{str(source.path)!r} is a bare safetensors file: a model needs the config.json "
                     "of its architecture beside it (tensor-level commands work without one)"
                 )
-            from safetensors.torch import load_file
+            from sparsemerge.io.reader import load_safetensors
 
             config = AutoConfig.from_pretrained(folder)
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            state = load_file(str(source.path))
+            state = load_safetensors(source.path)
             missing, unexpected = model.load_state_dict(state, strict=False)
             missing = [k for k in missing if not _is_tied(model, k)]
             if missing or unexpected:

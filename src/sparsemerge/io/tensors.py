@@ -1,7 +1,8 @@
 """Lazy, one-tensor-at-a-time access to checkpoint weights (for merging, packing and checks).
 
-Safetensors shards are memory-mapped and read per tensor, so a job holds only the tensors
-it is working on. GGUF sources go through the dequantized cache of :mod:`sources`.
+Safetensors shards are read per tensor with positioned reads (:mod:`sparsemerge.io.reader`,
+no memory map), so a job holds only the tensors it is working on. GGUF sources go through the
+dequantized cache of :mod:`sources`; ``pytorch_model*.bin`` files are loaded memory-mapped.
 """
 from __future__ import annotations
 
@@ -13,14 +14,9 @@ from typing import Any, Iterator
 import torch
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.io.dtypes import SAFETENSORS_DTYPES  # noqa: F401  (re-exported: the old home of the table)
+from sparsemerge.io.reader import SafetensorsFile
 from sparsemerge.io.sources import ResolvedSource, gguf_as_hf_folder, resolve_source
-
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 
 
 class TensorSource:
@@ -38,11 +34,15 @@ class TensorSource:
             self.folder = source.path.parent
             files = [source.path]
         self._location: dict[str, Path] = {}
-        self._handles: dict[Path, Any] = {}
+        self._files: dict[Path, SafetensorsFile] = {}
         self._torch_state: dict[Path, dict[str, torch.Tensor]] = {}
-        for path in files:
-            for name in self._names_in(path):
-                self._location[name] = path
+        try:
+            for path in files:
+                for name in self._names_in(path):
+                    self._location[name] = path
+        except BaseException:
+            self.close()
+            raise
 
     @staticmethod
     def _folder_files(folder: Path) -> list[Path]:
@@ -58,21 +58,12 @@ class TensorSource:
             raise SparsemergeError(f"no weight files (*.safetensors or pytorch_model*.bin) in {str(folder)!r}")
         return files
 
-    def _open(self, path: Path) -> Any:
-        if path not in self._handles:
-            from safetensors import safe_open
-
-            if not path.is_file():
-                raise SparsemergeError(f"weight file {str(path)!r} is missing")
-            try:
-                self._handles[path] = safe_open(str(path), framework="pt")
-            except Exception as exc:
-                raise SparsemergeError(f"could not read {str(path)!r} (truncated or corrupt?): {exc}") from exc
-        return self._handles[path]
-
     def _names_in(self, path: Path) -> list[str]:
         if path.suffix == ".safetensors":
-            return list(self._open(path).keys())
+            if not path.is_file():
+                raise SparsemergeError(f"weight file {str(path)!r} is missing")
+            self._files[path] = SafetensorsFile(path)  # header read and checked now, data on demand
+            return self._files[path].keys()
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         self._torch_state[path] = state
         return list(state)
@@ -99,34 +90,30 @@ class TensorSource:
         path = self._where(name)
         if path in self._torch_state:
             return tuple(self._torch_state[path][name].shape)
-        return tuple(self._open(path).get_slice(name).get_shape())
+        return self._files[path].info(name).shape
 
     def dtype(self, name: str) -> torch.dtype:
         """The stored dtype of ``name`` without reading its data."""
         path = self._where(name)
         if path in self._torch_state:
             return self._torch_state[path][name].dtype
-        code = self._open(path).get_slice(name).get_dtype()
-        try:
-            return SAFETENSORS_DTYPES[code]
-        except KeyError:
-            raise SparsemergeError(f"tensor {name!r} has unsupported dtype {code}") from None
+        return self._files[path].info(name).dtype
 
     def get(self, name: str) -> torch.Tensor:
+        """Read one tensor (positioned read into a new buffer; safe from several threads)."""
         path = self._where(name)
         if path in self._torch_state:
             return self._torch_state[path][name]
-        try:
-            return self._open(path).get_tensor(name)
-        except Exception as exc:
-            raise SparsemergeError(f"could not read tensor {name!r} from {str(path)!r}: {exc}") from exc
+        return self._files[path].get(name)
 
     def config(self) -> dict[str, Any]:
         config = self.folder / "config.json"
         return json.loads(config.read_text()) if config.is_file() else {}
 
     def close(self) -> None:
-        self._handles.clear()
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
         self._torch_state.clear()
 
     def __enter__(self) -> "TensorSource":

@@ -22,9 +22,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparsemerge.errors import SparsemergeError
-
-DTYPES = ("float32", "float16", "bfloat16", "float64")
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16", "float": "float32", "fp64": "float64"}
+from sparsemerge.io.dtypes import ALIASES as _DTYPE_ALIASES
+from sparsemerge.io.dtypes import FLOAT_NAMES as DTYPES
 
 
 def _check_setting(name: str, value: Any) -> Any:

@@ -1,10 +1,11 @@
 """The streaming merge engine: one output tensor at a time, from lazily opened inputs.
 
-For each planned tensor the engine reads that tensor from each input (memory-mapped
-safetensors), converts to the working dtype (``dtype:`` or the inputs' promoted dtype),
-resolves the method's parameters for that tensor (filters, gradients), merges, optionally
-projects onto an N:M pattern, converts to ``out_dtype`` and appends the bytes to the output
-shard. Peak memory is a few tensors. The output folder (config, tokenizer, generation
+For each planned tensor the engine reads that tensor from each input (positioned reads,
+:mod:`sparsemerge.io.reader`), converts to the working dtype (``dtype:`` or the inputs'
+promoted dtype), resolves the method's parameters for that tensor (filters, gradients),
+merges, optionally projects onto an N:M pattern, converts to ``out_dtype`` and writes the
+bytes to the output shard (:class:`sparsemerge.io.writer.ShardedWriter`, headers laid out
+from the plan). Peak memory is a few tensors. The output folder (config, tokenizer, generation
 config, shards, ``sparsemerge_merge.json``) appears atomically.
 """
 from __future__ import annotations
@@ -21,14 +22,14 @@ from typing import Any, Optional
 import torch
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.io.dtypes import dtype_from_name
+from sparsemerge.io.writer import PlannedTensor, ShardedWriter
 from sparsemerge.merge import mergekit_yaml as params_mod
 from sparsemerge.merge.base import MergeInputs, MethodSpec, get_method, seed_for
 from sparsemerge.merge.config import MergeConfig, load_config
 from sparsemerge.merge.lora import LoraAdapter, LoraTensorSource, is_lora_adapter, lora_config, lora_key, low_rank_factors
-from sparsemerge.merge.reader import PreadSource
 from sparsemerge.merge.plan import Source, TensorJob, build_plan, split_layer
 from sparsemerge.merge.sparsity import PatternProjector
-from sparsemerge.merge.writer import PlannedTensor, StreamingShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json",
 )
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
 @dataclass
@@ -61,20 +61,20 @@ def open_model(ref: str, config: MergeConfig) -> Source:
 
     if "+" in ref and not Path(ref).exists():
         base_ref, adapter_ref = ref.split("+", 1)
-        return LoraTensorSource(PreadSource.wrap(open_tensor_source(base_ref)), LoraAdapter(adapter_ref))
+        return LoraTensorSource(open_tensor_source(base_ref), LoraAdapter(adapter_ref))
     if Path(ref).is_dir() and is_lora_adapter(ref):
         adapter = LoraAdapter(ref)
         candidates = [c for c in (adapter.base_model, config.base_model) if c and c != ref]
         for cand in candidates:
             try:
-                return LoraTensorSource(PreadSource.wrap(open_tensor_source(cand)), adapter)
+                return LoraTensorSource(open_tensor_source(cand), adapter)
             except SparsemergeError:
                 continue
         raise SparsemergeError(
             f"LoRA adapter {ref!r}: its base {adapter.base_model!r} is not found locally; set base_model in the config "
             f"or write the model as BASE+{ref}"
         )
-    return PreadSource.wrap(open_tensor_source(ref))
+    return open_tensor_source(ref)
 
 
 def _method_inputs(job: TensorJob, spec: MethodSpec, tensors: list[torch.Tensor], config: MergeConfig) -> MergeInputs:
@@ -134,8 +134,8 @@ def run_merge(
     n_inputs = {len([i for i in j.inputs if spec.base_is_input or not i.is_base]) for j in jobs}
     for n in n_inputs:
         spec.check_counts(n, any(i.is_base for i in jobs[0].inputs) if jobs else False)
-    work_dtype = _DTYPES[cfg.dtype] if cfg.dtype else None
-    out_dtype = _DTYPES[cfg.out_dtype] if cfg.out_dtype else None
+    work_dtype = dtype_from_name(cfg.dtype, "dtype") if cfg.dtype else None
+    out_dtype = dtype_from_name(cfg.out_dtype, "out_dtype") if cfg.out_dtype else None
     projector = PatternProjector(cfg.keep_pattern, cfg.keep_mask) if cfg.keep_pattern else None
     lora_out = cfg.lora_rank is not None
     if lora_out and not any(j.base for j in jobs):
@@ -147,7 +147,8 @@ def run_merge(
         od = out_dtype if (out_dtype and j.dtype.is_floating_point) else wd
         planned.append(PlannedTensor(j.out_name, j.shape, od))
     with atomic_output(out, overwrite=overwrite) as tmp:
-        writer = None if lora_out else StreamingShardWriter(tmp, planned, cfg.shard_bytes, {"merged_by": "sparsemerge", "merge_method": spec.name})
+        metadata = {"format": "pt", "merged_by": "sparsemerge", "merge_method": spec.name}
+        writer = None if lora_out else ShardedWriter(tmp, cfg.shard_bytes, plan=planned, metadata=metadata, layout="plan")
         lora_state: dict[str, torch.Tensor] = {}
         lora_errors: dict[str, float] = {}
         base_pos = {id(j): next((i for i, r in enumerate(j.inputs) if r.is_base), None) for j in jobs}
@@ -256,9 +257,9 @@ def _lora_targets(jobs: list[TensorJob], sources: dict[str, Source]) -> set[str]
 
 
 def _write_lora(tmp: Path, state: dict[str, torch.Tensor], cfg: MergeConfig, targets: list[str]) -> None:
-    from safetensors.torch import save_file
+    from sparsemerge.io.writer import save_safetensors
 
-    save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+    save_safetensors(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
     (tmp / "adapter_config.json").write_text(json.dumps(lora_config(int(cfg.lora_rank or 0), targets, cfg.base_model), indent=2) + "\n")
 
 

@@ -43,11 +43,11 @@ class LoraAdapter:
             raise SparsemergeError(f"adapter {str(self.folder)!r} is {self.config.get('peft_type')}, only LORA adapters can be merged")
         files = sorted(self.folder.glob("adapter_model*.safetensors"))
         if files:
-            from safetensors.torch import load_file
+            from sparsemerge.io.reader import load_safetensors
 
             state: dict[str, torch.Tensor] = {}
             for f in files:
-                state.update(load_file(str(f)))
+                state.update(load_safetensors(f))
         elif (self.folder / "adapter_model.bin").is_file():
             state = torch.load(self.folder / "adapter_model.bin", map_location="cpu", weights_only=True)
         else:

@@ -36,7 +36,7 @@ def write_packed_task_vector(
     ``format="nm", pattern="2:4"`` for merges kept on 2:4 with ``keep_mask: base``)."""
     from sparsemerge.formats.model import pack
     from sparsemerge.io import ensure_writable, open_tensor_source
-    from sparsemerge.merge.writer import PlannedTensor, StreamingShardWriter
+    from sparsemerge.io.writer import PlannedTensor, ShardedWriter
 
     ensure_writable(out, overwrite)
     options = {**DEFAULT_PACK, **pack_options}
@@ -51,7 +51,7 @@ def write_packed_task_vector(
         try:
             names = m.names()
             planned = [PlannedTensor(n, tuple(m.shape(n)), m.dtype(n)) for n in names]
-            writer = StreamingShardWriter(tmp, planned, 1 << 62)
+            writer = ShardedWriter(tmp, 1 << 62, plan=planned, metadata={"format": "pt"}, layout="plan")
             for n in names:
                 x, y = m.get(n), b.get(n)
                 writer.write(n, (x - y.to(x.dtype)) if x.is_floating_point() else x)
@@ -73,7 +73,7 @@ def apply_packed_task_vector(base: "str | Path", task_vector: "str | Path", out:
     """``theta_base + scale * tau`` from a packed task vector, written as a Hugging Face folder."""
     from sparsemerge.formats.model import read_packed
     from sparsemerge.io import atomic_output, open_tensor_source
-    from sparsemerge.merge.writer import PlannedTensor, StreamingShardWriter
+    from sparsemerge.io.writer import PlannedTensor, ShardedWriter
 
     with open_tensor_source(base) as b, read_packed(task_vector) as tv:
         names = b.names()
@@ -81,7 +81,8 @@ def apply_packed_task_vector(base: "str | Path", task_vector: "str | Path", out:
         if missing:
             raise SparsemergeError(f"the task vector has tensors the base lacks: {missing[:8]}")
         with atomic_output(out, overwrite=overwrite) as tmp:
-            writer = StreamingShardWriter(tmp, [PlannedTensor(n, tuple(b.shape(n)), b.dtype(n)) for n in names], 5 * 10**9)
+            plan = [PlannedTensor(n, tuple(b.shape(n)), b.dtype(n)) for n in names]
+            writer = ShardedWriter(tmp, 5 * 10**9, plan=plan, metadata={"format": "pt"}, layout="plan")
             for n in names:
                 w = b.get(n)
                 if n in tv and w.is_floating_point():

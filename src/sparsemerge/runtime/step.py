@@ -47,10 +47,13 @@ CFG_FIELDS = 11
 # A8 params: npairs, tail, nscale, xb_per_q, fn address; F32 params: units, quads, block_units, fn address
 A8_FIELDS, F32_FIELDS = 5, 4
 MIN_ROWS_PER_THREAD = 128  # below this a second thread costs more than it saves
+# fast-math without "no NaN/Inf" (a NaN must reach the logits as in the float model), and
+# IEEE division (1/0 = inf, not ZeroDivisionError)
+FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 # ---------------------------------------------------------------- per-kind products (out has slack)
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def _run_a8(par, stream, wscale, corr, xu, xs, out, rows, tasks):  # pragma: no cover - jitted
     step = (rows + tasks - 1) // tasks
     for t in prange(tasks):
@@ -61,7 +64,7 @@ def _run_a8(par, stream, wscale, corr, xu, xs, out, rows, tasks):  # pragma: no 
                     xs.ctypes.data, out.ctypes.data, r0, r1, par[0], par[1], par[2], par[3])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def _run_f32(par, vals, meta, x, out, rows, tasks):  # pragma: no cover - jitted
     quads = par[1]
     step = 4 * ((quads + tasks - 1) // tasks)
@@ -73,7 +76,7 @@ def _run_f32(par, vals, meta, x, out, rows, tasks):  # pragma: no cover - jitted
                      r0, r1, par[0], quads, par[2])
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def _run_bq(codes, bits4, meta, scale, zero, has_zero, gps, x, out, tasks):  # pragma: no cover - jitted
     nb = codes.shape[0]
     step = (nb + tasks - 1) // tasks
@@ -82,7 +85,7 @@ def _run_bq(codes, bits4, meta, scale, zero, has_zero, gps, x, out, tasks):  # p
             _g24_q_block(codes, bits4, meta, scale, zero, has_zero, gps, x, out, blk, BITS)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def _run_bf(vals, meta, x, out, tasks):  # pragma: no cover - jitted
     nb = vals.shape[0]
     step = (nb + tasks - 1) // tasks
@@ -91,7 +94,7 @@ def _run_bf(vals, meta, x, out, tasks):  # pragma: no cover - jitted
             _g24_f32_block(vals, meta, x, out, blk, BITS)
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FAST, error_model="numpy", cache=True)
 def _dot_f32(w, x):  # pragma: no cover - jitted
     acc = np.float32(0.0)
     for k in range(w.shape[0]):
@@ -99,7 +102,7 @@ def _dot_f32(w, x):  # pragma: no cover - jitted
     return acc
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FAST, error_model="numpy", cache=True)
 def _dot_q8(q, x):  # pragma: no cover - jitted
     acc = np.float32(0.0)
     for k in range(q.shape[0]):
@@ -107,7 +110,7 @@ def _dot_q8(q, x):  # pragma: no cover - jitted
     return acc
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def _run_df(w, x, out, tasks):  # pragma: no cover - jitted
     rows = w.shape[0]
     step = (rows + tasks - 1) // tasks
@@ -116,7 +119,7 @@ def _run_df(w, x, out, tasks):  # pragma: no cover - jitted
             out[r] = _dot_f32(w[r], x)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, error_model="numpy", cache=True)
 def _run_dq(q, scale, group, x, out, tasks):  # pragma: no cover - jitted
     """``out[r] = sum_g scale[r, g] * dot(q[r, g*group:(g+1)*group], x[same])``."""
     rows, cols = q.shape
@@ -131,12 +134,12 @@ def _run_dq(q, scale, group, x, out, tasks):  # pragma: no cover - jitted
             out[r] = acc
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def _tasks(rows, threads):  # pragma: no cover - jitted
     return threads if rows >= MIN_ROWS_PER_THREAD * threads else 1
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def run_op(op, x, xu, xs, dst, tmp, threads, kw):  # pragma: no cover - jitted
     """``dst[off : off + rows] = W x (+ b)`` for one op row; ``kw`` = the kinds' arrays."""
     (a8_par, a8_stream, a8_scale, a8_corr, f32_par, f32_vals, f32_meta,
@@ -170,7 +173,7 @@ def run_op(op, x, xu, xs, dst, tmp, threads, kw):  # pragma: no cover - jitted
 
 
 # ---------------------------------------------------------------- elementwise parts
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FAST, error_model="numpy", cache=True)
 def rmsnorm(h, w, eps, out):  # pragma: no cover - jitted
     """``out = h / sqrt(mean(h^2) + eps) * w`` (LlamaRMSNorm, computed in float32)."""
     ss = np.float32(0.0)
@@ -181,7 +184,7 @@ def rmsnorm(h, w, eps, out):  # pragma: no cover - jitted
         out[i] = w[i] * (h[i] * inv)
 
 
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def norm_and_quantize(h, w, eps, out, xu, xs, quantize):  # pragma: no cover - jitted
     """RMSNorm fused with the INT8 activation quantization the A8 kernels read (per block of
     256, ``kernels/cpu_vnni._quantize``). Returns False when the input is not finite."""
@@ -191,7 +194,7 @@ def norm_and_quantize(h, w, eps, out, xu, xs, quantize):  # pragma: no cover - j
     return True
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FAST, error_model="numpy", cache=True)
 def rope(v, heads, hd, cos, sin):  # pragma: no cover - jitted
     """In place on ``heads`` vectors of ``hd``: ``(a, b) -> (a cos - b sin, b cos + a sin)``
     for the halves a = v[:hd/2], b = v[hd/2:] (transformers' rotate_half convention)."""
@@ -205,7 +208,7 @@ def rope(v, heads, hd, cos, sin):  # pragma: no cover - jitted
             v[base + half + i] = b * cos[i] + a * sin[i]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FAST, error_model="numpy", cache=True)
 def attend(q, kc, vc, pos, heads, kv_heads, hd, scaling, window, scores, out):  # pragma: no cover - jitted
     """Grouped-query attention of one token over the cache positions ``t0..pos``:
     ``out_h = sum_t softmax_t(scaling * q_h . K[g, t]) V[g, t]``, g = h // (heads / kv_heads)."""
@@ -240,7 +243,7 @@ def attend(q, kc, vc, pos, heads, kv_heads, hd, scaling, window, scores, out):  
                 o[i] += p * v[i]
 
 
-@njit(fastmath=True, cache=True)
+@njit(fastmath=FAST, error_model="numpy", cache=True)
 def silu_mul(gu, inter, out):  # pragma: no cover - jitted
     """``out = silu(g) * u`` for ``gu = [g; u]``, silu(z) = z / (1 + e^-z)."""
     for i in range(inter):
@@ -249,7 +252,7 @@ def silu_mul(gu, inter, out):  # pragma: no cover - jitted
 
 
 # ---------------------------------------------------------------- the step
-@njit(cache=True)
+@njit(error_model="numpy", cache=True)
 def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, kc, vc, cos, sin, bufs, kw, logits):  # pragma: no cover - jitted
     """Run token ``token`` at position ``pos`` through the model; writes ``logits``.
 
@@ -311,5 +314,6 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
         for i in range(H):
             h[i] += x[i]
     ok &= norm_and_quantize(h, norms[2 * L], eps, x, xu, xs, a8_in[L, 0] != 0)
+    ok &= np.isfinite(x.sum())
     run_op(head_op, x, xu, xs, logits, tmp, threads, kw)
     return ok

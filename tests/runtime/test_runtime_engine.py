@@ -1,0 +1,171 @@
+"""The decode runtime against the transformers model built from the same sparse layers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_tiny_llama
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.kernels import SparsifyConfig, sparsify_
+from sparsemerge.kernels.cpu_vnni import cpu_features_missing as vnni_missing
+from sparsemerge.kernels.cpu_vnni import fake_quant_inputs
+from sparsemerge.kernels.sparse_linear import SparseLinear
+from sparsemerge.runtime import UnsupportedModel, build_plan
+from sparsemerge.runtime.engine import DecodeEngine
+from sparsemerge.runtime.step import KIND_A8, KIND_BF, KIND_BQ, KIND_F32
+
+IDS = [1, 5, 9, 3, 7, 11, 2, 40, 41, 8]
+
+
+def _sparse_llama(quant="none", act_quant="none", group_size=None, hidden=256, intermediate=512, layers=2, **kw):
+    model = make_tiny_llama(hidden=hidden, intermediate=intermediate, layers=layers, **kw)
+    sparsify_(model, SparsifyConfig(quant=quant, prune=True, act_quant=act_quant, group_size=group_size))
+    return model
+
+
+def _reference_logits(model, ids, act_quant="none"):
+    """Logits of the whole sequence in one transformers forward (float activations, or the
+    activation rounding the A8 kernels apply, on the inputs of every sparse layer)."""
+    handles = []
+    if act_quant == "int8":
+        names = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)]
+        handles = fake_quant_inputs(model, names)
+    try:
+        with torch.no_grad():
+            return model(torch.tensor([ids])).logits[0].numpy()
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _engine_logits(engine, ids, prompt=3):
+    """Logits at every position: the prompt through prefill, the rest one step at a time."""
+    engine.reset()
+    out = [engine.prefill(ids[:prompt]).copy()]
+    out += [engine.step(t).copy() for t in ids[prompt:-1]]
+    return np.stack(out)
+
+
+@pytest.mark.parametrize("quant,group_size", [("none", None), ("int8", None), ("int4", None), ("int4", 128)])
+def test_float_activations_match_transformers(quant, group_size):
+    model = _sparse_llama(quant, group_size=group_size)
+    engine = DecodeEngine(model, max_seq=32)
+    ref = _reference_logits(model, IDS)[2:-1]
+    got = _engine_logits(engine, IDS)
+    np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
+    # every projection ran through a sparse kernel, q/k/v and gate/up fused
+    kinds = {p.kind for p in engine.plan.layers if p.name != "lm_head"}
+    assert kinds <= {KIND_F32, KIND_BF, KIND_BQ}
+    assert sum("+" in p.name for p in engine.plan.layers) == 4
+
+
+def test_step_only_equals_prefill_then_step():
+    model = _sparse_llama("int4")
+    engine = DecodeEngine(model, max_seq=32)
+    via_prefill = _engine_logits(engine, IDS, prompt=5)
+    engine.reset()
+    stepped = np.stack([engine.step(t).copy() for t in IDS[:-1]])[4:]
+    np.testing.assert_allclose(stepped, via_prefill, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(bool(vnni_missing()), reason="the CPU lacks the AVX-512 VNNI features of the A8 kernel")
+@pytest.mark.parametrize("quant,group_size", [("int8", None), ("int4", 128)])
+def test_int8_activations_match_fake_quantized_transformers(quant, group_size):
+    model = _sparse_llama(quant, act_quant="int8", group_size=group_size)
+    engine = DecodeEngine(model, act_quant="int8", max_seq=32)
+    assert {p.kind for p in engine.plan.layers if p.name != "lm_head"} == {KIND_A8}
+    engine.reset()
+    got = np.stack([engine.step(t).copy() for t in IDS[:-1]])
+    ref = _reference_logits(model, IDS, act_quant="int8")[:-1]
+    # the same rounded activations; only the summation order differs
+    np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)
+    # and the rounding is really applied: float activations differ by more than that
+    assert np.abs(_reference_logits(model, IDS)[:-1] - got).max() > 1e-3
+
+
+def test_unfused_small_layers_and_separate_ops():
+    # hidden 64 with 2 KV heads of 16: k/v have 32 rows, not a multiple of the 64-row blocks
+    model = _sparse_llama("int8", hidden=64, intermediate=128)
+    engine = DecodeEngine(model, max_seq=32)
+    assert not any("+" in p.name and "self_attn" in p.name for p in engine.plan.layers)
+    np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=2e-5, rtol=1e-4)
+
+
+def test_dense_layers_and_float_head_are_planned_dense():
+    model = make_tiny_llama(hidden=128, intermediate=256)
+    sparsify_(model, SparsifyConfig(prune=True, exclude=[r"norm", r"lm_head", r"down_proj"]))
+    engine = DecodeEngine(model, max_seq=32)
+    kernels = {p.name.split(".")[-1]: p.kernel for p in engine.plan.layers}
+    assert kernels["down_proj"] == "numba-dense-f32" and kernels["lm_head"] == "numba-dense-f32"
+    np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=2e-5, rtol=1e-4)
+
+
+def test_qwen2_biases_and_mistral_window():
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=200, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    for model in (Qwen2ForCausalLM(Qwen2Config(**common)).eval(),
+                  MistralForCausalLM(MistralConfig(sliding_window=4, **common)).eval()):
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):  # Qwen2's q/k/v biases: make them matter
+                torch.nn.init.normal_(p, std=0.5)
+        sparsify_(model, SparsifyConfig(prune=True))
+        engine = DecodeEngine(model, max_seq=32)
+        ref = _reference_logits(model, IDS)[2:-1]
+        np.testing.assert_allclose(_engine_logits(engine, IDS), ref, atol=3e-5, rtol=1e-4)
+    assert engine.plan.config["window"] == 4
+
+
+def test_unsupported_architecture_and_pattern_say_why():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=4, vocab_size=100)).eval()
+    plan = build_plan(gpt2)
+    assert not plan.supported and "gpt2" in plan.reason
+    with pytest.raises(UnsupportedModel, match="gpt2"):
+        DecodeEngine(gpt2)
+    model = make_tiny_llama(hidden=128, intermediate=256)
+    sparsify_(model, SparsifyConfig(pattern="1:4", prune=True))
+    plan = build_plan(model)
+    assert not plan.supported and "1:4" in plan.reason and "q_proj" in plan.reason
+    assert "transformers path" in plan.format_table()
+
+
+def test_bad_inputs():
+    engine = DecodeEngine(_sparse_llama(), max_seq=4)
+    with pytest.raises(SparsemergeError, match="vocabulary"):
+        engine.step(10_000)
+    with pytest.raises(SparsemergeError, match="max_seq"):
+        engine.prefill([1, 2, 3, 4, 5])
+    with pytest.raises(SparsemergeError, match="empty"):
+        engine.prefill([])
+    with pytest.raises(SparsemergeError, match="act_quant"):
+        build_plan(_sparse_llama(), act_quant="int3")
+
+
+@pytest.mark.skipif(bool(vnni_missing()), reason="the CPU lacks the AVX-512 VNNI features of the A8 kernel")
+def test_non_finite_activations_give_nan_logits_not_stale_ones():
+    model = _sparse_llama("int8", act_quant="int8")
+    engine = DecodeEngine(model, act_quant="int8", max_seq=8)
+    table = model.model.embed_tokens.weight
+    with torch.no_grad():
+        table[7, 3] = float("nan")  # the engine reads the same storage
+    engine.step(1)
+    assert np.isfinite(np.delete(engine.logits, 7)).all()  # the tied head's row 7 is NaN too
+    assert np.isnan(engine.step(7)).all()
+
+
+def test_plan_table_collapses_layers_and_counts_bytes():
+    model = _sparse_llama("int4", group_size=128, layers=3)
+    plan = build_plan(model)
+    table = plan.format_table()
+    assert "layers.{0-2}.self_attn.q_proj+k_proj+v_proj" in table
+    sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    assert plan.total_bytes == sum(m.layout.nbytes() for m in sparse) + model.lm_head.weight.numel() * 4
+    import json
+
+    rows = json.loads(plan.to_json())["layers"]
+    assert len(rows) == 3 * 4 + 1 and all(r["why"] for r in rows)
