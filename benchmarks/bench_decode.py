@@ -44,7 +44,7 @@ def decode_time(model, ids, tokens: int, clock) -> float:
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    from sparsemerge.cli.common import format_table
+    from sparsemerge.eval.report import format_table
     from sparsemerge.io import load_model
     from sparsemerge.kernels import SparsifyConfig, sparsify_
     from sparsemerge.kernels.model import model_bytes

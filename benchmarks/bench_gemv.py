@@ -150,7 +150,7 @@ def bench_shape(rows: int, cols: int, batches: list[int], variants: list[str], r
 
 
 def main(argv: "list[str] | None" = None) -> int:
-    from sparsemerge.cli.common import format_table
+    from sparsemerge.eval.report import format_table
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", default=",".join(f"{r}x{c}" for r, c in SHAPES))

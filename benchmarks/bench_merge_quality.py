@@ -145,7 +145,7 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--json", type=Path, default=Path("outputs/merge-quality/merge_quality.json"))
     args = parser.parse_args(argv)
 
-    from sparsemerge.cli.common import format_table
+    from sparsemerge.eval.report import format_table
     from sparsemerge.eval.data import eval_windows
     from sparsemerge.io import load_model, write_json_atomic
     from sparsemerge.merge import run_merge

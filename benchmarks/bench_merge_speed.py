@@ -138,7 +138,7 @@ def main() -> int:
     wanted = args.methods.split(",") if args.methods else list(cfgs)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    from sparsemerge.cli.common import format_table
+    from sparsemerge.eval.report import format_table
 
     rows = []
     for name in wanted:

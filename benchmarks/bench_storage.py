@@ -28,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from sparsemerge.cli.common import format_table  # noqa: E402
+from sparsemerge.eval.report import format_table  # noqa: E402
 from sparsemerge.formats.model import MANIFEST_NAME, pack, read_packed  # noqa: E402
 
 DEFAULT_PRUNED = ROOT / "outputs" / "bench_storage" / "smollm2-2of4"

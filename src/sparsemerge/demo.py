@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.eval.report import format_table, markdown_table, plot_perplexity
 from sparsemerge.io import atomic_output, load_model, resolve_source, save_model, write_json_atomic
 
 MARKER = "sparsemerge-demo.json"
@@ -159,8 +160,8 @@ def pack_and_run(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense
     """Pack the best pruned model as N:M + INT4 (group 128; the embedding ``config.embedding_quant``), then measure
     its file size, its perplexity (stored values decoded) and its decoding speed on the
     sparse kernels against the dense float32 model, in this one run."""
-    from sparsemerge.cli.run import decode_seconds
     from sparsemerge.eval.perplexity import perplexity
+    from sparsemerge.eval.speed import decode_seconds
     from sparsemerge.formats.model import PackConfig, pack
     from sparsemerge.kernels.model import load_packed, model_bytes
     from sparsemerge.kernels.cpu_vnni import cpu_features_missing, fake_quant_inputs
@@ -226,39 +227,10 @@ def results_table(rows: list[DemoRow]) -> tuple[list[str], list[list[Any]]]:
 
 
 def write_results(out: Path, config: DemoConfig, rows: list[DemoRow]) -> None:
-    from sparsemerge.cli.common import format_table
-
     headers, body = results_table(rows)
     write_json_atomic(out / "results.json", {"config": asdict(config), "rows": [asdict(r) for r in rows]})
-    markdown = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    markdown += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in body]
     with atomic_output(out / "results.md", overwrite=True, is_dir=False) as tmp:
-        tmp.write_text("\n".join(markdown) + "\n")
+        tmp.write_text(markdown_table(headers, body))
     with atomic_output(out / "results.txt", overwrite=True, is_dir=False) as tmp:
         tmp.write_text(format_table(headers, body) + "\n")
     plot_perplexity(out / "perplexity.png", rows)
-
-
-def _cell(value: Any) -> str:
-    return f"{value:.4g}" if isinstance(value, float) else str(value)
-
-
-def plot_perplexity(path: Path, rows: list[DemoRow]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(1.3 * len(rows) + 1, 3.4))
-    names = [r.name if r.name == "dense" else f"{r.name.replace('+', chr(10) + '+')}\n{r.pattern}" for r in rows]
-    values = [r.perplexity for r in rows]
-    bars = ax.bar(names, values, color=["#4c72b0"] + ["#dd8452"] * (len(rows) - 1))
-    ax.set_yscale("log")
-    ax.set_ylabel("held-out perplexity (log)")
-    ax.set_title("SmolLM2-135M on BBC News: dense vs pruned")
-    for bar, value in zip(bars, values):
-        ax.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom", fontsize=8)
-    fig.tight_layout()
-    with atomic_output(path, overwrite=True, is_dir=False) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)

@@ -4,8 +4,32 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from sparsemerge.cli.common import add_overwrite, format_table
+from sparsemerge.cli.common import KeepLinesFormatter, add_overwrite, defer, format_table
 from sparsemerge.errors import SparsemergeError
+
+
+def _methods_epilog() -> str:
+    """Every registered merge method with the parameters it declares (per model, then global)."""
+    from sparsemerge.merge import get_method, list_methods
+
+    names = list_methods()
+    width = max(map(len, names)) + 2
+    lines = ["merge methods (merge_method in CONFIG) and their parameters (per model; global):"]
+    for name in names:
+        spec = get_method(name)
+        model, glob = ", ".join(spec.model_params) or "-", ", ".join(spec.global_params) or "-"
+        lines.append(f"  {name:<{width}}{model}; {glob}")
+    return "\n".join(lines)
+
+
+def _add_registry_texts(p: argparse.ArgumentParser) -> None:
+    """The method list (epilog) and the --tv-format values, from the registries."""
+    from sparsemerge.formats.base import FORMATS
+
+    p.epilog = _methods_epilog()
+    for action in p._actions:
+        if action.dest == "tv_format":
+            action.help = f"packed format of the task vector: {', '.join(FORMATS.names())} (default bitmask; see pack --help)"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -14,10 +38,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="merge fine-tuned models (mergekit YAML configs)",
         description=(
             "Merge the models named in CONFIG (mergekit's YAML: merge_method, models or slices, base_model, "
-            "parameters, dtype, out_dtype, ...) into OUT, streaming one tensor at a time. "
-            "Methods: linear, model_soup, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, "
-            "breadcrumbs_ties, della, della_linear, slerp, model_stock, orthogonal, passthrough."
+            "parameters, dtype, out_dtype, ...) into OUT, streaming one tensor at a time, with one of the "
+            "methods listed below (--list-methods gives their references)."
         ),
+        formatter_class=KeepLinesFormatter,
     )
     p.add_argument("config", nargs="?", help="merge config YAML (mergekit format, plus sparsemerge keys)")
     p.add_argument("out", nargs="?", help="output folder (Hugging Face model, or a PEFT LoRA adapter with --lora-rank)")
@@ -25,7 +49,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-mask", choices=["merged", "base"], help="mask for --keep-pattern: merged magnitudes (default) or the base's support")
     p.add_argument("--lora-rank", type=int, help="write the merge minus the base as a LoRA adapter of this rank (SVD)")
     p.add_argument("--task-vector-out", metavar="DIR", help="also write the merged task vector (merge - base) as a sparse, quantized packed checkpoint")
-    p.add_argument("--tv-format", default="bitmask", help="packed format of the task vector: bitmask (default), csr, coo, nm, dense")
+    p.add_argument("--tv-format", default="bitmask", help="packed format of the task vector (default bitmask)")
     p.add_argument("--tv-quant", default="int8", choices=["none", "int8", "int4"], help="value codec of the task vector (default int8)")
     p.add_argument("--seed", type=int, help="seed for DARE/DELLA (overrides the config's seed)")
     p.add_argument("--threads", type=int, help="tensors merged concurrently (default: CPU count, at most 4)")
@@ -33,6 +57,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_overwrite(p)
     p.set_defaults(func=run)
+    defer(p, _add_registry_texts)  # the registries are read when merge is the command, not for every command
 
 
 def keep_freed_memory() -> None:
@@ -60,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     from sparsemerge.merge import MERGE_METHODS, get_method, load_config, run_merge
 
     if args.list_methods:
-        get_method("linear")
+        get_method("linear")  # imports the method modules
         rows = [(n, MERGE_METHODS.get(n).reference) for n in MERGE_METHODS.names()]
         print(format_table(["method", "reference"], rows, align="ll"))
         return 0

@@ -4,10 +4,9 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from pathlib import Path
 from typing import Any
 
-from sparsemerge.cli.common import add_overwrite, format_table
+from sparsemerge.cli.common import KeepLinesFormatter, add_overwrite, defer, format_table
 from sparsemerge.errors import SparsemergeError
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.I)
@@ -21,31 +20,45 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * scale)
 
 
+def _add_format_options(p: argparse.ArgumentParser) -> None:
+    """What the formats declare: the list of ``--format`` values with their one line (epilog)
+    and each format's own options as flags (e.g. nm: --pattern, --metadata; bsr: --block)."""
+    from sparsemerge.formats.base import format_options, pack_formats
+
+    formats = pack_formats()
+    width = max(map(len, formats)) + 2
+    p.epilog = "formats (--format):\n" + "\n".join(f"  {name:<{width}}{text}" for name, text in formats.items())
+    group = p.add_argument_group("format options (declared by the formats)")
+    options = format_options()
+    for option in options.values():
+        group.add_argument(option.flag, dest=option.name, type=option.type, default=option.default, help=option.help)
+    p.set_defaults(format_options=list(options))
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "pack",
         help="write a compressed (sparse / quantized) checkpoint",
         description="Pack SRC into OUT: targeted weights (the pruning include/exclude default) in a sparse "
         "format, the rest dense; safetensors shards plus a manifest with a checksum per tensor.",
+        formatter_class=KeepLinesFormatter,
     )
     p.add_argument("src", help="HF folder, .safetensors or .gguf file, or smollm2")
     p.add_argument("out", help="output folder")
-    p.add_argument("--format", default="nm", help="nm (default), bitmask, coo, csr, bsr, dense, sparse-24-bitmask (compressed-tensors)")
-    p.add_argument("--pattern", default="2:4", help="N:M pattern of the nm format (default 2:4)")
-    p.add_argument("--metadata", default="entropy", help="nm position coding: bits2, index, entropy (default)")
+    p.add_argument("--format", default="nm", metavar="FORMAT", help="storage format, one of those listed below (default nm)")
     p.add_argument("--quant", default="none", help="value codec: none (default), int8, int4")
     p.add_argument("--group", type=int, default=128, help="quantization group size G (0 = per output channel; default 128)")
     p.add_argument("--asymmetric", action="store_true", help="asymmetric quantization (scale + zero point)")
     p.add_argument("--codebook", type=int, help="k-means codebook of K centroids (4..256) instead of --quant")
     p.add_argument("--dense-quant", default="none", help="codec for 2-D tensors kept dense, e.g. the embedding: none, int8, int4")
     p.add_argument("--dtype", default="keep", help="float dtype of stored values: keep (default), float16, bfloat16, float32")
-    p.add_argument("--block", type=int, default=16, help="bsr block size (default 16)")
     p.add_argument("--include", action="append", help="regex on module names to pack sparse (repeatable)")
     p.add_argument("--exclude", action="append", help="regex on module names to keep dense (repeatable)")
     p.add_argument("--shard-size", default="2GB", help="maximum shard size (default 2GB)")
     p.add_argument("--no-progress", action="store_true")
     add_overwrite(p)
     p.set_defaults(func=run_pack)
+    defer(p, _add_format_options)  # the registry is read when pack is the command, not for every command
 
     u = sub.add_parser("unpack", help="decode a packed checkpoint into a Hugging Face folder")
     u.add_argument("packed", help="packed folder (or a compressed-tensors sparse-24-bitmask folder)")
@@ -81,15 +94,13 @@ def run_pack(args: argparse.Namespace) -> int:
     try:
         config = PackConfig(
             format=args.format,
-            pattern=args.pattern,
-            metadata=args.metadata,
+            **{name: getattr(args, name) for name in args.format_options},
             quant=args.quant,
             group_size=args.group,
             symmetric=not args.asymmetric,
             codebook=args.codebook,
             dense_quant=args.dense_quant,
             dtype=args.dtype,
-            block=args.block,
             include=args.include,
             exclude=args.exclude,
             shard_size=parse_size(args.shard_size),
@@ -123,8 +134,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         return _plan(args)
     if not args.path:
         raise SparsemergeError("inspect needs a PATH, or --plan SHAPE PATTERN ...")
+    from sparsemerge.formats.inspect import inspect_rows
+
     rows, total = inspect_rows(args.path, verify=args.verify)
-    shown = rows if args.all else sorted(rows, key=lambda r: -r[3])[:40]
+    shown = rows if args.all else sorted(rows, key=lambda r: -r.nbytes)[:40]
     table = [(n, f, s, f"{b:,}", bpw, r16, r32) for n, f, s, b, bpw, r16, r32 in shown]
     print(format_table(["tensor", "format", "shape", "bytes", "bits/weight", "x fp16", "x fp32"], table))
     if len(shown) < len(rows):
@@ -137,60 +150,8 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-def inspect_rows(path: "str | Path", verify: bool = False) -> tuple[list[tuple[Any, ...]], tuple[int, int]]:
-    """(name, format, shape, bytes, bits/weight, bytes/fp16 bytes, bytes/fp32 bytes) per tensor."""
-    from sparsemerge.formats.model import MANIFEST_NAME, read_packed
-
-    folder = Path(path)
-    rows: list[tuple[Any, ...]] = []
-    nbytes_total = numel_total = 0
-    if folder.is_dir() and ((folder / MANIFEST_NAME).is_file() or _is_ct(folder)):
-        with read_packed(folder) as packed:
-            for name in packed.names():
-                record = packed.record(name)
-                shape = [int(s) for s in record["shape"]]
-                codec = (record.get("params") or {}).get("codec")
-                label = record["format"] + (f"+{codec['kind']}" if codec else "")
-                if record["format"] == "nm":
-                    params = record["params"]
-                    label = f"nm {params['n']}:{params['m']} {params['metadata']}" + (f"+{codec['kind']}" if codec else "")
-                if verify:
-                    packed.get(name)
-                rows.append(_row(name, label, shape, packed.nbytes(name)))
-    else:
-        from sparsemerge.io import open_tensor_source
-
-        with open_tensor_source(path) as source:
-            for name in source.names():
-                tensor = source.get(name)
-                rows.append(_row(name, f"dense {str(tensor.dtype).replace('torch.', '')}", list(tensor.shape), tensor.numel() * tensor.element_size()))
-    for row in rows:
-        nbytes_total += row[3]
-        numel_total += _numel(row[2])
-    return rows, (nbytes_total, numel_total)
-
-
-def _is_ct(folder: Path) -> bool:
-    from sparsemerge.formats.ct import is_ct_folder
-
-    return is_ct_folder(folder)
-
-
-def _numel(shape: Any) -> int:
-    out = 1
-    for s in (shape.split("x") if isinstance(shape, str) else shape):
-        if s != "":
-            out *= int(s)
-    return out
-
-
-def _row(name: str, label: str, shape: list[int], nbytes: int) -> tuple[Any, ...]:
-    numel = _numel(shape)
-    return (name, label, "x".join(map(str, shape)), nbytes, 8 * nbytes / max(numel, 1), nbytes / max(2 * numel, 1), nbytes / max(4 * numel, 1))
-
-
 def _plan(args: argparse.Namespace) -> int:
-    from sparsemerge.formats.size import nm_overheads, plan
+    from sparsemerge.formats.size import SparsityChoices, storage_plan
 
     shape_text, *patterns = args.plan
     match = re.match(r"^\s*(\d+)\s*[xX,]\s*(\d+)\s*$", shape_text)
@@ -202,21 +163,16 @@ def _plan(args: argparse.Namespace) -> int:
     vb = args.value_bits // 8
     if not patterns:
         raise SparsemergeError("--plan needs at least one PATTERN after SHAPE, e.g. 2:4 or 0.75")
-    for text in patterns:
-        if re.match(r"^\s*0?\.\d+\s*$", text):
-            sparsity = float(text)
-            options = nm_overheads(sparsity, args.max_m)
-            print(f"N:M patterns with sparsity {sparsity:g} and M <= {args.max_m} (index overhead):")
+    for item in storage_plan(shape, patterns, vb, max_m=args.max_m, quant_bits=args.quant_bits, group_size=args.group):
+        if isinstance(item, SparsityChoices):
+            print(f"N:M patterns with sparsity {item.sparsity:g} and M <= {item.max_m} (index overhead):")
             table = [
                 (f"{o.n}:{o.m}", o.bits2, o.index, f"{o.entropy:.3f}", f"{o.index / o.m:.3f}", f"{o.entropy / o.m:.3f}")
-                for o in options
+                for o in item.overheads
             ]
             print(format_table(["N:M", "bits2 b/group", "index b/group", "log2 C(M,N)", "index b/weight", "entropy b/weight"], table))
-            for o in options:
-                text_pattern = f"{o.n}:{o.m}"
-                _print_plan(shape, text_pattern, vb, plan(shape, text_pattern, vb, quant_bits=args.quant_bits, group_size=args.group))
-            continue
-        _print_plan(shape, text, vb, plan(shape, text, vb, quant_bits=args.quant_bits, group_size=args.group))
+        else:
+            _print_plan(shape, item.pattern, vb, item.rows)
     return 0
 
 

@@ -14,6 +14,14 @@ for storage, ``from_fields`` to rebuild), registered in :data:`FORMATS`:
 ``dense``    :class:`Dense` - untouched tensors (optionally quantized)
 ===========  ==========================================================================
 
+A new format is one module here that registers itself with ``@FORMATS.register(name)``
+and sets ``help`` (one line for ``sparsemerge pack --help``), ``options``
+(:class:`~.base.FormatOption`: its ``pack`` flags and ``PackConfig`` keys), ``pack_params``
+(its ``from_dense`` arguments for a weight, or why it stays dense) and ``plan_rows`` (its
+bytes in the size plan). The registry imports every module of this package on first lookup,
+so nothing else needs editing. Whole-checkpoint layouts written instead of the packed folder
+(compressed-tensors) register a :class:`~.base.PackLayout` in ``LAYOUTS``.
+
 Value codecs wrap any format's values (``fmt.with_codec(CodecSpec(...))``):
 :mod:`.quant` (INT8/INT4, symmetric/asymmetric, per channel or per group;
 ``quantize``/``dequantize``) and :mod:`.codebook` (k-means, k = 4..256).
@@ -28,7 +36,7 @@ Model level: :mod:`.model` (``pack``, and ``unpack`` / ``read_packed`` from :mod
 on-disk layout in its docstring; the safetensors shards are written and read by
 :mod:`sparsemerge.io.writer` and :mod:`sparsemerge.io.reader`),
 :mod:`.ct` (compressed-tensors ``sparse-24-bitmask``), :mod:`.size` (the size calculator
-behind ``sparsemerge inspect --plan``). Bit order and index dtypes: :mod:`.bits`.
+behind ``sparsemerge inspect --plan``), :mod:`.inspect` (the per-tensor rows of ``sparsemerge inspect``). Bit order and index dtypes: :mod:`.bits`.
 """
 from sparsemerge.formats.base import CODECS, FORMATS, CodecSpec, SparseFormat, ValueCodec, convert
 from sparsemerge.formats.bitmask import Bitmask

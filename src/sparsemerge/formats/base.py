@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, Callable, ClassVar, Optional, Protocol
 
 import torch
 
@@ -27,8 +27,82 @@ from sparsemerge.errors import SparsemergeError
 from sparsemerge.io.dtypes import DTYPE_NAMES, dtype_from_name, dtype_name  # noqa: F401  (the one dtype table; re-exported)
 from sparsemerge.registry import Registry
 
-FORMATS: "Registry[type[SparseFormat]]" = Registry("format")
+# A format (or pack layout) is one module of this package that registers itself; the first
+# lookup imports every module here, so no list needs extending.
+FORMATS: "Registry[type[SparseFormat]]" = Registry("format", discover="sparsemerge.formats")
 CODECS: "Registry[type[ValueCodec]]" = Registry("value codec")
+
+
+@dataclass(frozen=True)
+class FormatOption:
+    """A packing option a format (or pack layout) reads: a key of
+    :class:`~sparsemerge.formats.model.PackConfig` and the ``sparsemerge pack`` flag
+    :attr:`flag`, with its default, type and one-line help (shown by ``pack --help``)."""
+
+    name: str
+    default: Any
+    help: str
+    type: Callable[[str], Any] = str
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+
+class PackOptions(Protocol):
+    """What a format reads of the pack configuration (``PackConfig`` implements it)."""
+
+    def option(self, name: str) -> Any:
+        """The value of a declared :class:`FormatOption` (its default when not given)."""
+
+
+@dataclass(frozen=True)
+class PackLayout:
+    """A checkpoint layout ``sparsemerge pack --format NAME`` writes instead of the
+    sparsemerge-packed folder (e.g. compressed-tensors ``sparse-24-bitmask``). ``write(src, out,
+    config, overwrite=..., progress=...)`` returns a :class:`~sparsemerge.formats.model.PackReport`;
+    ``plan_rows(p)`` its rows in the size plan (:func:`sparsemerge.formats.size.plan`)."""
+
+    name: str
+    help: str
+    write: Callable[..., Any]
+    options: tuple[FormatOption, ...] = ()
+    plan_rows: Optional[Callable[[Any], list]] = None
+    plan_order: int = 100
+
+
+LAYOUTS: "Registry[PackLayout]" = Registry("pack layout", discover="sparsemerge.formats")
+
+
+def pack_formats() -> dict[str, str]:
+    """Every value of ``sparsemerge pack --format`` with its one-line help: the registered
+    tensor formats (written in the sparsemerge-packed layout), then the pack layouts."""
+    out = {name: FORMATS.get(name).help for name in FORMATS.names()}
+    for name in LAYOUTS.names():
+        if name in out:
+            raise RuntimeError(f"{name!r} is registered both as a format and as a pack layout")
+        out[name] = LAYOUTS.get(name).help
+    return out
+
+
+def check_pack_format(name: str) -> str:
+    """``name`` when it is a registered format or pack layout; else the known names in the error."""
+    known = pack_formats()
+    if name not in known:
+        raise SparsemergeError(f"unknown format {name!r}; known formats: {', '.join(known)}")
+    return name
+
+
+def format_options() -> dict[str, FormatOption]:
+    """The options declared by every format and pack layout, by name (the first declaration of
+    a name is the one shown; formats sharing an option share its key and flag)."""
+    out: dict[str, FormatOption] = {}
+    for name in pack_formats():
+        entry: Any = LAYOUTS.get(name) if name in LAYOUTS else FORMATS.get(name)
+        for option in entry.options:
+            out.setdefault(option.name, option)
+    return out
+
 
 def need(fields: dict[str, torch.Tensor], key: str, dtype: "torch.dtype | None", shape: "tuple[int, ...] | None", what: str) -> torch.Tensor:
     """Fetch one storage field and check its dtype and shape (a corrupt/mismatched file fails here)."""
@@ -118,6 +192,9 @@ class SparseFormat(abc.ABC):
     """
 
     name: ClassVar[str]
+    help: ClassVar[str] = ""  # one line, shown by ``sparsemerge pack --help``
+    options: ClassVar[tuple[FormatOption, ...]] = ()  # packing options this format reads (pack_params)
+    plan_order: ClassVar[int] = 100  # position of its rows in the size plan
     float_values_only: ClassVar[bool] = True
     shape: tuple[int, int]
     dtype: torch.dtype  # dtype of the dense tensor this stands for
@@ -155,6 +232,24 @@ class SparseFormat(abc.ABC):
     @abc.abstractmethod
     def check(self, full: bool = False) -> None:
         """Raise SparsemergeError when the storage is inconsistent; ``full`` decodes everything."""
+
+    # --- registry hooks: packing and the size plan --------------------------------------
+    @classmethod
+    def pack_params(cls, shape: tuple[int, ...], config: PackOptions) -> tuple[dict[str, Any], Optional[str]]:
+        """``from_dense`` keyword arguments for a targeted 2-D weight of ``shape`` under the pack
+        options, or ``(params, reason)`` with a reason to store it dense instead."""
+        return {}, None
+
+    @classmethod
+    def plan_rows(cls, p: Any) -> list:
+        """Rows of the size plan (:class:`~sparsemerge.formats.size.PlanRow`) for
+        :class:`~sparsemerge.formats.size.PlanInput` ``p``; none by default."""
+        return []
+
+    @classmethod
+    def plan_quant_rows(cls, p: Any) -> list:
+        """Rows with quantized values (``p.quant_bits`` set), listed after every plain row."""
+        return []
 
     # --- shared behaviour -----------------------------------------------------------
     @property

@@ -14,6 +14,7 @@ import torch
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.formats.base import FORMATS, SparseFormat, check_2d, need
+from sparsemerge.formats.size import PlanRow, bitmask_nbytes
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -28,6 +29,12 @@ def unpack_mask(bits: torch.Tensor, cols: int) -> torch.Tensor:
 @FORMATS.register("bitmask")
 class Bitmask(SparseFormat):
     name = "bitmask"
+    help = "1 bit per element + the nonzero values"
+    plan_order = 30
+
+    @classmethod
+    def plan_rows(cls, p: Any) -> list[PlanRow]:
+        return [p.row("bitmask", "1 bit/element + values", bitmask_nbytes(p.rows, p.cols, p.nnz, p.value_bytes))]
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, mask: torch.Tensor, values: Any) -> None:
         self.shape = (int(shape[0]), int(shape[1]))

@@ -9,13 +9,14 @@ stored block, ascending within a block row (narrowest dtype that fits), ``values
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.formats.base import FORMATS, SparseFormat, check_2d, need
+from sparsemerge.formats.base import FORMATS, FormatOption, PackOptions, SparseFormat, check_2d, need
 from sparsemerge.formats.bits import index_dtype
+from sparsemerge.formats.size import PlanRow, bsr_plan_rows
 
 
 def _block(block: "int | tuple[int, int] | list[int]") -> tuple[int, int]:
@@ -30,6 +31,20 @@ def _block(block: "int | tuple[int, int] | list[int]") -> tuple[int, int]:
 @FORMATS.register("bsr")
 class BSR(SparseFormat):
     name = "bsr"
+    help = "block rows of dense BxB blocks holding a nonzero (--block)"
+    options = (FormatOption("block", 16, "bsr block size (default 16)", int),)
+    plan_order = 40
+
+    @classmethod
+    def pack_params(cls, shape: tuple[int, ...], config: PackOptions) -> tuple[dict[str, Any], Optional[str]]:
+        block = int(config.option("block"))
+        if shape[0] % block or shape[1] % block:
+            return {}, f"shape {tuple(shape)} not divisible by block {block}"
+        return {"block": block}, None
+
+    @classmethod
+    def plan_rows(cls, p: Any) -> list[PlanRow]:
+        return bsr_plan_rows(p)
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, block: tuple[int, int], indptr: torch.Tensor, indices: torch.Tensor, values: Any) -> None:
         self.shape = (int(shape[0]), int(shape[1]))

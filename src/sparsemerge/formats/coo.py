@@ -14,11 +14,18 @@ import torch
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.formats.base import FORMATS, SparseFormat, check_2d, need
 from sparsemerge.formats.bits import index_dtype
+from sparsemerge.formats.size import PlanRow, coo_nbytes
 
 
 @FORMATS.register("coo")
 class COO(SparseFormat):
     name = "coo"
+    help = "row, column and value of each nonzero"
+    plan_order = 10
+
+    @classmethod
+    def plan_rows(cls, p: Any) -> list[PlanRow]:
+        return [p.row("coo", "row, col, value", coo_nbytes(p.rows, p.cols, p.nnz, p.value_bytes))]
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, row: torch.Tensor, col: torch.Tensor, values: Any) -> None:
         self.shape = (int(shape[0]), int(shape[1]))

@@ -14,11 +14,18 @@ import torch
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.formats.base import FORMATS, SparseFormat, check_2d, need
 from sparsemerge.formats.bits import index_dtype
+from sparsemerge.formats.size import PlanRow, csr_nbytes
 
 
 @FORMATS.register("csr")
 class CSR(SparseFormat):
     name = "csr"
+    help = "row pointers, column indices, values"
+    plan_order = 20
+
+    @classmethod
+    def plan_rows(cls, p: Any) -> list[PlanRow]:
+        return [p.row("csr", "indptr, col, value", csr_nbytes(p.rows, p.cols, p.nnz, p.value_bytes))]
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, indptr: torch.Tensor, indices: torch.Tensor, values: Any) -> None:
         self.shape = (int(shape[0]), int(shape[1]))

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.formats.base import SparseFormat, TensorTable, dtype_name
+from sparsemerge.formats.base import LAYOUTS, PackLayout, SparseFormat, TensorTable, dtype_name
 from sparsemerge.formats.bitmask import Bitmask, pack_mask, unpack_mask
 from sparsemerge.formats.nm import NMPacked
+from sparsemerge.formats.size import PlanRow, ct_nbytes
+from sparsemerge.patterns import NM
 
 CT_FORMAT = "sparse-24-bitmask"
 CT_SUFFIXES = ("compressed", "bitmask", "shape")
@@ -261,3 +263,14 @@ def ct_nbytes(rows: int, cols: int, value_bytes: int) -> int:
     """Bytes of one weight in the sparse-24-bitmask layout (values + bitmask + shape)."""
     return rows * cols // 2 * value_bytes + rows * math.ceil(cols / 8) + 16
 
+
+def _ct_plan_rows(p: Any) -> list[PlanRow]:
+    if isinstance(p.pattern, NM) and (p.pattern.n, p.pattern.m) == (2, 4):
+        return [p.row("ct 2:4", "compressed-tensors sparse-24-bitmask", ct_nbytes(p.rows, p.cols, p.value_bytes))]
+    return []
+
+
+LAYOUTS.register(CT_FORMAT)(PackLayout(
+    CT_FORMAT, "compressed-tensors 2:4 (vLLM, llm-compressor): unquantized 2:4 weights, the rest dense", write_ct,
+    plan_rows=_ct_plan_rows, plan_order=60,
+))

@@ -9,12 +9,19 @@ import torch
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.formats.base import FORMATS, SparseFormat
+from sparsemerge.formats.size import PlanRow, dense_nbytes
 
 
 @FORMATS.register("dense")
 class Dense(SparseFormat):
     name = "dense"
+    help = "every tensor dense (the targeted weights take --quant / --codebook)"
+    plan_order = 0
     float_values_only = False
+
+    @classmethod
+    def plan_rows(cls, p: Any) -> list[PlanRow]:
+        return [p.row("dense", f"{8 * p.value_bytes}-bit values", dense_nbytes(p.rows, p.cols, p.value_bytes))]
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, values: Any) -> None:
         self.shape = tuple(int(s) for s in shape)  # type: ignore[assignment]

@@ -21,7 +21,7 @@ safetensors entry per storage field, keyed ``NAME:FIELD`` (fields of a format, e
       "shards": {shard file name: [tensor names in it]},
       "tensors": {
         NAME: {
-          "format": "nm"|"bitmask"|"coo"|"csr"|"bsr"|"dense",
+          "format": a registered format name ("nm", "bitmask", "coo", "csr", "bsr", "dense", ...),
           "shape": [rows, cols] (dense: any shape),
           "dtype": source dtype name ("float32", "bfloat16", ...),
           "params": format parameters + "codec": null | codec parameters,
@@ -46,25 +46,29 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.formats.base import FORMATS, CodecSpec, SparseFormat, dtype_name
+from sparsemerge.formats.base import FORMATS, LAYOUTS, CodecSpec, SparseFormat, check_pack_format, dtype_name, format_options
 from sparsemerge.formats.dense import Dense
 from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, STORED_DTYPES, VERSION, PackReport, _progress, _targets, copy_side_files
+from sparsemerge.formats.nm_coding import CODINGS
 from sparsemerge.io.checksum import fields_digest
 from sparsemerge.io.writer import ShardedWriter
 from sparsemerge.patterns import NM, parse_pattern
 
 
 class PackConfig(BaseModel):
-    """Options of ``sparsemerge pack`` (rejects unknown keys)."""
+    """Options of ``sparsemerge pack``. ``format`` is a registered format or pack layout
+    (:func:`sparsemerge.formats.base.pack_formats`); keys besides the fields below must be
+    options a registered format declares (:func:`~sparsemerge.formats.base.format_options`);
+    anything else is rejected."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
-    format: Literal["nm", "bitmask", "coo", "csr", "bsr", "dense", "sparse-24-bitmask"] = "nm"
+    format: str = Field("nm", description="a registered format or pack layout (sparsemerge pack --help lists them)")
     pattern: str = Field("2:4", description="N:M pattern of the nm format")
-    metadata: Literal["bits2", "index", "entropy"] = "entropy"
+    metadata: Literal[CODINGS] = "entropy"  # type: ignore[valid-type]  # nm position codings, from their table
     quant: Literal["none", "int8", "int4"] = "none"
     group_size: int = Field(128, ge=0, description="quantization group of G stored values; 0 = per output channel")
     symmetric: bool = True
@@ -75,6 +79,34 @@ class PackConfig(BaseModel):
     include: Optional[list[str]] = None
     exclude: Optional[list[str]] = None
     shard_size: int = Field(2 * 1024**3, ge=1, description="bytes per shard")
+
+    @field_validator("format")
+    @classmethod
+    def _registered_format(cls, value: str) -> str:
+        try:
+            return check_pack_format(value)
+        except SparsemergeError as exc:
+            raise ValueError(str(exc)) from None
+
+    @model_validator(mode="after")
+    def _declared_options(self) -> "PackConfig":
+        extra = self.model_extra or {}
+        if extra:
+            declared = format_options()
+            unknown = sorted(k for k in extra if k not in declared)
+            if unknown:
+                known = sorted(set(type(self).model_fields) | set(declared))
+                raise ValueError(f"unknown pack option(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        return self
+
+    def option(self, name: str) -> Any:
+        """A format option's value: a field, an extra key given, or the declared default."""
+        if name in type(self).model_fields:
+            return getattr(self, name)
+        extra = self.model_extra or {}
+        if name in extra:
+            return extra[name]
+        return format_options()[name].default
 
     @field_validator("pattern")
     @classmethod
@@ -101,19 +133,11 @@ def encode_tensor(name: str, tensor: torch.Tensor, config: PackConfig, targeted:
     t = tensor.to(stored) if (stored is not None and is_float) else tensor
     reason = None
     if targeted and config.format != "dense" and is_float and t.dim() == 2:
-        pattern = parse_pattern(config.pattern)
-        if config.format == "nm" and t.shape[1] % pattern.m:
-            reason = f"input dimension {t.shape[1]} not divisible by M={pattern.m}"
-        elif config.format == "bsr" and (t.shape[0] % config.block or t.shape[1] % config.block):
-            reason = f"shape {tuple(t.shape)} not divisible by block {config.block}"
-        else:
-            params: dict[str, Any] = {}
-            if config.format == "nm":
-                params = {"n": pattern.n, "m": pattern.m, "metadata": config.metadata}
-            elif config.format == "bsr":
-                params = {"block": config.block}
+        fmt = FORMATS.get(config.format)
+        params, reason = fmt.pack_params(tuple(t.shape), config)  # the format reads its own options
+        if reason is None:
             try:
-                obj = FORMATS.get(config.format).from_dense(t, **params)
+                obj = fmt.from_dense(t, **params)
                 return obj.with_codec(config.codec()), None
             except SparsemergeError as exc:
                 raise type(exc)(f"tensor {name!r}: {exc}") from None
@@ -136,10 +160,8 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
     from sparsemerge.io import atomic_output, ensure_writable, open_tensor_source
 
     config = config or PackConfig(**options)
-    if config.format == "sparse-24-bitmask":
-        from sparsemerge.formats.ct import write_ct
-
-        return write_ct(src, out, config, overwrite=overwrite, progress=progress)
+    if config.format in LAYOUTS:  # a layout of its own (compressed-tensors ...), not the packed folder
+        return LAYOUTS.get(config.format).write(src, out, config, overwrite=overwrite, progress=progress)
     config.codec()  # validate the combination early
     ensure_writable(out, overwrite)
     started = time.perf_counter()

@@ -19,14 +19,15 @@ Parameters: ``{"n", "m", "metadata": "bits2"|"index"|"entropy", "codec"}``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from sparsemerge.errors import PatternViolation, SparsemergeError
-from sparsemerge.formats.base import FORMATS, SparseFormat, check_2d, need
+from sparsemerge.formats.base import FORMATS, FormatOption, PackOptions, SparseFormat, check_2d, need
 from sparsemerge.formats.bits import packed_nbytes
 from sparsemerge.formats.nm_coding import CODINGS, ENTROPY_MAX_COMBINATIONS, coding_row_bits, decode_metadata, encode_metadata, select_slots
+from sparsemerge.formats.size import PlanRow, nm_plan_rows, nm_quant_plan_rows
 from sparsemerge.patterns import NM, parse_pattern
 
 
@@ -42,6 +43,29 @@ class NMPacked(SparseFormat):
     """
 
     name = "nm"
+    help = "N:M packed values + position metadata (--pattern, --metadata)"
+    options = (
+        FormatOption("pattern", "2:4", "N:M pattern of the nm format (default 2:4)"),
+        FormatOption("metadata", "entropy", "nm position coding: " + ", ".join(c + " (default)" * (c == "entropy") for c in CODINGS)),
+    )
+    plan_order = 50
+
+    @classmethod
+    def pack_params(cls, shape: tuple[int, ...], config: PackOptions) -> tuple[dict[str, Any], Optional[str]]:
+        pattern = parse_pattern(config.option("pattern"))
+        if not isinstance(pattern, NM):
+            raise SparsemergeError(f"the nm format needs an N:M pattern such as 2:4, got {pattern}")
+        if shape[1] % pattern.m:
+            return {}, f"input dimension {shape[1]} not divisible by M={pattern.m}"
+        return {"n": pattern.n, "m": pattern.m, "metadata": config.option("metadata")}, None
+
+    @classmethod
+    def plan_rows(cls, p: Any) -> list[PlanRow]:
+        return nm_plan_rows(p)
+
+    @classmethod
+    def plan_quant_rows(cls, p: Any) -> list[PlanRow]:
+        return nm_quant_plan_rows(p)
 
     def __init__(self, shape: tuple[int, int], dtype: torch.dtype, n: int, m: int, coding: str, values: Any, positions: torch.Tensor) -> None:
         self.shape = (int(shape[0]), int(shape[1]))

@@ -19,8 +19,10 @@ to ``x``, see :func:`sparsemerge.formats.bits.index_dtype`)::
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from fractions import Fraction
+from typing import Iterator
 
 import torch
 
@@ -85,6 +87,29 @@ def quantized_values_nbytes(rows: int, k: int, bits: int, group_size: int) -> in
     return rows * math.ceil(k * bits / 8) + rows * groups * 4
 
 
+@dataclass(frozen=True)
+class PlanInput:
+    """A weight ``rows x cols`` pruned to ``pattern`` with ``nnz`` nonzeros, ``value_bytes``
+    per stored value; ``block``: the BSR block for patterns without blocks; ``quant_bits`` /
+    ``group_size``: the quantized rows asked for (None: none)."""
+
+    rows: int
+    cols: int
+    pattern: "NM | Block | Unstructured"
+    nnz: int
+    value_bytes: int
+    block: int = 16
+    quant_bits: "int | None" = None
+    group_size: int = 128
+
+    @property
+    def numel(self) -> int:
+        return self.rows * self.cols
+
+    def row(self, format: str, detail: str, nbytes: int) -> PlanRow:
+        return PlanRow(format, detail, nbytes, self.numel)
+
+
 def plan(
     shape: tuple[int, int],
     pattern: "str | NM | Block | Unstructured",
@@ -94,58 +119,125 @@ def plan(
     group_size: int = 128,
 ) -> list[PlanRow]:
     """Bytes of each format for a ``shape`` weight pruned to ``pattern`` (``value_bytes`` per
-    value); with ``quant_bits`` (4 or 8) also the N:M codings with quantized values."""
+    value); with ``quant_bits`` (4 or 8) also the N:M codings with quantized values.
+
+    Every registered format and pack layout gives its own rows (``plan_rows``, then
+    ``plan_quant_rows``), ordered by its ``plan_order``: dense first."""
+    from sparsemerge.formats.base import FORMATS, LAYOUTS
+
     rows, cols = (int(s) for s in shape)
     if rows <= 0 or cols <= 0:
         raise SparsemergeError(f"shape must be positive, got {rows}x{cols}")
     pattern = parse_pattern(pattern)
     numel = rows * cols
-    vb = value_bytes
-    out = [PlanRow("dense", f"{8 * vb}-bit values", dense_nbytes(rows, cols, vb), numel)]
     if isinstance(pattern, NM):
         if cols % pattern.m:
             raise SparsemergeError(f"N:M {pattern} needs cols divisible by {pattern.m}; got {cols}")
         nnz = numel * pattern.n // pattern.m
+        if quant_bits is not None and quant_bits not in (4, 8):
+            raise SparsemergeError(f"quantized plans support 4 or 8 bits, got {quant_bits}")
     elif isinstance(pattern, Block):
         nnz = numel - int(round(pattern.sparsity * (numel // (pattern.rows * pattern.cols)))) * pattern.rows * pattern.cols
     else:
         nnz = numel - int(round(pattern.sparsity * numel))
-    out.append(PlanRow("coo", "row, col, value", coo_nbytes(rows, cols, nnz, vb), numel))
-    out.append(PlanRow("csr", "indptr, col, value", csr_nbytes(rows, cols, nnz, vb), numel))
-    out.append(PlanRow("bitmask", "1 bit/element + values", bitmask_nbytes(rows, cols, nnz, vb), numel))
-    if isinstance(pattern, Block) and pattern.rows == pattern.cols and rows % pattern.rows == 0 and cols % pattern.cols == 0:
-        nblocks = nnz // (pattern.rows * pattern.cols)
-        out.append(PlanRow("bsr", f"{pattern.rows}x{pattern.rows} blocks", bsr_nbytes(rows, cols, pattern.rows, nblocks, vb), numel))
-    elif rows % block == 0 and cols % block == 0 and not isinstance(pattern, Block):
-        # N:M / unstructured zeros leave (almost) every block nonzero: BSR stores them all.
-        nblocks = (rows // block) * (cols // block)
-        out.append(PlanRow("bsr", f"{block}x{block} blocks, all nonzero", bsr_nbytes(rows, cols, block, nblocks, vb), numel))
-    if isinstance(pattern, NM):
-        n, m = pattern.n, pattern.m
-        for coding in CODINGS:
-            detail = {
-                "bits2": f"{n}x{max(m - 1, 0).bit_length()} bits/group",
-                "index": f"{max(math.comb(m, n) - 1, 0).bit_length()} bits/group",
-                "entropy": f"~{math.log2(math.comb(m, n)):.3f} bits/group",
-            }[coding]
-            if coding == "entropy" and math.comb(m, n) >= 2**32:
-                continue
-            out.append(PlanRow(f"nm/{coding}", detail, nm_nbytes(rows, cols, n, m, coding, vb), numel))
-        if (n, m) == (2, 4):
-            out.append(PlanRow("ct 2:4", "compressed-tensors sparse-24-bitmask", ct_nbytes(rows, cols, vb), numel))
-        if quant_bits is not None:
-            if quant_bits not in (4, 8):
-                raise SparsemergeError(f"quantized plans support 4 or 8 bits, got {quant_bits}")
-            k = cols * n // m
-            qbytes = quantized_values_nbytes(rows, k, quant_bits, group_size)
-            for coding in CODINGS:
-                if coding == "entropy" and math.comb(m, n) >= 2**32:
-                    continue
-                meta = (rows * coding_row_bits(coding, n, m, cols // m) + 7) // 8
-                label = f"nm/{coding}+int{quant_bits}"
-                detail = f"group {group_size or 'channel'}; N/M*B/32 = {n / m * quant_bits / 32:.4f} of fp32"
-                out.append(PlanRow(label, detail, qbytes + meta, numel))
+    p = PlanInput(rows, cols, pattern, nnz, value_bytes, block, quant_bits, group_size)
+    entries: list = [FORMATS.get(n) for n in FORMATS.names()] + [LAYOUTS.get(n) for n in LAYOUTS.names()]
+    entries.sort(key=lambda e: (e.plan_order, e.name))
+    out: list[PlanRow] = []
+    for hook in ("plan_rows", "plan_quant_rows"):
+        for entry in entries:
+            fn = getattr(entry, hook, None)
+            out.extend(fn(p) if fn is not None else [])
     return out
+
+
+def nm_plan_rows(p: PlanInput) -> list[PlanRow]:
+    """One row per N:M metadata coding (the entropy coding only while C(M,N) < 2**32)."""
+    if not isinstance(p.pattern, NM):
+        return []
+    n, m = p.pattern.n, p.pattern.m
+    out = []
+    for coding in CODINGS:
+        detail = {
+            "bits2": f"{n}x{max(m - 1, 0).bit_length()} bits/group",
+            "index": f"{max(math.comb(m, n) - 1, 0).bit_length()} bits/group",
+            "entropy": f"~{math.log2(math.comb(m, n)):.3f} bits/group",
+        }[coding]
+        if coding == "entropy" and math.comb(m, n) >= 2**32:
+            continue
+        out.append(p.row(f"nm/{coding}", detail, nm_nbytes(p.rows, p.cols, n, m, coding, p.value_bytes)))
+    return out
+
+
+def nm_quant_plan_rows(p: PlanInput) -> list[PlanRow]:
+    """N:M codings with ``p.quant_bits``-bit codes and float32 scales per ``p.group_size`` values."""
+    if not isinstance(p.pattern, NM) or p.quant_bits is None:
+        return []
+    n, m, bits = p.pattern.n, p.pattern.m, p.quant_bits
+    qbytes = quantized_values_nbytes(p.rows, p.cols * n // m, bits, p.group_size)
+    out = []
+    for coding in CODINGS:
+        if coding == "entropy" and math.comb(m, n) >= 2**32:
+            continue
+        meta = (p.rows * coding_row_bits(coding, n, m, p.cols // m) + 7) // 8
+        detail = f"group {p.group_size or 'channel'}; N/M*B/32 = {n / m * bits / 32:.4f} of fp32"
+        out.append(p.row(f"nm/{coding}+int{bits}", detail, qbytes + meta))
+    return out
+
+
+def bsr_plan_rows(p: PlanInput) -> list[PlanRow]:
+    """Square blocks of a block pattern; for other patterns every ``p.block`` block is stored
+    (N:M / unstructured zeros leave almost every block nonzero)."""
+    pattern, vb = p.pattern, p.value_bytes
+    if isinstance(pattern, Block) and pattern.rows == pattern.cols and p.rows % pattern.rows == 0 and p.cols % pattern.cols == 0:
+        nblocks = p.nnz // (pattern.rows * pattern.cols)
+        return [p.row("bsr", f"{pattern.rows}x{pattern.rows} blocks", bsr_nbytes(p.rows, p.cols, pattern.rows, nblocks, vb))]
+    if p.rows % p.block == 0 and p.cols % p.block == 0 and not isinstance(pattern, Block):
+        nblocks = (p.rows // p.block) * (p.cols // p.block)
+        return [p.row("bsr", f"{p.block}x{p.block} blocks, all nonzero", bsr_nbytes(p.rows, p.cols, p.block, nblocks, vb))]
+    return []
+
+
+SPARSITY_TEXT = re.compile(r"^\s*0?\.\d+\s*$")
+
+
+@dataclass
+class PlanSection:
+    """The plan of one pattern (``rows[0]`` is dense)."""
+
+    pattern: str
+    rows: list[PlanRow]
+
+
+@dataclass
+class SparsityChoices:
+    """Every N:M with ``sparsity`` and ``M <= max_m``, with its index overhead."""
+
+    sparsity: float
+    max_m: int
+    overheads: list["Overhead"]
+
+
+def storage_plan(
+    shape: tuple[int, int],
+    patterns: list[str],
+    value_bytes: int = 2,
+    max_m: int = 8,
+    quant_bits: "int | None" = None,
+    group_size: int = 128,
+) -> "Iterator[PlanSection | SparsityChoices]":
+    """``sparsemerge inspect --plan``, lazily in print order: for each text, a pattern (``2:4``,
+    ``block16:0.5``, ``unstructured:0.5``) gives its :class:`PlanSection`; a sparsity
+    (``0.75``) gives :class:`SparsityChoices` (every N:M reaching it with ``M <= max_m``), then
+    the :class:`PlanSection` of each of those N:M."""
+    for text in patterns:
+        if SPARSITY_TEXT.match(text):
+            choices = SparsityChoices(float(text), max_m, nm_overheads(float(text), max_m))
+            yield choices
+            for o in choices.overheads:
+                yield PlanSection(f"{o.n}:{o.m}", plan(shape, f"{o.n}:{o.m}", value_bytes, quant_bits=quant_bits, group_size=group_size))
+        else:
+            yield PlanSection(text, plan(shape, text, value_bytes, quant_bits=quant_bits, group_size=group_size))
 
 
 @dataclass

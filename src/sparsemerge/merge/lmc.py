@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -170,36 +169,5 @@ def lmc_curve(
     return LMCResult(str(model_a), str(model_b), points, int(windows.shape[0]), int(windows.shape[1]), config.data)
 
 
-def plot_lmc(result: LMCResult, out: "str | Path", overwrite: bool = False) -> Path:
-    """Loss along the path (solid) against the straight line between the ends (dashed); written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    from sparsemerge.io.atomic import atomic_output
-
-    out = Path(out)
-    fmt = out.suffix.lstrip(".").lower() or "png"
-    if fmt not in ("png", "pdf", "svg", "jpg", "jpeg"):
-        raise SparsemergeError(f"plot format {fmt!r} is not supported; use .png, .pdf, .svg or .jpg")
-    alphas = [p.alpha for p in result.points]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(alphas, [p.loss for p in result.points], "o-", label="L((1-a) A + a B)")
-    ax.plot(alphas, [result.linear_baseline(a) for a in alphas], "--", color="gray", label="(1-a) L(A) + a L(B)")
-    ax.set_xlabel("a")
-    ax.set_ylabel(f"loss (nats/token) on {result.data}")
-    ax.set_title(f"linear mode connectivity, barrier {result.barrier:.4f}", fontsize=10)
-    right = ax.secondary_yaxis("right", functions=(np.exp, lambda y: np.log(np.maximum(y, 1e-12))))
-    right.set_ylabel("perplexity")
-    ax.legend(fontsize=8)
-    ax.text(0.0, -0.18, f"A = {result.model_a}", transform=ax.transAxes, fontsize=7)
-    ax.text(0.0, -0.24, f"B = {result.model_b}", transform=ax.transAxes, fontsize=7)
-    fig.tight_layout()
-    try:
-        with atomic_output(out, overwrite=overwrite, is_dir=False) as tmp:
-            fig.savefig(tmp, format=fmt, dpi=120)
-    finally:
-        plt.close(fig)
-    return out
+# The plot lives with the other reports; re-exported here, where it always was.
+from sparsemerge.eval.report import plot_lmc  # noqa: E402,F401

@@ -266,6 +266,17 @@ class DecodeEngine:
         self.pos += 1
         return self.logits
 
+    def time_products(self, repeats: int = 20) -> float:
+        """Median seconds of the products of one step alone (the kernels), run on the buffers
+        of the last step - the rest of a token's time is the runtime's own."""
+        sink = np.zeros(max(self.plan.config["vocab"], self.max_rows) + SLACK, np.float32)
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            S.products_only(self.cfg, self.ops, self.head_op, self.bufs, self.kw, sink)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[1:]))
+
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Run the prompt through the transformers model (batched sparse kernels), keep its
         keys/values, return the last position's logits."""

@@ -53,45 +53,67 @@ FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
 
 
 # ---------------------------------------------------------------- per-kind products (out has slack)
+@njit(error_model="numpy", cache=True)
+def _a8_rows(par, stream, wscale, corr, xu, xs, out, r0, r1):  # pragma: no cover - jitted
+    call_a8(par[4], stream.ctypes.data, wscale.ctypes.data, corr.ctypes.data, xu.ctypes.data,
+            xs.ctypes.data, out.ctypes.data, r0, r1, par[0], par[1], par[2], par[3])
+
+
+@njit(error_model="numpy", cache=True)
+def _f32_rows(par, vals, meta, x, out, r0, r1):  # pragma: no cover - jitted
+    call_f32(par[3], vals.ctypes.data, meta.ctypes.data, x.ctypes.data, out.ctypes.data, r0, r1, par[0], par[1], par[2])
+
+
+@njit(error_model="numpy", cache=True)
+def _bq_blocks(codes, bits4, meta, scale, zero, has_zero, gps, x, out, b0, b1):  # pragma: no cover - jitted
+    for blk in range(b0, b1):
+        _g24_q_block(codes, bits4, meta, scale, zero, has_zero, gps, x, out, blk, BITS)
+
+
+@njit(error_model="numpy", cache=True)
+def _bf_blocks(vals, meta, x, out, b0, b1):  # pragma: no cover - jitted
+    for blk in range(b0, b1):
+        _g24_f32_block(vals, meta, x, out, blk, BITS)
+
+
+# Parallel twins: rows (or 64-row blocks, or row quads) split into ``tasks`` ranges. A parallel
+# region costs microseconds to start - and milliseconds when another process holds a core,
+# since it waits for every worker - so run_op takes them only for layers big enough to share.
 @njit(parallel=True, error_model="numpy", cache=True)
-def _run_a8(par, stream, wscale, corr, xu, xs, out, rows, tasks):  # pragma: no cover - jitted
+def _a8_par(par, stream, wscale, corr, xu, xs, out, rows, tasks):  # pragma: no cover - jitted
     step = (rows + tasks - 1) // tasks
     for t in prange(tasks):
         r0 = t * step
         r1 = min(rows, r0 + step)
         if r0 < r1:
-            call_a8(par[4], stream.ctypes.data, wscale.ctypes.data, corr.ctypes.data, xu.ctypes.data,
-                    xs.ctypes.data, out.ctypes.data, r0, r1, par[0], par[1], par[2], par[3])
+            _a8_rows(par, stream, wscale, corr, xu, xs, out, r0, r1)
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def _run_f32(par, vals, meta, x, out, rows, tasks):  # pragma: no cover - jitted
+def _f32_par(par, vals, meta, x, out, rows, tasks):  # pragma: no cover - jitted
     quads = par[1]
     step = 4 * ((quads + tasks - 1) // tasks)
     for t in prange(tasks):
         r0 = t * step
         r1 = min(4 * quads, r0 + step)
         if r0 < r1:
-            call_f32(par[3], vals.ctypes.data, meta.ctypes.data, x.ctypes.data, out.ctypes.data,
-                     r0, r1, par[0], quads, par[2])
+            _f32_rows(par, vals, meta, x, out, r0, r1)
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def _run_bq(codes, bits4, meta, scale, zero, has_zero, gps, x, out, tasks):  # pragma: no cover - jitted
+def _bq_par(codes, bits4, meta, scale, zero, has_zero, gps, x, out, tasks):  # pragma: no cover - jitted
     nb = codes.shape[0]
     step = (nb + tasks - 1) // tasks
     for t in prange(tasks):
-        for blk in range(t * step, min(nb, (t + 1) * step)):
-            _g24_q_block(codes, bits4, meta, scale, zero, has_zero, gps, x, out, blk, BITS)
+        _bq_blocks(codes, bits4, meta, scale, zero, has_zero, gps, x, out, t * step, min(nb, (t + 1) * step))
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def _run_bf(vals, meta, x, out, tasks):  # pragma: no cover - jitted
+def _bf_par(vals, meta, x, out, tasks):  # pragma: no cover - jitted
     nb = vals.shape[0]
     step = (nb + tasks - 1) // tasks
     for t in prange(tasks):
-        for blk in range(t * step, min(nb, (t + 1) * step)):
-            _g24_f32_block(vals, meta, x, out, blk, BITS)
+        _bf_blocks(vals, meta, x, out, t * step, min(nb, (t + 1) * step))
 
 
 @njit(fastmath=FAST, error_model="numpy", cache=True)
@@ -110,28 +132,39 @@ def _dot_q8(q, x):  # pragma: no cover - jitted
     return acc
 
 
+@njit(error_model="numpy", cache=True)
+def _df_rows(w, x, out, r0, r1):  # pragma: no cover - jitted
+    for r in range(r0, r1):
+        out[r] = _dot_f32(w[r], x)
+
+
+@njit(error_model="numpy", cache=True)
+def _dq_rows(q, scale, group, x, out, r0, r1):  # pragma: no cover - jitted
+    """``out[r] = sum_g scale[r, g] * dot(q[r, g*group:(g+1)*group], x[same])``."""
+    cols = q.shape[1]
+    for r in range(r0, r1):
+        acc = np.float32(0.0)
+        for g in range(scale.shape[1]):
+            k0 = g * group
+            k1 = min(cols, k0 + group)
+            acc += _dot_q8(q[r, k0:k1], x[k0:k1]) * scale[r, g]
+        out[r] = acc
+
+
 @njit(parallel=True, error_model="numpy", cache=True)
-def _run_df(w, x, out, tasks):  # pragma: no cover - jitted
+def _df_par(w, x, out, tasks):  # pragma: no cover - jitted
     rows = w.shape[0]
     step = (rows + tasks - 1) // tasks
     for t in prange(tasks):
-        for r in range(t * step, min(rows, (t + 1) * step)):
-            out[r] = _dot_f32(w[r], x)
+        _df_rows(w, x, out, t * step, min(rows, (t + 1) * step))
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
-def _run_dq(q, scale, group, x, out, tasks):  # pragma: no cover - jitted
-    """``out[r] = sum_g scale[r, g] * dot(q[r, g*group:(g+1)*group], x[same])``."""
-    rows, cols = q.shape
+def _dq_par(q, scale, group, x, out, tasks):  # pragma: no cover - jitted
+    rows = q.shape[0]
     step = (rows + tasks - 1) // tasks
     for t in prange(tasks):
-        for r in range(t * step, min(rows, (t + 1) * step)):
-            acc = np.float32(0.0)
-            for g in range(scale.shape[1]):
-                k0 = g * group
-                k1 = min(cols, k0 + group)
-                acc += _dot_q8(q[r, k0:k1], x[k0:k1]) * scale[r, g]
-            out[r] = acc
+        _dq_rows(q, scale, group, x, out, t * step, min(rows, (t + 1) * step))
 
 
 @njit(error_model="numpy", cache=True)
@@ -148,21 +181,43 @@ def run_op(op, x, xu, xs, dst, tmp, threads, kw):  # pragma: no cover - jitted
     kind, idx, off, rows, bias = op[F_KIND], op[F_IDX], op[F_OFF], op[F_ROWS], op[F_BIAS]
     tasks = _tasks(rows, threads)
     if kind == KIND_A8:
-        _run_a8(a8_par[idx], a8_stream[idx], a8_scale[idx], a8_corr[idx], xu, xs, tmp, rows, tasks)
+        if tasks > 1:
+            _a8_par(a8_par[idx], a8_stream[idx], a8_scale[idx], a8_corr[idx], xu, xs, tmp, rows, tasks)
+        else:
+            _a8_rows(a8_par[idx], a8_stream[idx], a8_scale[idx], a8_corr[idx], xu, xs, tmp, 0, rows)
     elif kind == KIND_F32:
-        _run_f32(f32_par[idx], f32_vals[idx], f32_meta[idx], x, tmp, rows, tasks)
+        if tasks > 1:
+            _f32_par(f32_par[idx], f32_vals[idx], f32_meta[idx], x, tmp, rows, tasks)
+        else:
+            _f32_rows(f32_par[idx], f32_vals[idx], f32_meta[idx], x, tmp, 0, 4 * f32_par[idx, 1])
     elif kind == KIND_BQ:
         p = bq_par[idx]
+        nb = bq_meta[idx].shape[0]
         if p[0]:
-            _run_bq(bq_codes4[p[3]], True, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, tasks)
+            if tasks > 1:
+                _bq_par(bq_codes4[p[3]], True, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, tasks)
+            else:
+                _bq_blocks(bq_codes4[p[3]], True, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, 0, nb)
         else:
-            _run_bq(bq_codes8[p[3]], False, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, tasks)
+            if tasks > 1:
+                _bq_par(bq_codes8[p[3]], False, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, tasks)
+            else:
+                _bq_blocks(bq_codes8[p[3]], False, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, 0, nb)
     elif kind == KIND_BF:
-        _run_bf(bf_vals[idx], bf_meta[idx], x, tmp, tasks)
+        if tasks > 1:
+            _bf_par(bf_vals[idx], bf_meta[idx], x, tmp, tasks)
+        else:
+            _bf_blocks(bf_vals[idx], bf_meta[idx], x, tmp, 0, bf_vals[idx].shape[0])
     elif kind == KIND_DF:
-        _run_df(df_w[idx], x, tmp, tasks)
+        if tasks > 1:
+            _df_par(df_w[idx], x, tmp, tasks)
+        else:
+            _df_rows(df_w[idx], x, tmp, 0, rows)
     else:
-        _run_dq(dq_codes[idx], dq_scale[idx], dq_par[idx, 0], x, tmp, tasks)
+        if tasks > 1:
+            _dq_par(dq_codes[idx], dq_scale[idx], dq_par[idx, 0], x, tmp, tasks)
+        else:
+            _dq_rows(dq_codes[idx], dq_scale[idx], dq_par[idx, 0], x, tmp, 0, rows)
     if bias >= 0:
         b = biases[bias]
         for r in range(rows):
@@ -317,3 +372,28 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
     ok &= np.isfinite(x.sum())
     run_op(head_op, x, xu, xs, logits, tmp, threads, kw)
     return ok
+
+
+@njit(error_model="numpy", cache=True)
+def products_only(cfg, ops, head_op, bufs, kw, sink):  # pragma: no cover - jitted
+    """Every product of one decoding step, in the step's order and on its buffers, and
+    nothing else: the kernels' share of a token's time (``DecodeEngine.time_products``).
+    ``sink`` (>= vocab floats) takes the outputs that would overwrite the step's state."""
+    H = cfg[C_HIDDEN]
+    NH = cfg[C_HEADS]
+    HD = cfg[C_HEAD_DIM]
+    INTER = cfg[C_INTER]
+    threads = cfg[C_THREADS]
+    h_buf, x_buf, qkv, att, gu, act, xu, xs, tmp, scores = bufs
+    x = x_buf[:H]
+    for layer in range(cfg[C_LAYERS]):
+        lo = ops[layer]
+        for slot in SLOT_QKV:
+            if lo[slot, F_KIND] >= 0:
+                run_op(lo[slot], x, xu, xs, qkv, tmp, threads, kw)
+        run_op(lo[SLOT_O[0]], att[: NH * HD], xu, xs, sink, tmp, threads, kw)
+        for slot in SLOT_GU:
+            if lo[slot, F_KIND] >= 0:
+                run_op(lo[slot], x, xu, xs, gu, tmp, threads, kw)
+        run_op(lo[SLOT_DOWN[0]], act[:INTER], xu, xs, sink, tmp, threads, kw)
+    run_op(head_op, x, xu, xs, sink, tmp, threads, kw)
