@@ -34,21 +34,16 @@ import sparsemerge
 PKG = "sparsemerge"
 CLI = "sparsemerge.cli"
 
-# Known cases that are being removed on other branches of issue 11 (cycle: helper "kernels";
-# cli imports: helper "cli"). The lead empties these after merging them; an entry
-# that no longer matches anything fails the test, so stale ones cannot stay.
+# Known cases that are being removed on other branches of issue 11 (the kernels cycle: helper
+# "kernels"). The lead empties these after merging them; an entry that no longer matches
+# anything fails the test, so stale ones cannot stay.
 # Each entry is the (importer, imported) edge, imported inside a function, that closes the cycle.
 KNOWN_DEFERRED_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset(
     {
         ("sparsemerge.kernels.dispatch", "sparsemerge.kernels.backends"),  # dispatch <-> backends (helper "kernels")
     }
 )
-KNOWN_CLI_IMPORTS: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("sparsemerge.demo", "sparsemerge.cli.run"),  # helper "cli"
-        ("sparsemerge.demo", "sparsemerge.cli.common"),  # helper "cli"
-    }
-)
+KNOWN_CLI_IMPORTS: frozenset[tuple[str, str]] = frozenset()  # (importer, imported cli module); empty since the cli merge
 
 
 @dataclass(frozen=True)
