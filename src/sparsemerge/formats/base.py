@@ -9,6 +9,11 @@ tensor named.
 
 Conversions between formats go through a hub: ``convert(obj, "csr")`` is
 ``CSR.from_coo(obj.to_coo())``; a format that has no direct COO route goes via dense.
+
+This module names no concrete format or codec: it finds them in :data:`FORMATS` and
+:data:`CODECS`, which are full whenever it can be imported (importing any
+``sparsemerge.formats.*`` module first runs ``sparsemerge/formats/__init__.py``, which imports
+every format and codec module), so the formats and codecs import it and never the reverse.
 """
 from __future__ import annotations
 
@@ -134,6 +139,11 @@ class ValueCodec(abc.ABC):
     def from_fields(cls, shape: tuple[int, ...], params: dict[str, Any], fields: dict[str, torch.Tensor], what: str) -> "ValueCodec":
         """Rebuild from storage; raise SparsemergeError naming ``what`` on any mismatch."""
 
+    @classmethod
+    @abc.abstractmethod
+    def encode(cls, values: torch.Tensor, spec: "CodecSpec") -> "ValueCodec":
+        """Encode float ``values`` as ``spec`` says (``spec.kind`` is a name this class is registered under)."""
+
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.fields().values())
@@ -163,19 +173,10 @@ class CodecSpec:
     def encode(self, values: torch.Tensor) -> "torch.Tensor | ValueCodec":
         if self.kind == "none":
             return values
-        if self.kind == "codebook":
-            from sparsemerge.formats.codebook import fit_codebook
-
-            return fit_codebook(values, self.k)
-        from sparsemerge.formats.quant import quantize
-
-        return quantize(values, 8 if self.kind == "int8" else 4, self.group_size, self.symmetric)
+        return CODECS.get(self.kind).encode(values, self)
 
 
 def codec_from_fields(shape: tuple[int, ...], params: dict[str, Any], fields: dict[str, torch.Tensor], what: str) -> ValueCodec:
-    import sparsemerge.formats.codebook  # noqa: F401  (registers)
-    import sparsemerge.formats.quant  # noqa: F401
-
     if not isinstance(params, dict) or "kind" not in params:
         raise SparsemergeError(f"{what}: codec parameters {params!r} have no 'kind'")
     return CODECS.get(str(params["kind"])).from_fields(shape, params, fields, what)
@@ -313,9 +314,7 @@ class SparseFormat(abc.ABC):
         return 8.0 * self.nbytes / max(self.numel, 1)
 
     def to_coo(self) -> "SparseFormat":
-        from sparsemerge.formats.coo import COO
-
-        return COO.from_dense(self.to_dense())
+        return FORMATS.get("coo").from_dense(self.to_dense())
 
     @classmethod
     def from_coo(cls, coo: "SparseFormat", **params: Any) -> "SparseFormat":
@@ -338,8 +337,6 @@ def check_2d(dense: torch.Tensor, fmt: str) -> torch.Tensor:
 
 def convert(obj: SparseFormat, target: str, **params: Any) -> SparseFormat:
     """Convert between formats through the COO hub (values are decoded; codecs are dropped)."""
-    import sparsemerge.formats  # noqa: F401  (registers every format)
-
     return FORMATS.get(target).from_coo(obj.to_coo(), **params)
 
 

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.formats.base import CODECS, ValueCodec, need
+from sparsemerge.formats.base import CODECS, CodecSpec, ValueCodec, need
 from sparsemerge.formats.bits import pack_codes, packed_nbytes, unpack_codes, width_for
 
 
@@ -68,6 +68,10 @@ class Codebook(ValueCodec):
         if count and int(indices.max()) >= k:
             raise SparsemergeError(f"{what}: codebook index {int(indices.max())} >= k={k} (corrupt file?)")
         return cls(centroids, indices.reshape(shape), bool(params.get("keep_zero", True)), tuple(shape))
+
+    @classmethod
+    def encode(cls, values: torch.Tensor, spec: CodecSpec) -> "Codebook":
+        return fit_codebook(values, spec.k)
 
 
 def fit_codebook(values: torch.Tensor, k: int = 16, iters: int = 25, keep_zero: bool = True) -> Codebook:

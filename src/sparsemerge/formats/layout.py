@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from sparsemerge.io.dtypes import DTYPE_NAMES
+from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, LayerFilter
 
 MANIFEST_NAME = "sparsemerge_packed.json"
 # --dtype of pack: "keep" the source dtype, or store floats in one of these
@@ -46,18 +47,9 @@ def _progress(items: list[str], enabled: bool, desc: str) -> Iterator[str]:
 
 
 def _targets(config: Any) -> Callable[[str], bool]:
-    from sparsemerge.prune.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
-
-    include = [re.compile(r) for r in (config.include or DEFAULT_INCLUDE)]
-    exclude = [re.compile(r) for r in (config.exclude or DEFAULT_EXCLUDE)]
-
-    def targeted(name: str) -> bool:
-        if not name.endswith(".weight"):
-            return False
-        module = name[: -len(".weight")]
-        return any(r.search(module) for r in include) and not any(r.search(module) for r in exclude)
-
-    return targeted
+    """Tensor name -> packed in the sparse format (``config``: a PackConfig; an empty or
+    missing include/exclude list means the default)."""
+    return LayerFilter(config.include or DEFAULT_INCLUDE, config.exclude or DEFAULT_EXCLUDE).weight
 
 
 @dataclass

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.formats.base import CODECS, ValueCodec, dtype_name, need
+from sparsemerge.formats.base import CODECS, CodecSpec, ValueCodec, dtype_name, need
 from sparsemerge.formats.bits import pack_nibbles, unpack_nibbles
 
 
@@ -127,6 +127,10 @@ class QuantizedValues(ValueCodec):
         if not torch.isfinite(scale).all():
             raise SparsemergeError(f"{what}: quantization scales are not finite (corrupt file?)")
         return cls(codes, scale, zero_point, bits, group_size, symmetric, tuple(shape))
+
+    @classmethod
+    def encode(cls, values: torch.Tensor, spec: CodecSpec) -> "QuantizedValues":
+        return quantize(values, 8 if spec.kind == "int8" else 4, spec.group_size, spec.symmetric)
 
 
 CODECS.register("int8")(QuantizedValues)

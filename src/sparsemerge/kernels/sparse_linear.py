@@ -7,7 +7,6 @@ a dense weight (CPU); on CUDA 2:4 layers go through the semi-structured sparse t
 """
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -21,6 +20,7 @@ from sparsemerge.kernels.dispatch import select, state_key
 from sparsemerge.kernels.layout import VALUE_DTYPES, BlockedNM, codes_from_quantized, pack_blocked, pack_slots, to_dense
 from sparsemerge.masks import nm_mask
 from sparsemerge.patterns import NM, parse_pattern
+from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, LayerFilter, compile_regexes, replace_module
 
 _TENSORS = ("values", "meta", "index", "scale", "zero")
 
@@ -210,8 +210,7 @@ class SparseLinear(nn.Module):
 
 
 # ---------------------------------------------------------------------- in-place swap
-DEFAULT_INCLUDE = [r"(^|\.)(layers|layer|h|blocks|block|decoder\.layers|encoder\.layer)\.\d+\..*"]
-DEFAULT_EXCLUDE = [r"(^|\.)(lm_head|embed_tokens|wte|wpe|embed_out|output)$", r"norm"]
+# DEFAULT_INCLUDE / DEFAULT_EXCLUDE (imported above from sparsemerge.selection) stay importable here.
 
 
 class SparsifyConfig(BaseModel):
@@ -251,17 +250,11 @@ def sparsify_(model: nn.Module, config: "SparsifyConfig | None" = None) -> Spars
     """Replace the matching ``nn.Linear`` layers of ``model`` by ``SparseLinear`` in place."""
     config = config or SparsifyConfig()
     pattern = parse_pattern(config.pattern)
-    try:
-        include = [re.compile(r) for r in config.include]
-        exclude = [re.compile(r) for r in config.exclude]
-    except re.error as exc:
-        raise SparsemergeError(f"bad include/exclude regex: {exc}") from None
+    selected = LayerFilter(config.include, config.exclude)
     report = SparsifyReport()
     start = time.perf_counter()
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
-            continue
-        if not any(r.search(name) for r in include) or any(r.search(name) for r in exclude):
+        if not isinstance(module, nn.Linear) or not selected(name):
             continue
         if module.in_features % pattern.m:
             report.skipped.append((name, f"input dimension {module.in_features} not divisible by M={pattern.m}"))
@@ -275,9 +268,7 @@ def sparsify_(model: nn.Module, config: "SparsifyConfig | None" = None) -> Spars
             raise SparsemergeError(f"layer {name}: {exc}") from None
         report.dense_bytes += module.weight.numel() * module.weight.element_size()
         report.packed_bytes += new.layout.nbytes()
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, new.to(module.weight.device))
+        replace_module(model, name, new.to(module.weight.device))
         report.swapped.append(name)
     if config.head_quant == "int8":
         quantize_head_(model, config.head, report)
@@ -300,17 +291,16 @@ def quantize_head_(model: nn.Module, head: str = r"(^|\.)lm_head$", report: Opti
     in place (a tied embedding keeps its float table for the lookup)."""
     from sparsemerge.kernels.dense_int8 import Int8Linear
 
+    head_rx = compile_regexes([head], "head")[0]
     done = []
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and re.search(head, name):
+        if isinstance(module, nn.Linear) and head_rx.search(name):
             new = Int8Linear.from_linear(module)
             if report is not None:
                 report.dense_bytes += module.weight.numel() * module.weight.element_size()
                 report.packed_bytes += new.codes.numel() + new.scale.numel() * 4
                 report.swapped.append(name)
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, new)
+            replace_module(model, name, new)
             done.append(name)
     return done
 

@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.selection import LayerFilter
 
 _LAYER_INDEX = re.compile(r"\.\d+\.")
 
@@ -196,7 +197,7 @@ def task_vector_stats(
 
     if density is not None and not 0 < density <= 1:
         raise SparsemergeError(f"density must be in (0, 1], got {density}")
-    patterns = [re.compile(p) for p in include or []]
+    selected = LayerFilter(include or None)  # no include regexes: every tensor
     base_src = open_tensor_source(base)
     sources = [
         LoraTensorSource(open_tensor_source(base), LoraAdapter(m)) if is_lora_adapter(m) else open_tensor_source(m)
@@ -210,7 +211,7 @@ def task_vector_stats(
             for j in range(i + 1, n):
                 stats.pairs[(i, j)] = PairStats()
         for name in tqdm(names, desc="task vectors", disable=not progress, leave=False):
-            if patterns and not any(p.search(name) for p in patterns):
+            if not selected(name):
                 continue
             theta0 = base_src.get(name)
             if not theta0.is_floating_point():

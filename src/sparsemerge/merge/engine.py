@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -247,14 +246,14 @@ def _all_scopes(cfg: MergeConfig) -> list[Optional[dict[str, Any]]]:
 def _lora_targets(jobs: list[TensorJob], sources: dict[str, Source]) -> set[str]:
     """Tensors written as LoRA factors: those some input adapter targets, else every 2-D
     layer weight outside the norms (when the inputs are full models)."""
-    from sparsemerge.prune.config import DEFAULT_EXCLUDE
+    from sparsemerge.selection import DEFAULT_EXCLUDE, LayerFilter
 
     adapters = [s.adapter for s in sources.values() if isinstance(s, LoraTensorSource)]
     if adapters:
         return {t for a in adapters for t in a.targets()}
-    excl = [re.compile(r) for r in DEFAULT_EXCLUDE]
+    kept = LayerFilter(None, DEFAULT_EXCLUDE)  # any layer weight; split_layer stands for the include list
     return {j.out_name for j in jobs if len(j.shape) == 2 and split_layer(j.out_name)
-            and not any(r.search(j.out_name[: -len(".weight")]) for r in excl)}
+            and kept(j.out_name[: -len(".weight")])}
 
 
 def _write_lora(tmp: Path, state: dict[str, torch.Tensor], cfg: MergeConfig, targets: list[str]) -> None:

@@ -11,12 +11,11 @@ back onto the pattern:
   sparse base falls back to the merged magnitudes within each group.
 
 Targeted weights are the 2-D layer weights outside norms, embeddings and the LM head
-(``sparsemerge.prune.config.DEFAULT_INCLUDE/EXCLUDE``); shapes the pattern cannot tile are
+(``sparsemerge.selection.DEFAULT_INCLUDE/EXCLUDE``); shapes the pattern cannot tile are
 left dense and listed in the summary.
 """
 from __future__ import annotations
 
-import re
 import threading
 from typing import Any, Optional
 
@@ -24,6 +23,7 @@ import torch
 
 from sparsemerge.masks import check_pattern, mask_for, pattern_applicable
 from sparsemerge.patterns import parse_pattern
+from sparsemerge.selection import LayerFilter
 
 
 def project_to_pattern(merged: torch.Tensor, pattern: str, base: Optional[torch.Tensor] = None, keep_mask: str = "merged") -> torch.Tensor:
@@ -42,12 +42,9 @@ class PatternProjector:
     """Applies :func:`project_to_pattern` to targeted tensors and keeps a conformance summary."""
 
     def __init__(self, pattern: str, keep_mask: str = "merged") -> None:
-        from sparsemerge.prune.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
-
         self.pattern = parse_pattern(pattern)
         self.keep_mask = keep_mask
-        self._include = [re.compile(r) for r in DEFAULT_INCLUDE]
-        self._exclude = [re.compile(r) for r in DEFAULT_EXCLUDE]
+        self._targets = LayerFilter.default()
         self.projected: list[str] = []
         self.skipped: dict[str, str] = {}
         self.violations = 0
@@ -56,10 +53,7 @@ class PatternProjector:
         self._lock = threading.Lock()
 
     def targets(self, name: str) -> bool:
-        if not name.endswith(".weight"):
-            return False
-        module = name[: -len(".weight")]
-        return any(r.search(module) for r in self._include) and not any(r.search(module) for r in self._exclude)
+        return self._targets.weight(name)
 
     def __call__(self, name: str, merged: torch.Tensor, base: Optional[torch.Tensor]) -> torch.Tensor:
         if not self.targets(name):

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from sparsemerge.masks import global_threshold, mask_for
 from sparsemerge.patterns import Pattern, Unstructured
+from sparsemerge.prune.config import PruneConfig
 from sparsemerge.registry import Registry
 
 
@@ -39,7 +40,7 @@ class PruningMethod(abc.ABC):
     needs_calibration: bool = False
 
     @abc.abstractmethod
-    def prune(self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]) -> None:
+    def prune(self, model: nn.Module, targets: list[Target], config: PruneConfig, calibration: Optional[torch.Tensor]) -> None:
         """Zero weights of ``targets`` in place to their patterns."""
 
 
@@ -48,11 +49,11 @@ class ScoreMethod(PruningMethod):
 
     @abc.abstractmethod
     def scores(
-        self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]
+        self, model: nn.Module, targets: list[Target], config: PruneConfig, calibration: Optional[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """Non-negative importance per weight, keyed by target name."""
 
-    def prune(self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]) -> None:
+    def prune(self, model: nn.Module, targets: list[Target], config: PruneConfig, calibration: Optional[torch.Tensor]) -> None:
         apply_scores(targets, self.scores(model, targets, config, calibration))
 
 

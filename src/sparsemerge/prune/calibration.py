@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.patterns import Unstructured
 from sparsemerge.prune.base import PruningMethod, Target
+from sparsemerge.prune.config import PruneConfig
 from sparsemerge.prune.select import find_blocks
 
 BATCH_SIZE = 8  # calibration windows per block forward ("block" and "off" modes)
@@ -106,10 +107,10 @@ def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def resolve_block_patterns(targets: list[Target], block_of: dict[str, int], config: Any, n_blocks: int) -> None:
+def resolve_block_patterns(targets: list[Target], block_of: dict[str, int], config: PruneConfig, n_blocks: int) -> None:
     """Apply ``config.sparsity_per_layer`` (one unstructured sparsity per block) and reject
     patterns a block-by-block walk cannot honour (a global threshold needs all layers at once)."""
-    per_layer = getattr(config, "sparsity_per_layer", None)
+    per_layer = config.sparsity_per_layer
     if per_layer is not None:
         if len(per_layer) != n_blocks:
             raise SparsemergeError(
@@ -131,7 +132,7 @@ def walk_blocks(
     model: nn.Module,
     targets: list[Target],
     calibration: Optional[torch.Tensor],
-    config: Any,
+    config: PruneConfig,
     make_stats: Callable[[Target], LayerStats],
     prune_block: Callable[[list[Target], dict[str, LayerStats]], None],
     desc: str = "calibrated pruning",
@@ -152,7 +153,7 @@ def walk_blocks(
             )
         block_of[t.name] = block_of_module[id(t.module)]
     resolve_block_patterns(targets, block_of, config, len(blocks))
-    mode = sequential_mode(getattr(config, "sequential", "auto"))
+    mode = sequential_mode(config.sequential)
     if mode == "auto":
         mode = default_mode
     if mode == "layer" and not _fits_one_batch(calibration, targets):
@@ -164,7 +165,7 @@ def walk_blocks(
         batch_size = calibration.shape[0] if mode == "layer" else BATCH_SIZE
         batches = capture_block_inputs(model, blocks[0], calibration, batch_size)
         last = max(block_of.values())
-        bar = tqdm(range(last + 1), desc=desc, disable=not getattr(config, "progress", True), leave=False)
+        bar = tqdm(range(last + 1), desc=desc, disable=not config.progress, leave=False)
         groups: dict[str, list[str]] = {}  # "layer" mode: relative name -> relative names sharing its input
         for index in bar:
             block = blocks[index]
@@ -323,18 +324,18 @@ class CalibratedMethod(PruningMethod):
     default_sequential = "block"  # the walk when config.sequential is "auto"
 
     @abc.abstractmethod
-    def make_stats(self, target: Target, config: Any) -> LayerStats:
+    def make_stats(self, target: Target, config: PruneConfig) -> LayerStats:
         """A fresh accumulator of the statistics this method needs for ``target``."""
 
     @abc.abstractmethod
-    def prune_layer(self, target: Target, stats: LayerStats, config: Any) -> None:
+    def prune_layer(self, target: Target, stats: LayerStats, config: PruneConfig) -> None:
         """Prune one target in place from its accumulated statistics."""
 
-    def prune_block(self, targets: list[Target], stats: dict[str, LayerStats], config: Any) -> None:
+    def prune_block(self, targets: list[Target], stats: dict[str, LayerStats], config: PruneConfig) -> None:
         for t in targets:
             self.prune_layer(t, stats[t.name], config)
 
-    def prune(self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]) -> None:
+    def prune(self, model: nn.Module, targets: list[Target], config: PruneConfig, calibration: Optional[torch.Tensor]) -> None:
         walk_blocks(
             model,
             targets,

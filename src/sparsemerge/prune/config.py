@@ -6,11 +6,9 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparsemerge.patterns import parse_pattern
+from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE  # re-exported: the old home of the defaults
 
-# Linear weights inside the repeated transformer blocks (…layers.3.mlp.up_proj, …h.3.attn.c_fc).
-DEFAULT_INCLUDE = [r"(^|\.)(layers|layer|h|blocks|block|decoder\.layers|encoder\.layer)\.\d+\..*"]
-# Embeddings, the output head and norms stay dense (chapter 10.1.6).
-DEFAULT_EXCLUDE = [r"(^|\.)(lm_head|embed_tokens|wte|wpe|embed_out|output)$", r"norm"]
+__all__ = ["PruneConfig", "DEFAULT_INCLUDE", "DEFAULT_EXCLUDE"]
 
 
 class PruneConfig(BaseModel):

@@ -11,7 +11,7 @@
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.prune.base import METHODS, ScoreMethod, Target
+from sparsemerge.prune.config import PruneConfig
 
 
 def calibration_gradients(
@@ -58,9 +59,9 @@ class GradientAware(ScoreMethod):
     needs_calibration = True
 
     def scores(
-        self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]
+        self, model: nn.Module, targets: list[Target], config: PruneConfig, calibration: Optional[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        grads = calibration_gradients(model, targets, calibration, progress=getattr(config, "progress", True))
+        grads = calibration_gradients(model, targets, calibration, progress=config.progress)
         out = {}
         for t in targets:
             weight = t.weight.detach().abs()
@@ -76,7 +77,7 @@ class Taylor(ScoreMethod):
     needs_calibration = True
 
     def scores(
-        self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]
+        self, model: nn.Module, targets: list[Target], config: PruneConfig, calibration: Optional[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
-        grads = calibration_gradients(model, targets, calibration, progress=getattr(config, "progress", True))
+        grads = calibration_gradients(model, targets, calibration, progress=config.progress)
         return {t.name: (t.weight.detach() * grads[t.name]).abs() for t in targets}

@@ -1,12 +1,13 @@
 """Magnitude pruning: score ``|W_ij|`` (chapter 10.1.2, greedy Top-N per group)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 from torch import nn
 
 from sparsemerge.prune.base import METHODS, ScoreMethod, Target
+from sparsemerge.prune.config import PruneConfig
 
 
 @METHODS.register("magnitude")
@@ -15,6 +16,6 @@ class Magnitude(ScoreMethod):
     needs_calibration = False
 
     def scores(
-        self, model: nn.Module, targets: list[Target], config: Any, calibration: Optional[torch.Tensor]
+        self, model: nn.Module, targets: list[Target], config: PruneConfig, calibration: Optional[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         return {t.name: t.weight.detach().abs() for t in targets}

@@ -3,39 +3,26 @@ pattern each (per-layer overrides allowed). Weights the pattern cannot apply to 
 input dimension not divisible by M) are reported and skipped, never silently mangled."""
 from __future__ import annotations
 
-import re
-from typing import Any
-
 from torch import nn
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.masks import pattern_applicable
 from sparsemerge.patterns import parse_pattern
 from sparsemerge.prune.base import Target
+from sparsemerge.prune.config import PruneConfig
+from sparsemerge.selection import LayerFilter, compile_regexes
 
 
-def _compile(regexes: list[str], what: str) -> list[re.Pattern[str]]:
-    out = []
-    for text in regexes:
-        try:
-            out.append(re.compile(text))
-        except re.error as exc:
-            raise SparsemergeError(f"bad {what} regex {text!r}: {exc}") from None
-    return out
-
-
-def select_targets(model: nn.Module, config: Any) -> tuple[list[Target], list[tuple[str, str]]]:
+def select_targets(model: nn.Module, config: PruneConfig) -> tuple[list[Target], list[tuple[str, str]]]:
     """``(targets, skipped)`` where ``skipped`` holds ``(name, reason)`` pairs."""
-    include = _compile(config.include, "include")
-    exclude = _compile(config.exclude, "exclude")
-    overrides = [(re.compile(rx), parse_pattern(p)) for rx, p in config.layer_patterns.items()]
+    selected = LayerFilter(config.include, config.exclude)
+    regexes = compile_regexes(config.layer_patterns, "layer_patterns")
+    overrides = [(rx, parse_pattern(p)) for rx, p in zip(regexes, config.layer_patterns.values())]
     default = parse_pattern(config.pattern)
     targets: list[Target] = []
     skipped: list[tuple[str, str]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear):
-            continue
-        if not any(rx.search(name) for rx in include) or any(rx.search(name) for rx in exclude):
+        if not isinstance(module, nn.Linear) or not selected(name):
             continue
         pattern = next((p for rx, p in overrides if rx.search(name)), default)
         reason = pattern_applicable(tuple(module.weight.shape), pattern)

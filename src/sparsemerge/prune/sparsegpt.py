@@ -23,7 +23,6 @@ warning says so) up to 100% of the mean diagonal.
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import torch
 
@@ -32,6 +31,7 @@ from sparsemerge.masks import block_mask
 from sparsemerge.patterns import NM, Block, Pattern, Unstructured, parse_pattern
 from sparsemerge.prune.base import METHODS, Target
 from sparsemerge.prune.calibration import CalibratedMethod
+from sparsemerge.prune.config import PruneConfig
 from sparsemerge.prune.sparsegpt_fast import obs_block
 
 MAX_DAMPENING = 1.0
@@ -189,11 +189,11 @@ class SparseGPT(CalibratedMethod):
     # --sequential block gives the lower perplexity.
     default_sequential = "layer"
 
-    def make_stats(self, target: Target, config: Any) -> Hessian:
+    def make_stats(self, target: Target, config: PruneConfig) -> Hessian:
         return Hessian(target.weight.shape[1], target.weight.device)
 
     @torch.no_grad()
-    def prune_block(self, targets: list[Target], stats: dict[str, Hessian], config: Any) -> None:
+    def prune_block(self, targets: list[Target], stats: dict[str, Hessian], config: PruneConfig) -> None:
         """Layers with the same input (q/k/v, gate/up) and the same N:M pattern are stacked
         along the output dimension and pruned in one pass: rows are independent given ``H``
         and N:M masks are chosen per row, so the result equals pruning them one by one."""
@@ -210,21 +210,21 @@ class SparseGPT(CalibratedMethod):
                 stacked,
                 stats[group[0].name].value,
                 group[0].pattern,
-                dampening=getattr(config, "dampening", 0.01),
-                blocksize=getattr(config, "blocksize", 128),
+                dampening=config.dampening,
+                blocksize=config.blocksize,
                 name="+".join(t.name for t in group),
             )
             for t, part in zip(group, torch.split(new, [t.weight.shape[0] for t in group])):
                 t.weight.copy_(part.to(t.weight.dtype))
 
     @torch.no_grad()
-    def prune_layer(self, target: Target, stats: Hessian, config: Any) -> None:
+    def prune_layer(self, target: Target, stats: Hessian, config: PruneConfig) -> None:
         new = sparsegpt_prune(
             target.weight,
             stats.value,
             target.pattern,
-            dampening=getattr(config, "dampening", 0.01),
-            blocksize=getattr(config, "blocksize", 128),
+            dampening=config.dampening,
+            blocksize=config.blocksize,
             name=target.name,
         )
         target.weight.copy_(new.to(target.weight.dtype))

@@ -10,8 +10,6 @@ the dense model's activations); ``"block"``/``"layer"`` take them from the prune
 """
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from sparsemerge.errors import SparsemergeError
@@ -19,6 +17,7 @@ from sparsemerge.masks import block_mask, nm_mask
 from sparsemerge.patterns import NM, Block, Pattern, Unstructured, parse_pattern
 from sparsemerge.prune.base import METHODS, Target
 from sparsemerge.prune.calibration import CalibratedMethod
+from sparsemerge.prune.config import PruneConfig
 
 
 class InputNorms:
@@ -80,10 +79,10 @@ class Wanda(CalibratedMethod):
     # sequential walks (BENCHMARKS.md, issue 6) and needs one block pass instead of two.
     default_sequential = "off"
 
-    def make_stats(self, target: Target, config: Any) -> InputNorms:
+    def make_stats(self, target: Target, config: PruneConfig) -> InputNorms:
         return InputNorms(target.weight.shape[1], target.weight.device)
 
     @torch.no_grad()
-    def prune_layer(self, target: Target, stats: InputNorms, config: Any) -> None:
+    def prune_layer(self, target: Target, stats: InputNorms, config: PruneConfig) -> None:
         keep = wanda_mask(wanda_scores(target.weight, stats.norms), target.pattern)
         target.weight.mul_(keep.to(target.weight.dtype))

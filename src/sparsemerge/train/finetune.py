@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.io.atomic import atomic_output, write_json_atomic
+from sparsemerge.selection import replace_module
 from sparsemerge.train.loop import dense_parameters, set_trainable_, train_loop, training_tokens
 
 FINETUNE_RECORD = "sparsemerge_finetune.json"
@@ -119,9 +120,7 @@ def add_lora_(model: nn.Module, r: int, alpha: float, targets: list[str], dropou
     wrapped = []
     for name, module in list(model.named_modules()):
         if isinstance(module, nn.Linear) and name.split(".")[-1] in targets and "lm_head" not in name:
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, LoRALinear(module, r, alpha, dropout))
+            replace_module(model, name, LoRALinear(module, r, alpha, dropout))
             wrapped.append(name)
     if not wrapped:
         linears = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
@@ -139,9 +138,7 @@ def merge_lora_(model: nn.Module) -> int:
     for name, module in lora_modules(model).items():
         with torch.no_grad():
             module.base.weight += module.delta().to(module.base.weight.dtype)
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, module.base)
+        replace_module(model, name, module.base)
         count += 1
     return count
 

@@ -8,11 +8,12 @@ pattern (2:4, block, unstructured) survives any optimizer, weight decay included
 """
 from __future__ import annotations
 
-import re
 from typing import Optional
 
 import torch
 from torch import nn
+
+from sparsemerge.selection import LayerFilter
 
 
 class FixedMasks:
@@ -20,12 +21,12 @@ class FixedMasks:
     hold at least ``min_sparsity`` zeros; a frozen weight cannot move)."""
 
     def __init__(self, model: nn.Module, min_sparsity: float = 0.01, exclude: Optional[list[str]] = None) -> None:
-        skip = [re.compile(r) for r in (exclude or [])]
+        kept = LayerFilter(None, exclude)
         self.masks: dict[str, torch.Tensor] = {}
         self._params: dict[str, nn.Parameter] = {}
         self._hooks: list = []
         for name, module in model.named_modules():
-            if not isinstance(module, nn.Linear) or not module.weight.requires_grad or any(r.search(name) for r in skip):
+            if not isinstance(module, nn.Linear) or not module.weight.requires_grad or not kept(name):
                 continue
             mask = module.weight.detach() != 0
             if 1.0 - mask.float().mean().item() >= min_sparsity:
