@@ -38,11 +38,7 @@ CLI = "sparsemerge.cli"
 # "kernels"). The lead empties these after merging them; an entry that no longer matches
 # anything fails the test, so stale ones cannot stay.
 # Each entry is the (importer, imported) edge, imported inside a function, that closes the cycle.
-KNOWN_DEFERRED_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset(
-    {
-        ("sparsemerge.kernels.dispatch", "sparsemerge.kernels.backends"),  # dispatch <-> backends (helper "kernels")
-    }
-)
+KNOWN_DEFERRED_CYCLE_EDGES: frozenset[tuple[str, str]] = frozenset()  # none left since the kernels merge
 KNOWN_CLI_IMPORTS: frozenset[tuple[str, str]] = frozenset()  # (importer, imported cli module); empty since the cli merge
 
 
