@@ -156,6 +156,29 @@ def recover_best(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense
     return DemoRow(f"{best.name}+recovered", best.pattern, best.sparsity, ppl, report.seconds, eval_seconds, str(folder))
 
 
+def _a8_available() -> bool:
+    """Whether a registry row with INT8 activations can run on this CPU (under the feature cap)."""
+    from sparsemerge.kernels.backends import rows
+    from sparsemerge.kernels.features import missing_reason
+
+    return any(r.act_quant == "int8" and missing_reason(r.features) is None for r in rows())
+
+
+def _decoder(sparse: Any, act_quant: str, prompt: torch.Tensor, tokens: int, echo: Callable[[str], None]) -> Callable[[int], float]:
+    """``n -> seconds`` for ``n`` greedy steps after ``prompt``: on the decode runtime when it
+    supports the model (the default of ``sparsemerge run``/``bench``), else transformers."""
+    from sparsemerge.eval.speed import decode_seconds, engine_decode_seconds
+    from sparsemerge.runtime.engine import DecodeEngine
+    from sparsemerge.runtime.plan import build_plan
+
+    plan = build_plan(sparse.model, act_quant)
+    if not plan.supported:
+        echo(f"decode runtime not used ({plan.reason}): timing transformers' forward")
+        return lambda n: decode_seconds(sparse.model, prompt, n)
+    engine = DecodeEngine(sparse.model, sparse.tokenizer, act_quant, max_seq=prompt.shape[1] + tokens + 8, plan=plan)
+    return lambda n: engine_decode_seconds(engine, prompt, n)
+
+
 def pack_and_run(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense_model: Any, echo: Callable[[str], None]) -> DemoRow:
     """Pack the best pruned model as N:M + INT4 (group 128; the embedding ``config.embedding_quant``), then measure
     its file size, its perplexity (stored values decoded) and its decoding speed on the
@@ -164,7 +187,7 @@ def pack_and_run(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense
     from sparsemerge.eval.speed import decode_seconds
     from sparsemerge.formats.model import PackConfig, pack
     from sparsemerge.kernels.model import load_packed, model_bytes
-    from sparsemerge.kernels.cpu_vnni import cpu_features_missing, fake_quant_inputs
+    from sparsemerge.kernels.cpu_vnni import fake_quant_inputs
     from sparsemerge.kernels.sparse_linear import quantize_head_, set_act_quant_
 
     folder = Path(f"{best.folder}-int4")
@@ -179,7 +202,7 @@ def pack_and_run(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense
     start = time.perf_counter()
     ppl = perplexity(decoded.model, windows, progress=config.progress, desc="packed perplexity")
     eval_seconds = time.perf_counter() - start
-    act_quant = not cpu_features_missing()  # the INT8-activation (VNNI) kernel can run here
+    act_quant = _a8_available()  # an INT8-activation kernel (AVX-512 VNNI, AVX-VNNI or AVX2) can run here
     if act_quant:
         hooks = fake_quant_inputs(decoded.model, sparse.swapped)  # the decoding kernel's activation rounding
         ppl_a8 = perplexity(decoded.model, windows, progress=config.progress, desc="packed perplexity, int8 activations")
@@ -195,9 +218,10 @@ def pack_and_run(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense
     speeds = {}
     for mode in ("none", "int8") if act_quant else ("none",):
         set_act_quant_(sparse.model, mode)
-        decode_seconds(sparse.model, prompt, 2)  # warm-up: JIT compile
-        speeds[mode] = min(decode_seconds(sparse.model, prompt, tokens) for _ in range(repeats))
-        label = "float activations" if mode == "none" else "INT8 activations (VNNI)"
+        timed = _decoder(sparse, mode, prompt, tokens, echo)
+        timed(2)  # warm-up: JIT compile
+        speeds[mode] = min(timed(tokens) for _ in range(repeats))
+        label = "float activations" if mode == "none" else "INT8 activations"
         echo(
             f"decoding, {label}: packed {tokens / speeds[mode]:.1f} tokens/s vs dense float32 "
             f"{tokens / dense_s:.1f} tokens/s ({dense_s / speeds[mode]:.2f}x, {torch.get_num_threads()} threads)"
