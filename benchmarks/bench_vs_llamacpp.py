@@ -92,6 +92,7 @@ def worker(args) -> None:
         best = min(best, time.perf_counter() - s)
     out["prompt_tokens"] = len(data["prompt"])
     out["prompt_tps"] = len(data["prompt"]) / best
+    out["peak_rss_mib"] = (vm_hwm() - base) / 2**20
     if args.ppl:
         nll, count = 0.0, 0
         for w in data["windows"]:
@@ -103,7 +104,6 @@ def worker(args) -> None:
                 count += 1
         out["perplexity"] = math.exp(nll / count)
         out["ppl_tokens"] = count
-    out["peak_rss_mib"] = (vm_hwm() - base) / 2**20
     out["file_mb"] = sum(p.stat().st_size for p in Path(args.worker).glob("*.safetensors")) / 1e6
     print(json.dumps(out))
 

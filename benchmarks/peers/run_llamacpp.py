@@ -41,8 +41,9 @@ def main() -> None:
     base = vm_hwm()
     n_ctx = max(len(data["prompt"]), max((len(w) for w in data["windows"]), default=0)) + args.tokens + 8
     t0 = time.perf_counter()
+    # decode and prompt speed (and the peak memory) without logits for every position
     llm = llama_cpp.Llama(args.gguf, n_ctx=n_ctx, n_batch=512, n_threads=args.threads, n_threads_batch=args.threads,
-                          logits_all=not args.no_ppl, verbose=False)
+                          logits_all=False, verbose=False)
     load_s = time.perf_counter() - t0
     out = {"peer": "llama.cpp", "version": llama_cpp.__version__, "threads": args.threads, "load_s": load_s,
            "system_info": llama_cpp.llama_print_system_info().decode(errors="replace")}
@@ -52,12 +53,11 @@ def main() -> None:
     for _ in range(args.repeats):
         llm.reset()
         llm.eval(data["decode_prompt"])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1])) if not args.no_ppl else int(np.argmax(llm.eval_logits[-1]))
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         start = time.perf_counter()
         for _ in range(args.tokens):
             llm.eval([tok])
-            logits = llm.scores[llm.n_tokens - 1] if not args.no_ppl else llm.eval_logits[-1]
-            tok = int(np.argmax(logits))
+            tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
         best = min(best, time.perf_counter() - start)
     out["decode_tps"] = args.tokens / best
 
@@ -71,7 +71,11 @@ def main() -> None:
     out["prompt_tokens"] = len(data["prompt"])
     out["prompt_tps"] = len(data["prompt"]) / best
 
-    if not args.no_ppl:
+    out["peak_rss_mib"] = (vm_hwm() - base) / 2**20
+    if not args.no_ppl:  # a second instance that keeps the logits of every position
+        del llm
+        llm = llama_cpp.Llama(args.gguf, n_ctx=n_ctx, n_batch=512, n_threads=args.threads,
+                              n_threads_batch=args.threads, logits_all=True, verbose=False)
         nll, count = 0.0, 0
         for w in data["windows"]:
             llm.reset()
@@ -83,7 +87,6 @@ def main() -> None:
             count += len(w) - 1
         out["perplexity"] = math.exp(nll / count)
         out["ppl_tokens"] = count
-    out["peak_rss_mib"] = (vm_hwm() - base) / 2**20
     out["file_mb"] = __import__("os").path.getsize(args.gguf) / 1e6
     print(json.dumps(out))
 
