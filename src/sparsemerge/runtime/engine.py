@@ -239,6 +239,7 @@ class DecodeEngine:
             np.ones(cols // 256 + 2, f),  # their scales per 256
             np.zeros(((self.max_rows + 63) // 64) * 64 + SLACK, f),  # kernel output scratch
             np.zeros(self.max_seq, f),  # attention scores
+            np.zeros(I + SLACK, np.uint32),  # silu's 2^n as float bits
         )
         self.kc = np.zeros((c["layers"], KVH, self.max_seq, HD), f)
         self.vc = np.zeros_like(self.kc)

@@ -1,0 +1,58 @@
+"""The compiled pieces of a decoding step against numpy formulas."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparsemerge.runtime import step as S
+
+
+def test_silu_mul_matches_the_formula_including_extremes():
+    rng = np.random.default_rng(0)
+    g = (rng.standard_normal(1000) * 6).astype(np.float32)
+    g[:4] = [200.0, -200.0, 0.0, 88.0]
+    u = rng.standard_normal(1000).astype(np.float32)
+    out = np.zeros(1000, np.float32)
+    S.silu_mul(np.concatenate([g, u]), 1000, out, np.zeros(1000, np.uint32))
+    gd = g.astype(np.float64)
+    ref = gd / (1 + np.exp(-gd)) * u
+    np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-30)
+
+
+@pytest.mark.parametrize("pos,window", [(0, 0), (7, 0), (40, 0), (40, 8)])
+def test_attention_matches_softmax_formula(pos, window):
+    rng = np.random.default_rng(pos)
+    heads, kv, hd = 6, 2, 16
+    q = rng.standard_normal(heads * hd).astype(np.float32)
+    kc = rng.standard_normal((kv, 64, hd)).astype(np.float32)
+    vc = rng.standard_normal((kv, 64, hd)).astype(np.float32)
+    out = np.zeros(heads * hd, np.float32)
+    S.attend(q, kc, vc, pos, heads, kv, hd, np.float32(hd ** -0.5), window, np.zeros(64, np.float32), out)
+    t0 = 0 if window == 0 else max(0, pos - window + 1)
+    for h in range(heads):
+        g = h // (heads // kv)
+        s = kc[g, t0:pos + 1].astype(np.float64) @ q[h * hd:(h + 1) * hd] * hd ** -0.5
+        p = np.exp(s - s.max())
+        p /= p.sum()
+        np.testing.assert_allclose(out[h * hd:(h + 1) * hd], p @ vc[g, t0:pos + 1], rtol=1e-5, atol=1e-6)
+
+
+def test_rope_rotates_halves():
+    hd = 8
+    v = np.arange(2 * hd, dtype=np.float32)
+    ang = np.array([0.3, 1.1, -0.4, 2.0], np.float32)
+    c, s = np.cos(ang), np.sin(ang)
+    w = v.copy()
+    S.rope(w, 2, hd, c, s)
+    for h in range(2):
+        a, b = v[h * hd:h * hd + 4], v[h * hd + 4:(h + 1) * hd]
+        np.testing.assert_allclose(w[h * hd:h * hd + 4], a * c - b * s, rtol=1e-6)
+        np.testing.assert_allclose(w[h * hd + 4:(h + 1) * hd], b * c + a * s, rtol=1e-6)
+
+
+def test_rmsnorm():
+    h = np.random.default_rng(1).standard_normal(96).astype(np.float32)
+    w = np.linspace(0.5, 1.5, 96).astype(np.float32)
+    out = np.zeros(96, np.float32)
+    S.rmsnorm(h, w, np.float32(1e-5), out)
+    np.testing.assert_allclose(out, h / np.sqrt(np.mean(h.astype(np.float64) ** 2) + 1e-5) * w, rtol=1e-5)
