@@ -56,3 +56,25 @@ def test_rmsnorm():
     out = np.zeros(96, np.float32)
     S.rmsnorm(h, w, np.float32(1e-5), out)
     np.testing.assert_allclose(out, h / np.sqrt(np.mean(h.astype(np.float64) ** 2) + 1e-5) * w, rtol=1e-5)
+
+
+def test_quantize_a8_is_bit_identical_to_the_kernels_quantizer():
+    from sparsemerge.kernels.cpu_vnni import _quantize
+
+    rng = np.random.default_rng(3)
+    for cols in (64, 320, 576, 960, 1536):
+        x = (rng.standard_normal(cols) * rng.uniform(0.01, 100)).astype(np.float32)
+        x[::5] = np.round(x[::5])  # exact integers and halves after scaling
+        x[cols // 2] = 0.0
+        xu1, xs1 = np.full(2048, 128, np.uint8), np.ones(8, np.float32)
+        xu2, xs2 = xu1.copy(), xs1.copy()
+        assert S.quantize_a8(x, xu1, xs1) and _quantize(x, xu2, xs2)
+        nb = -(-cols // 256)
+        assert np.array_equal(xu1[:cols], xu2[:cols]) and np.array_equal(xs1[:nb], xs2[:nb])
+    zero = np.zeros(256, np.float32)
+    assert S.quantize_a8(zero, xu1, xs1) and (xu1[:256] == 128).all() and xs1[0] == 1.0
+    for bad in (np.nan, np.inf, -np.inf):
+        x = np.ones(300, np.float32)
+        x[290] = bad
+        before = xu1.copy()
+        assert not S.quantize_a8(x, xu1, xs1) and np.array_equal(xu1, before)  # nothing written

@@ -30,7 +30,6 @@ import numpy as np
 from numba import njit, prange
 
 from sparsemerge.kernels.cpu_blocked import BITS, R, _g24_f32_block, _g24_q_block
-from sparsemerge.kernels.cpu_vnni import _quantize
 from sparsemerge.runtime.ffi import call_a8, call_f32
 
 KIND_A8, KIND_F32, KIND_BQ, KIND_BF, KIND_DF, KIND_DQ = 0, 1, 2, 3, 4, 5
@@ -174,57 +173,58 @@ def _tasks(rows, threads):  # pragma: no cover - jitted
 
 @njit(error_model="numpy", cache=True)
 def run_op(op, x, xu, xs, dst, tmp, threads, kw):  # pragma: no cover - jitted
-    """``dst[off : off + rows] = W x (+ b)`` for one op row; ``kw`` = the kinds' arrays."""
+    """``dst[off : off + rows] = W x (+ b)`` for one op row; ``kw`` = the kinds' arrays.
+    ``dst`` has slack behind ``off + rows``: kernels may write whole row quads / blocks."""
     (a8_par, a8_stream, a8_scale, a8_corr, f32_par, f32_vals, f32_meta,
      bq_par, bq_codes8, bq_codes4, bq_meta, bq_scale, bq_zero, bf_vals, bf_meta,
      df_w, dq_par, dq_codes, dq_scale, biases) = kw
     kind, idx, off, rows, bias = op[F_KIND], op[F_IDX], op[F_OFF], op[F_ROWS], op[F_BIAS]
+    # the kernel writes straight into the destination (every buffer has slack for the padded
+    # rows some kernels write); with a bias it writes to tmp and the sum is stored
+    out = dst[off:] if bias < 0 else tmp
     tasks = _tasks(rows, threads)
     if kind == KIND_A8:
         if tasks > 1:
-            _a8_par(a8_par[idx], a8_stream[idx], a8_scale[idx], a8_corr[idx], xu, xs, tmp, rows, tasks)
+            _a8_par(a8_par[idx], a8_stream[idx], a8_scale[idx], a8_corr[idx], xu, xs, out, rows, tasks)
         else:
-            _a8_rows(a8_par[idx], a8_stream[idx], a8_scale[idx], a8_corr[idx], xu, xs, tmp, 0, rows)
+            _a8_rows(a8_par[idx], a8_stream[idx], a8_scale[idx], a8_corr[idx], xu, xs, out, 0, rows)
     elif kind == KIND_F32:
         if tasks > 1:
-            _f32_par(f32_par[idx], f32_vals[idx], f32_meta[idx], x, tmp, rows, tasks)
+            _f32_par(f32_par[idx], f32_vals[idx], f32_meta[idx], x, out, rows, tasks)
         else:
-            _f32_rows(f32_par[idx], f32_vals[idx], f32_meta[idx], x, tmp, 0, 4 * f32_par[idx, 1])
+            _f32_rows(f32_par[idx], f32_vals[idx], f32_meta[idx], x, out, 0, 4 * f32_par[idx, 1])
     elif kind == KIND_BQ:
         p = bq_par[idx]
         nb = bq_meta[idx].shape[0]
         if p[0]:
             if tasks > 1:
-                _bq_par(bq_codes4[p[3]], True, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, tasks)
+                _bq_par(bq_codes4[p[3]], True, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, out, tasks)
             else:
-                _bq_blocks(bq_codes4[p[3]], True, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, 0, nb)
+                _bq_blocks(bq_codes4[p[3]], True, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, out, 0, nb)
         else:
             if tasks > 1:
-                _bq_par(bq_codes8[p[3]], False, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, tasks)
+                _bq_par(bq_codes8[p[3]], False, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, out, tasks)
             else:
-                _bq_blocks(bq_codes8[p[3]], False, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, tmp, 0, nb)
+                _bq_blocks(bq_codes8[p[3]], False, bq_meta[idx], bq_scale[idx], bq_zero[idx], p[1] != 0, p[2], x, out, 0, nb)
     elif kind == KIND_BF:
         if tasks > 1:
-            _bf_par(bf_vals[idx], bf_meta[idx], x, tmp, tasks)
+            _bf_par(bf_vals[idx], bf_meta[idx], x, out, tasks)
         else:
-            _bf_blocks(bf_vals[idx], bf_meta[idx], x, tmp, 0, bf_vals[idx].shape[0])
+            _bf_blocks(bf_vals[idx], bf_meta[idx], x, out, 0, bf_vals[idx].shape[0])
     elif kind == KIND_DF:
         if tasks > 1:
-            _df_par(df_w[idx], x, tmp, tasks)
+            _df_par(df_w[idx], x, out, tasks)
         else:
-            _df_rows(df_w[idx], x, tmp, 0, rows)
+            _df_rows(df_w[idx], x, out, 0, rows)
     else:
         if tasks > 1:
-            _dq_par(dq_codes[idx], dq_scale[idx], dq_par[idx, 0], x, tmp, tasks)
+            _dq_par(dq_codes[idx], dq_scale[idx], dq_par[idx, 0], x, out, tasks)
         else:
-            _dq_rows(dq_codes[idx], dq_scale[idx], dq_par[idx, 0], x, tmp, 0, rows)
+            _dq_rows(dq_codes[idx], dq_scale[idx], dq_par[idx, 0], x, out, 0, rows)
     if bias >= 0:
         b = biases[bias]
         for r in range(rows):
             dst[off + r] = tmp[r] + b[r]
-    else:
-        for r in range(rows):
-            dst[off + r] = tmp[r]
 
 
 # ---------------------------------------------------------------- elementwise parts
@@ -239,13 +239,48 @@ def rmsnorm(h, w, eps, out):  # pragma: no cover - jitted
         out[i] = w[i] * (h[i] * inv)
 
 
+XBLOCK = 256  # inputs per activation scale (kernels/cpu_vnni.py)
+ROUNDER = np.float32(12582912.0)  # 1.5 * 2^23
+
+
+@njit(error_model="numpy", cache=True)  # no fast-math: the same bits as _quantize (a/127, not a*(1/127))
+def quantize_a8(x, xu, xs):  # pragma: no cover - jitted
+    """``kernels/cpu_vnni._quantize`` in vectorizable loops: per block of 256 inputs
+    ``xs_b = max|x| / 127`` (1 for an all-zero block), ``xu = rint(x / xs_b) + 128``. The
+    absolute maximum is taken on the float bits as integers (|x| orders like its bits, and a
+    NaN or infinity has bits >= 0x7F800000), so the reduction vectorizes and non-finite input
+    is caught in the same pass: returns False, writing nothing, like ``_quantize``."""
+    bits = x.view(np.int32)
+    xs_bits = xs.view(np.int32)
+    cols = x.shape[0]
+    nb = (cols + XBLOCK - 1) // XBLOCK
+    for b in range(nb):  # pass 1: each block's max |x| as bits; any NaN/Inf -> nothing written
+        m = np.int32(0)
+        for j in range(b * XBLOCK, min(cols, (b + 1) * XBLOCK)):
+            m = max(m, bits[j] & np.int32(0x7FFFFFFF))
+        if m >= np.int32(0x7F800000):
+            return False
+        xs_bits[b] = m
+    for b in range(nb):
+        amax = xs[b]
+        step = amax / np.float32(127.0) if amax > 0 else np.float32(1.0)
+        xs[b] = step
+        inv = np.float32(1.0) / step
+        for j in range(b * XBLOCK, min(cols, (b + 1) * XBLOCK)):
+            # rint by the 1.5 * 2^23 trick (round-to-nearest-even, |y| <= 127 here): vectorizes
+            y = (x[j] * inv + ROUNDER) - ROUNDER
+            q = min(max(y, np.float32(-127.0)), np.float32(127.0))
+            xu[j] = np.uint8(np.int32(q) + 128)
+    return True
+
+
 @njit(error_model="numpy", cache=True)
 def norm_and_quantize(h, w, eps, out, xu, xs, quantize):  # pragma: no cover - jitted
     """RMSNorm fused with the INT8 activation quantization the A8 kernels read (per block of
     256, ``kernels/cpu_vnni._quantize``). Returns False when the input is not finite."""
     rmsnorm(h, w, eps, out)
     if quantize:
-        return _quantize(out, xu, xs)
+        return quantize_a8(out, xu, xs)
     return True
 
 
@@ -370,8 +405,8 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
                 vl[g, pos, i] = qkv[(NH + KVH + g) * HD + i]
         attend(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], scores, att)
         if a8_in[layer, 2] != 0:
-            ok &= _quantize(att[: NH * HD], xu, xs)
-        run_op(lo[SLOT_O[0]], att[: NH * HD], xu, xs, x, tmp, threads, kw)
+            ok &= quantize_a8(att[: NH * HD], xu, xs)
+        run_op(lo[SLOT_O[0]], att[: NH * HD], xu, xs, x_buf, tmp, threads, kw)
         for i in range(H):
             h[i] += x[i]
         ok &= norm_and_quantize(h, norms[2 * layer + 1], eps, x, xu, xs, a8_in[layer, 1] != 0)
@@ -380,8 +415,8 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
                 run_op(lo[slot], x, xu, xs, gu, tmp, threads, kw)
         silu_mul(gu, INTER, act, bits)
         if a8_in[layer, 3] != 0:
-            ok &= _quantize(act[:INTER], xu, xs)
-        run_op(lo[SLOT_DOWN[0]], act[:INTER], xu, xs, x, tmp, threads, kw)
+            ok &= quantize_a8(act[:INTER], xu, xs)
+        run_op(lo[SLOT_DOWN[0]], act[:INTER], xu, xs, x_buf, tmp, threads, kw)
         for i in range(H):
             h[i] += x[i]
     ok &= norm_and_quantize(h, norms[2 * L], eps, x, xu, xs, a8_in[L, 0] != 0)
