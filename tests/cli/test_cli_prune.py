@@ -48,6 +48,10 @@ def test_prune_check_eval_end_to_end(tiny_llama_dir, tmp_path, text_file, capsys
     assert run("eval", "ppl", tmp_path / "packed", "--data", text_file, "--seqlen", "32", "--no-progress") == 0
     packed_line = capsys.readouterr().out
     assert float(packed_line.split()[1]) == pytest.approx(float(line.split()[1]), rel=1e-4)
+    assert "decode runtime, float activations" in packed_line  # decoded token by token by the runtime
+    assert run("eval", "ppl", tmp_path / "packed", "--data", text_file, "--seqlen", "32", "--no-progress", "--runtime", "off") == 0
+    off_line = capsys.readouterr().out
+    assert "transformers" in off_line and float(off_line.split()[1]) == pytest.approx(float(line.split()[1]), rel=1e-4)
 
 
 def test_prune_gradient_with_text_calibration(tiny_llama_dir, tmp_path, text_file):

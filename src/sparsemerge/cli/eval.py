@@ -20,6 +20,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     ppl.add_argument("--max-windows", type=int, default=None, help="evaluate at most this many windows")
     ppl.add_argument("--batch-size", type=int, default=4)
     ppl.add_argument("--no-progress", action="store_true")
+    ppl.add_argument("--runtime", choices=["auto", "off"], default="auto",
+                     help="packed checkpoints: auto (default) decodes every window on the decode runtime, token by "
+                     "token - the numbers decoding gives; off: the stored values decoded into a dense transformers model")
+    ppl.add_argument("--act-quant", choices=["none", "int8"], default="none",
+                     help="with the runtime: int8 evaluates with the INT8 activations decoding uses (--act-quant of run)")
     ppl.set_defaults(func=run_ppl)
 
 
@@ -29,8 +34,22 @@ def run_ppl(args: argparse.Namespace) -> int:
     from sparsemerge.io import load_model
     from sparsemerge.kernels.model import is_packed_folder, load_packed
 
-    if is_packed_folder(args.model):  # its stored values (INT4/INT8 codes included), decoded to float
-        loaded = load_packed(args.model, dense=True)
+    engine = None
+    if is_packed_folder(args.model):
+        if args.runtime == "auto":  # the packed model as it decodes
+            from sparsemerge.kernels.sparse_linear import set_act_quant_
+            from sparsemerge.runtime.engine import DecodeEngine
+            from sparsemerge.runtime.plan import build_plan
+
+            loaded = load_packed(args.model)
+            set_act_quant_(loaded.model, args.act_quant)
+            plan = build_plan(loaded.model, args.act_quant)
+            if plan.supported:
+                engine = DecodeEngine(loaded.model, loaded.tokenizer, args.act_quant, max_seq=args.seqlen, plan=plan)
+            else:
+                print(f"decode runtime not used ({plan.reason}): evaluating the stored values in transformers")
+        if engine is None:  # its stored values (INT4/INT8 codes included), decoded to float
+            loaded = load_packed(args.model, dense=True)
         if loaded.tokenizer is None:
             from sparsemerge.errors import SparsemergeError
 
@@ -38,6 +57,13 @@ def run_ppl(args: argparse.Namespace) -> int:
     else:
         loaded = load_model(args.model)
     windows = eval_windows(loaded.tokenizer, args.data, args.seqlen, args.max_windows)
-    value = perplexity(loaded.model, windows, batch_size=args.batch_size, progress=not args.no_progress)
-    print(f"perplexity {value:.4f}  ({args.model} on {args.data}, {windows.shape[0]} windows x {args.seqlen} tokens)")
+    if engine is not None:
+        from sparsemerge.eval.perplexity import engine_perplexity
+
+        value = engine_perplexity(engine, windows, progress=not args.no_progress)
+        how = f"decode runtime, {'INT8' if args.act_quant == 'int8' else 'float'} activations"
+    else:
+        value = perplexity(loaded.model, windows, batch_size=args.batch_size, progress=not args.no_progress)
+        how = "transformers"
+    print(f"perplexity {value:.4f}  ({args.model} on {args.data}, {windows.shape[0]} windows x {args.seqlen} tokens; {how})")
     return 0

@@ -26,3 +26,24 @@ def perplexity(model: Any, windows: torch.Tensor, batch_size: int = 4, progress:
         bar.update(batch.shape[0])
     bar.close()
     return math.exp(total_nll / total_tokens)
+
+
+def engine_perplexity(engine: Any, windows: torch.Tensor, progress: bool = True, desc: str = "perplexity (decode runtime)") -> float:
+    """:func:`perplexity` computed by the decode runtime (``sparsemerge.runtime``) token by
+    token: each window is decoded from its first token, and every step's logits score the
+    next one - the numbers a user's decoding produces (INT8 activations included)."""
+    import numpy as np
+
+    total_nll = 0.0
+    total_tokens = 0
+    bar = tqdm(total=windows.shape[0], desc=desc, disable=not progress, leave=False)
+    for window in windows.tolist():
+        engine.reset()
+        for t, nxt in zip(window[:-1], window[1:]):
+            z = engine.step(t).astype(np.float64)
+            m = z.max()
+            total_nll += float(m + np.log(np.exp(z - m).sum()) - z[nxt])
+        total_tokens += len(window) - 1
+        bar.update(1)
+    bar.close()
+    return math.exp(total_nll / total_tokens)
