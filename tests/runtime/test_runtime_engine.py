@@ -193,3 +193,14 @@ def test_capped_cpu_levels_plan_and_match(level, f32_row, a8_row):
         np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)
         if a8_row != "numba-gemv24":
             assert "passed over avx512-vnni-a8" in engine.plan.layers[0].why or missing_reason(("avx512vnni",))
+
+
+def test_mixed_storage_in_one_layer_runs_unfused_with_a_kernel_each():
+    model = make_tiny_llama(hidden=256, intermediate=512)
+    sparsify_(model, SparsifyConfig(quant="int8", prune=True, include=[r"k_proj$", r"up_proj$"]))
+    sparsify_(model, SparsifyConfig(quant="int4", group_size=128, prune=True))
+    engine = DecodeEngine(model, max_seq=32)
+    names = [p.name for p in engine.plan.layers]
+    assert "model.layers.0.self_attn.k_proj" in names and "model.layers.0.mlp.up_proj" in names
+    assert all("not fused" in p.why for p in engine.plan.layers if p.name.endswith(("k_proj", "up_proj")))
+    np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=2e-5, rtol=1e-4)
