@@ -43,25 +43,28 @@ metadata word with the field of kept weight j at bit ``8 * (j % 4) + 2 * (j // 4
 
 Each block's int32 sum plus ``corr`` times ``wscale * xs_b`` is added in float (``fmla``).
 
-**Speed: an estimate, not a measurement** (no ARM machine here). From the emitted assembly
-(:func:`loop_instruction_counts`, LLVM for ``generic`` AArch64; the numbers below are of the
-inner loop bodies) and a Cortex-A76-class core - two 128-bit NEON pipes, ``fmla``, ``tbl``,
-``sdot``, logic and shifts on both (``ushl``/``sli`` on one), two load pipes, ~2.4 GHz:
+**Speed: an estimate, not a measurement** (no ARM machine here). Counts from the emitted
+assembly (:func:`loop_instruction_counts`: the inner loop bodies, LLVM for ``generic``
+AArch64); the model is a Cortex-A76-class core at 2.4 GHz (Raspberry Pi 5, many phones): two
+128-bit NEON pipes, ``tbl`` (one or two table registers), ``sdot``, ``fmla`` and logic on
+either, shifts (``ushl``, ``sli``, ``shl``) on one of them; two load pipes; and a single core
+streaming ~8-12 GB/s from LPDDR4X (assumed, not measured). A dense float32 GEMV is memory
+bound at 256 bytes per 64 columns of a row.
 
-* float32, per 64 bytes of weights (one row-unit: 16 weights + 4 metadata bytes): 18 NEON
-  ops (4 ``tbl``x2, 4 ``orr``, 4 ``fmla``, 1 ``ushl``, 1 ``and``) + 2 loads of weights,
-  1 of metadata and 2 of x (a quad's x loads are shared by its 4 rows): ~9-10 cycles, ~16 GB/s
-  of weights per core - above what one A76 core streams from LPDDR4X (~8-12 GB/s), so memory
-  bound like a dense GEMV, which reads 128 bytes for the same 32 columns: ~1.7x at best.
-* INT8, per 64 bytes of codes (two chunks: + 16 metadata bytes): 16 NEON ops (4 ``ushl``,
-  4 ``sli``, 4 ``tbl``, 4 ``sdot``) + ~8 loads: ~8 cycles per 80 bytes streamed, ~24 GB/s:
-  memory bound.
-* INT4, per 64 bytes of codes (four chunks, 128 weights: + 32 metadata bytes): 40 NEON ops
-  (8 ``ushl``, 8 ``sli``, 8 ``tbl``, 8 ``sdot``, 4 ``shl``, 4 ``and``) + ~16 loads: ~20 cycles
-  per 96 bytes streamed, ~11 GB/s - about at one core's bandwidth, so close to compute bound;
-  a second core helps.
+* float32, per row and unit (64 bytes of weights + 4 metadata bytes): 18 NEON ops (8 ``tbl``,
+  4 ``orr``, 4 ``fmla``, 1 ``ushl``, 1 ``and``) and 5 loads (weights, metadata, and a quarter
+  of the quad's 8 x registers): ~9 cycles, ~18 GB/s - memory bound, so up to 256 / 136 =
+  ~1.9x the dense float32 GEMV.
+* INT8, per 64-column chunk (32 code bytes + 8 metadata bytes): 8 NEON ops (2 ``ushl``,
+  2 ``sli``, 2 ``tbl``, 2 ``sdot``; 4 of them shifts) and 6 loads: ~4 cycles, ~24 GB/s -
+  memory bound: up to 256 / 40 = ~6x the dense float32 GEMV.
+* INT4, per 64-column chunk (16 code bytes + 8 metadata bytes): 10 NEON ops (the INT8 ones
+  plus ``shl``, ``and``; 5 shifts) and 5 loads: ~5 cycles, ~11.5 GB/s - at about one core's
+  bandwidth, so bound by both: ~10x the dense float32 GEMV (256 / 24 bytes would be 10.7x).
 
-:func:`loop_instruction_counts` recomputes the counts from the assembly of this module.
+A core that issues the two-register ``tbl`` or ``sdot`` on one pipe only (e.g. the in-order
+Cortex-A55) takes about twice the cycles; the float32 and INT4 kernels then run below the
+memory bandwidth. :func:`loop_instruction_counts` recomputes the counts from the assembly.
 
 On an AArch64 host the kernels are compiled by :mod:`sparsemerge.kernels.llvm_jit` and run by
 the numba row runners (untested here: this machine is x86-64; the arithmetic is tested under
