@@ -258,3 +258,17 @@ def test_registry_rows_need_neon_and_are_never_chosen_here():
         layer = pack_blocked(sparse_weight(8, 64), 2, 4)
         assert "lacks neon" in f32.supports(layer, torch.randn(1, 64))
         assert N.f32_unavailable_reason(layer) is not None
+
+
+def test_native_path_says_why_it_cannot_run_on_other_hosts():
+    import platform
+
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        pytest.skip("an AArch64 host runs the kernels natively")
+    f32 = pack_blocked(sparse_weight(8, 64), 2, 4)
+    q8 = pack_blocked(sparse_weight(8, 256), 2, 4, "int8")
+    assert "not an AArch64 host" in N.f32_unavailable_reason(f32)
+    assert "not an AArch64 host" in N.a8_unavailable_reason(q8)
+    assert "is not a multiple of 32" in N.f32_unavailable_reason(pack_blocked(sparse_weight(8, 48), 2, 4))
+    with pytest.raises(RuntimeError, match="not an AArch64 host"):
+        N.compiled_functions()
