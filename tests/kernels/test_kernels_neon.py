@@ -269,6 +269,6 @@ def test_native_path_says_why_it_cannot_run_on_other_hosts():
     q8 = pack_blocked(sparse_weight(8, 256), 2, 4, "int8")
     assert "not an AArch64 host" in N.f32_unavailable_reason(f32)
     assert "not an AArch64 host" in N.a8_unavailable_reason(q8)
-    assert "is not a multiple of 32" in N.f32_unavailable_reason(pack_blocked(sparse_weight(8, 48), 2, 4))
+    assert "48 are not a multiple of 32" in N.f32_unavailable_reason(pack_blocked(sparse_weight(8, 48), 2, 4))
     with pytest.raises(RuntimeError, match="not an AArch64 host"):
         N.compiled_functions()
