@@ -14,8 +14,11 @@ avx512-vnni-a8        10        2:4 INT8/INT4 (symmetric), batch 1, INT8 activat
 avxvnni-a8            12        the same with the 256-bit VEX ``vpdpbusd`` (``kernels/cpu_avx2.py``;
                                 AVX2 + FMA + AVX-VNNI: Alder Lake, Zen 5)
 avx2-a8               14        the same with AVX2 + FMA (``kernels/cpu_avx2.py``; Haswell, Zen 1-3)
+neon-dotprod-a8       16        the same with NEON + dotprod ``sdot`` (``kernels/cpu_neon.py``;
+                                AArch64 only; tested under qemu, the numba run path untested)
 avx512-gather-f32     20        2:4 float32, batch 1 (``kernels/cpu_gather.py``; AVX-512 VBMI)
 avx2-f32              22        2:4 float32, batch 1 (``kernels/cpu_avx2.py``; AVX2 + FMA)
+neon-f32              24        2:4 float32, batch 1 (``kernels/cpu_neon.py``; AArch64 NEON)
 numba-gemv24          30        2:4, any codec, batch 1 (``kernels/cpu_blocked.py``)
 numba-gemm24          31        2:4, any codec and batch
 numba-general         32        any N:M, codec and batch (``kernels/cpu_general.py``)
@@ -262,6 +265,33 @@ def _avx2_a8(vnni: bool):
     return check, run, token
 
 
+# ---------------------------------------------------------------- NEON rows (AArch64 hosts only)
+def _neon_f32_check(layout) -> Optional[str]:
+    from sparsemerge.kernels.cpu_neon import f32_unavailable_reason
+
+    return f32_unavailable_reason(layout)
+
+
+def _neon_f32_run(layer, x: torch.Tensor) -> torch.Tensor:
+    from sparsemerge.kernels.cpu_neon import f32_matmul
+    from sparsemerge.kernels.threads import sync_threads
+
+    return f32_matmul(layout_of(layer), as_f32(x), sync_threads())
+
+
+def _neon_a8_check(layout) -> Optional[str]:
+    from sparsemerge.kernels.cpu_neon import a8_unavailable_reason
+
+    return a8_unavailable_reason(layout)
+
+
+def _neon_a8_run(layer, x: torch.Tensor) -> Optional[torch.Tensor]:
+    from sparsemerge.kernels.cpu_neon import a8_matmul
+    from sparsemerge.kernels.threads import sync_threads
+
+    return a8_matmul(layout_of(layer), as_f32(x), sync_threads())
+
+
 # ---------------------------------------------------------------- numba rows
 def _numba(path: str):
     def run(layer, x: torch.Tensor) -> torch.Tensor:
@@ -297,10 +327,13 @@ register_kernel(cpu_row("avx512-vnni-a8", 10, _vnni_run, SYM_24_Q, VNNI512, _vnn
 register_kernel(cpu_row("avxvnni-a8", 12, _vnni256[1], SYM_24_Q, AVX2 + ("avxvnni",), _vnni256[0], _vnni256[2], "int8",
                         "kernels/cpu_avx2.py"))
 register_kernel(cpu_row("avx2-a8", 14, _avx2a8[1], SYM_24_Q, AVX2, _avx2a8[0], _avx2a8[2], "int8", "kernels/cpu_avx2.py"))
+register_kernel(cpu_row("neon-dotprod-a8", 16, _neon_a8_run, SYM_24_Q, ("neon", "dotprod"), _neon_a8_check, None,
+                        "int8", "kernels/cpu_neon.py"))
 register_kernel(cpu_row("avx512-gather-f32", 20, _gather_run, F32_24, GATHER512, _gather_check, _gather_token,
                         source="kernels/cpu_gather.py"))
 register_kernel(cpu_row("avx2-f32", 22, _avx2_f32_run, F32_24, AVX2, _avx2_f32_check, _avx2_f32_token,
                         source="kernels/cpu_avx2.py"))
+register_kernel(cpu_row("neon-f32", 24, _neon_f32_run, F32_24, ("neon",), _neon_f32_check, source="kernels/cpu_neon.py"))
 register_kernel(cpu_row("numba-gemv24", 30, _numba("gemv24"), Handles(patterns=("2:4",), batch1=True),
                         source="kernels/cpu_blocked.py"))
 register_kernel(cpu_row("numba-gemm24", 31, _numba("gemm24"), Handles(patterns=("2:4",)), source="kernels/cpu_blocked.py"))
