@@ -58,13 +58,29 @@ def _avx2_f32():
     return DecodeKernel(KIND_F32, cpu_avx2.prepare_f32, cpu_avx2.compiled_functions, "vpermilps input gather")
 
 
-# registry row -> how the compiled step runs it (numba-gemv24 is resolved per codec below)
+def _neon_a8():
+    from sparsemerge.kernels import cpu_neon
+
+    return DecodeKernel(KIND_A8, cpu_neon.prepare_a8, cpu_neon.compiled_functions, "INT8 activations, NEON sdot")
+
+
+def _neon_f32():
+    from sparsemerge.kernels import cpu_neon
+
+    return DecodeKernel(KIND_F32, cpu_neon.prepare_f32, cpu_neon.compiled_functions, "NEON tbl input gather")
+
+
+# registry row -> how the compiled step runs it (numba-gemv24 is resolved per codec below).
+# The NEON rows share the x86 rows' C signatures; on AArch64 they are untested here (no
+# ARM machine: their kernels are tested under qemu in tests/kernels/test_kernels_neon.py).
 DECODE_ROWS: dict[str, Callable[[], DecodeKernel]] = {
     "avx512-vnni-a8": _vnni,
     "avxvnni-a8": _avxvnni,
     "avx2-a8": _avx2_a8,
     "avx512-gather-f32": _gather,
     "avx2-f32": _avx2_f32,
+    "neon-dotprod-a8": _neon_a8,
+    "neon-f32": _neon_f32,
     "numba-gemv24": lambda: DecodeKernel(-1, what="numba blocked kernel, any CPU"),
 }
 
