@@ -154,26 +154,36 @@ def test_nan_input_returns_none(variant):
 
 
 # ---------------------------------------------------------------- the plan
-def test_plan_views_the_codes_and_documents_its_parameters():
+def test_plan_layout_and_parameters():
     codes = torch.randint(-128, 128, (10, 576), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     scale = torch.rand(10, 5)
     plan = D.prepare(codes, scale, 128)
-    assert np.shares_memory(plan["stream"], codes.numpy())  # a tied head shares the table's codes
-    assert plan["stream"].dtype == np.uint8 and plan["stream"].shape == (10, 576)
+    c = codes.numpy()
+    # quad-interleaved: row r's chunk k at [r // 4, 256 k + 64 (r % 4)], rows padded to 12 with zeros
+    stream = plan["stream"]
+    assert stream.dtype == np.uint8 and stream.shape == (3, 9 * 256)
+    for r in range(12):
+        for k in range(9):
+            got = stream[r // 4, 256 * k + 64 * (r % 4): 256 * k + 64 * (r % 4) + 64].view(np.int8)
+            np.testing.assert_array_equal(got, c[r, 64 * k: 64 * k + 64] if r < 10 else 0)
+    np.testing.assert_array_equal(D.stream_rows(plan, [9, 0, 4, 9]), c[[9, 0, 4, 9]])
+    with pytest.raises(IndexError):
+        D.stream_rows(plan, [10])
     assert (plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"]) == (9, 2, 5, 1)
     assert plan["corr"].shape == (10, 5) and plan["corr"].dtype == np.int32
-    c = codes.numpy().astype(np.int64)
+    c = c.astype(np.int64)
     np.testing.assert_array_equal(plan["corr"][:, 0], -128 * c[:, :128].sum(1))
     np.testing.assert_array_equal(plan["corr"][:, 4], -128 * c[:, 512:].sum(1))
-    assert plan["nbytes"] == 10 * 576 + 10 * 5 * 4 + 10 * 5 * 4
+    assert plan["nbytes"] == 12 * 576 + 10 * 5 * 4 + 10 * 5 * 4
     per_row = D.prepare(codes, scale[:, :1], 0)
     assert (per_row["tail"], per_row["nscale"], per_row["xb_per_q"]) == (4, 1, 3)
     np.testing.assert_array_equal(per_row["corr"][:, 2], -128 * c[:, 512:].sum(1))
     g512 = D.prepare(codes, torch.rand(10, 2), 512)  # a scale group of two activation blocks
     assert (g512["tail"], g512["xb_per_q"]) == (4, 2)
     odd = D.prepare(codes[:, :200], torch.rand(10, 1), 0)  # padded with zero codes to 256
-    assert odd["stream"].shape == (10, 256) and not odd["stream"][:, 200:].any()
-    assert not np.shares_memory(odd["stream"], codes.numpy())
+    assert odd["stream"].shape == (3, 4 * 256) and odd["npairs"] == 4
+    assert not odd["stream"].reshape(3, 4, 4, 64)[:, 3, :, 8:].any()
+    np.testing.assert_array_equal(D.stream_rows(odd, range(10)), codes.numpy()[:, :200])
 
 
 def test_bad_input_is_rejected_clearly():
