@@ -204,3 +204,27 @@ def test_mixed_storage_in_one_layer_runs_unfused_with_a_kernel_each():
     assert "model.layers.0.self_attn.k_proj" in names and "model.layers.0.mlp.up_proj" in names
     assert all("not fused" in p.why for p in engine.plan.layers if p.name.endswith(("k_proj", "up_proj")))
     np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(bool(missing_reason(("avx2", "fma"))), reason="the CPU lacks AVX2/FMA")
+@pytest.mark.parametrize("level", ["native", "avx2"])
+def test_int8_head_with_int8_activations_runs_the_dense_a8_kernel(level):
+    from sparsemerge.kernels.sparse_linear import SparsifyConfig as SC
+
+    with cpu_level(level):
+        model = make_tiny_llama(hidden=256, intermediate=512)
+        sparsify_(model, SC(quant="int4", group_size=128, prune=True, act_quant="int8", head_quant="int8"))
+        engine = DecodeEngine(model, act_quant="int8", max_seq=32)
+        head = engine.plan.layers[-1]
+        assert head.name == "lm_head" and head.kernel.startswith("dense-a8-") and head.kind == KIND_A8
+        engine.reset()
+        got = np.stack([engine.step(t).copy() for t in IDS[:-1]])
+        names = [n for n, m in model.named_modules() if isinstance(m, SparseLinear)] + ["lm_head"]
+        handles = fake_quant_inputs(model, names)
+        try:
+            with torch.no_grad():
+                ref = model(torch.tensor([IDS])).logits[0, :-1].numpy()
+        finally:
+            for h in handles:
+                h.remove()
+        np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)

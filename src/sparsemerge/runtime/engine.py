@@ -170,6 +170,17 @@ class DecodeEngine:
         from sparsemerge.kernels.dense_int8 import Int8Linear
 
         layout = None
+        if p.kernel.startswith("dense-a8-"):  # a dense INT8 layer (the head) with INT8 activations
+            from sparsemerge.kernels import dense_a8
+
+            module = p.modules[0]
+            plan = dense_a8.prepare(module.codes, module.scale, module.group_size)
+            kw["a8_stream"].append(plan["stream"])
+            kw["a8_scale"].append(plan["scale"])
+            kw["a8_corr"].append(plan["corr"])
+            a8_par.append((plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"],
+                           dense_a8.address(p.kernel[len("dense-a8-"):])))
+            return len(a8_par) - 1
         if p.kind in (S.KIND_A8, S.KIND_F32, S.KIND_BQ, S.KIND_BF):
             layouts = [m.layout for m in p.modules]
             layout = layouts[0] if len(layouts) == 1 else concat_rows(layouts)

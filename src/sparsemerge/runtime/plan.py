@@ -151,15 +151,26 @@ def choose_sparse_kernel(layout, act_quant: str) -> tuple[Optional[str], int, st
     return rk.choose(layout, act_quant)
 
 
-def _dense_entry(name: str, module: nn.Module) -> tuple[str, str, int, int, str, int]:
-    """(pattern, codec, bytes, kind, kernel, why) for a dense projection."""
+def _dense_entry(name: str, module: nn.Module, act_quant: str = "none") -> tuple[str, str, int, int, str, str]:
+    """(pattern, codec, bytes, kind, kernel, why) for a dense projection; an INT8 one takes the
+    INT8-activation kernel of ``kernels/dense_a8.py`` when activations are INT8 and it can run."""
     from sparsemerge.kernels.dense_int8 import Int8Linear
-    from sparsemerge.runtime.step import KIND_DF, KIND_DQ
+    from sparsemerge.runtime.step import KIND_A8, KIND_DF, KIND_DQ
 
     if isinstance(module, Int8Linear):
         gs = "per-channel" if not module.group_size else f"g{module.group_size}"
         nbytes = module.codes.numel() + module.scale.numel() * 4
-        return "dense", f"int8 {gs}", nbytes, KIND_DQ, "numba-dense-int8", "dense INT8 codes (not N:M)"
+        why = "dense INT8 codes (not N:M)"
+        if act_quant == "int8":
+            from sparsemerge.kernels import dense_a8
+
+            variant, skipped = dense_a8.best_variant()
+            reason = "no variant runs here" if variant is None else dense_a8.unavailable_reason(
+                module.out_features, module.in_features, module.group_size, variant)
+            if reason is None:
+                return "dense", f"int8 {gs}", nbytes, KIND_A8, f"dense-a8-{variant}", why + ", INT8 activations"
+            why += f"; dense A8 kernel skipped: {reason}"
+        return "dense", f"int8 {gs}", nbytes, KIND_DQ, "numba-dense-int8", why
     if type(module) not in (nn.Linear,) and not _is_gemv(module):
         raise UnsupportedModel(f"{name}: {type(module).__name__} is not a layer the decode runtime can run")
     if module.weight.dtype != torch.float32:
@@ -203,7 +214,7 @@ def _entry(names: list[str], modules: list[nn.Module], act_quant: str) -> list[L
             rows.append(LayerPlan(name, layout.rows, layout.cols, f"{layout.n}:{layout.m}", _codec_text(layout),
                                   kernel, _row_bytes(layout, kind), why, kind, [module]))
         else:
-            pattern, codec, nbytes, kind, kernel, why = _dense_entry(name, module)
+            pattern, codec, nbytes, kind, kernel, why = _dense_entry(name, module, act_quant)
             rows.append(LayerPlan(name, module.out_features, module.in_features, pattern, codec, kernel, nbytes,
                                   why, kind, [module]))
     return rows
@@ -248,7 +259,7 @@ def build_plan(model: nn.Module, act_quant: str = "none") -> DecodePlan:
             plan.layers += _entry([f"{pre}.mlp.{p}" for p in MLP[:2]], [getattr(mlp, p) for p in MLP[:2]], act_quant)
             plan.layers += _entry([f"{pre}.mlp.down_proj"], [mlp.down_proj], act_quant)
         head = model.get_output_embeddings()
-        plan.layers += _entry(["lm_head"], [head], "none")
+        plan.layers += _entry(["lm_head"], [head], act_quant)
     except UnsupportedModel as exc:
         plan.supported, plan.reason = False, str(exc)
     except AttributeError as exc:
