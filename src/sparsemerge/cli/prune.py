@@ -108,11 +108,10 @@ def run_check(args: argparse.Namespace) -> int:
     from sparsemerge.io import open_tensor_source
     from sparsemerge.masks import check_pattern, pattern_applicable
     from sparsemerge.patterns import parse_pattern
-    from sparsemerge.prune.config import DEFAULT_EXCLUDE, DEFAULT_INCLUDE
+    from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, LayerFilter
 
     pattern = parse_pattern(args.pattern)
-    include = [re.compile(r) for r in (args.include or DEFAULT_INCLUDE)]
-    exclude = [re.compile(r) for r in (args.exclude or DEFAULT_EXCLUDE)]
+    selected = LayerFilter(args.include or DEFAULT_INCLUDE, args.exclude or DEFAULT_EXCLUDE)
     rows = []
     violations = 0
     with open_tensor_source(args.model) as tensors:
@@ -120,7 +119,7 @@ def run_check(args: argparse.Namespace) -> int:
             if not name.endswith(".weight"):
                 continue
             module = name[: -len(".weight")]
-            if not any(r.search(module) for r in include) or any(r.search(module) for r in exclude):
+            if not selected(module):
                 continue
             shape = tensors.shape(name)
             if len(shape) != 2:

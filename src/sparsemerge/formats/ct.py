@@ -22,7 +22,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,6 +32,9 @@ from sparsemerge.formats.bitmask import Bitmask, pack_mask, unpack_mask
 from sparsemerge.formats.nm import NMPacked
 from sparsemerge.formats.size import PlanRow, ct_nbytes
 from sparsemerge.patterns import NM
+
+if TYPE_CHECKING:
+    from sparsemerge.formats.model import PackConfig
 
 CT_FORMAT = "sparse-24-bitmask"
 CT_SUFFIXES = ("compressed", "bitmask", "shape")
@@ -92,7 +95,7 @@ def from_ct_fields(name: str, compressed: torch.Tensor, bitmask: torch.Tensor, s
     return Bitmask((rows, cols), values.dtype, mask, values.contiguous())
 
 
-def write_ct(src: Any, out: "str | Path", config: Any, overwrite: bool = False, progress: bool = False) -> Any:
+def write_ct(src: Any, out: "str | Path", config: "PackConfig", overwrite: bool = False, progress: bool = False) -> Any:
     """``pack --format sparse-24-bitmask``: write a compressed-tensors folder."""
     from sparsemerge.formats.layout import STORED_DTYPES, PackReport, _progress, _targets, copy_side_files
     from sparsemerge.io import ShardedWriter, atomic_output, ensure_writable, open_tensor_source

@@ -6,10 +6,13 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from sparsemerge.io.dtypes import DTYPE_NAMES
 from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, LayerFilter
+
+if TYPE_CHECKING:  # formats/model.py imports this module
+    from sparsemerge.formats.model import PackConfig
 
 MANIFEST_NAME = "sparsemerge_packed.json"
 # --dtype of pack: "keep" the source dtype, or store floats in one of these
@@ -46,8 +49,8 @@ def _progress(items: list[str], enabled: bool, desc: str) -> Iterator[str]:
     yield from tqdm(items, desc=desc, unit="tensor")
 
 
-def _targets(config: Any) -> Callable[[str], bool]:
-    """Tensor name -> packed in the sparse format (``config``: a PackConfig; an empty or
+def _targets(config: "PackConfig") -> Callable[[str], bool]:
+    """Tensor name -> packed in the sparse format (an empty or
     missing include/exclude list means the default)."""
     return LayerFilter(config.include or DEFAULT_INCLUDE, config.exclude or DEFAULT_EXCLUDE).weight
 

@@ -75,11 +75,11 @@ def use_gemv_(model: nn.Module, pattern: str = r".*") -> list[str]:
     into :class:`GemvLinear` in place; returns their names."""
     import re
 
+    from sparsemerge.selection import replace_module
+
     done = []
     for name, module in list(model.named_modules()):
         if type(module) is nn.Linear and re.search(pattern, name):
-            parent_name, _, child = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, child, GemvLinear.from_linear(module))
+            replace_module(model, name, GemvLinear.from_linear(module))
             done.append(name)
     return done

@@ -28,11 +28,13 @@ from typing import Optional
 import torch
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.io.dtypes import dtype_from_name
 from sparsemerge.patterns import NM
 
 BLOCK_ROWS = 64
 CODECS = ("none", "int8", "int4")
-VALUE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# the float value dtypes the layout stores, from the one dtype table (io/dtypes.py)
+VALUE_DTYPES = {name: dtype_from_name(name) for name in ("float32", "float16", "bfloat16")}
 
 
 @dataclass

@@ -156,9 +156,9 @@ def _get(model: nn.Module, name: str) -> Optional[nn.Module]:
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
+    from sparsemerge.selection import replace_module
+
+    replace_module(model, name, new)
 
 
 def load_for_run(

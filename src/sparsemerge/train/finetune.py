@@ -196,7 +196,7 @@ def save_lora_adapter(
     records: "dict[str, Any] | None" = None,
 ) -> Path:
     """Write ``out/adapter_config.json`` + ``out/adapter_model.safetensors`` (PEFT's layout) atomically."""
-    from safetensors.torch import save_file
+    from sparsemerge.io.writer import save_safetensors
 
     state = lora_state_dict(model)
     if not state:
@@ -224,7 +224,7 @@ def save_lora_adapter(
         "revision": None,
     }
     with atomic_output(out, overwrite=overwrite) as tmp:
-        save_file(state, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        save_safetensors(state, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
         write_json_atomic(tmp / "adapter_config.json", adapter_config)
         for name, data in (records or {}).items():
             write_json_atomic(tmp / name, data)

@@ -11,15 +11,12 @@ is full whenever any part of :mod:`sparsemerge.merge` is in use.
 * :mod:`.orthogonal` -- ``orthogonal`` (Gram-Schmidt task vectors)
 * :mod:`.passthrough` -- ``passthrough`` (layer stitching with ``slices``)
 
-A new method is one more module here (a function decorated with ``register_method``) and one
-more import below. The greedy soup is a search over evaluations, not a per-tensor method: it
+A new method is one more module here (a function decorated with ``register_method``): every
+module of this package is imported below. The greedy soup is a search over evaluations, not a per-tensor method: it
 is :func:`sparsemerge.merge.soups.greedy_soup`.
 """
-from sparsemerge.merge.methods import (  # noqa: F401
-    gta,
-    linear,
-    model_stock,
-    orthogonal,
-    passthrough,
-    slerp,
-)
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
