@@ -56,7 +56,7 @@ import torch
 
 from sparsemerge.kernels import cpu_gather, cpu_vnni
 from sparsemerge.kernels.layout import BlockedNM, positions_of, unblock
-from sparsemerge.kernels.llvm_jit import compile_functions, features_missing
+from sparsemerge.kernels.llvm_jit import compile_functions, f32_row_kernel, features_missing
 
 UNIT = cpu_gather.UNIT  # f32: input columns per metadata word (16 kept weights)
 BLOCK_UNITS = cpu_gather.BLOCK_UNITS  # f32: units per column block (2048 inputs in L1)
@@ -148,42 +148,10 @@ declare <8 x float> @llvm.x86.avx.vpermilvar.ps.256(<8 x float>, <8 x i32>)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
 
-; The arguments and the layout of cpu_gather.py's gemv24_f32_gather (units of 32 columns, row
-; quads interleaved, column blocks of %bunits units), with the slots in F32_ORDER.
-define void @gemv24_f32_avx2(ptr %vals, ptr %meta, ptr %x, ptr %out, i64 %r0, i64 %r1, i64 %units,
-                             i64 %nquads, i64 %bunits) {
-entry:
-  %blockwords = mul i64 %bunits, %nquads
-  %blockwords4 = mul i64 %blockwords, 4
-  br label %blockloop
-blockloop:
-  %c0 = phi i64 [ 0, %entry ], [ %c0next, %blockend ]
-  %cdone = icmp uge i64 %c0, %units
-  br i1 %cdone, label %exit, label %blockbody
-blockbody:
-  %first = icmp eq i64 %c0, 0
-  %left = sub i64 %units, %c0
-  %short = icmp ult i64 %left, %bunits
-  %cu = select i1 %short, i64 %left, i64 %bunits
-  %cidx = udiv i64 %c0, %bunits
-  %cbase = mul i64 %cidx, %blockwords4
-  br label %quadloop
-quadloop:
-  %r = phi i64 [ %r0, %blockbody ], [ %rnext, %quadend ]
-  %rdone = icmp uge i64 %r, %r1
-  br i1 %rdone, label %blockend, label %quadbody
-quadbody:
-  %q = lshr i64 %r, 2
-  %qu = mul i64 %q, %cu
-  br label %unitloop
-unitloop:
-  %u = phi i64 [ 0, %quadbody ], [ %unext, %unitbody ]
-PHIS
-  %udone = icmp uge i64 %u, %cu
-  br i1 %udone, label %quadend, label %unitbody
-unitbody:
-  %ug = add i64 %c0, %u
-  %xo = mul i64 %ug, 32
+"""
+# the unit's 32 inputs as four 8-float vectors (the in-lane vpermilps tables); the layout
+# is cpu_gather.py's with the slots in F32_ORDER
+_F32_XLOADS = """
   %xap = getelementptr float, ptr %x, i64 %xo
   %xbp = getelementptr float, ptr %xap, i64 8
   %xcp = getelementptr float, ptr %xap, i64 16
@@ -192,22 +160,6 @@ unitbody:
   %xb = load <8 x float>, ptr %xbp, align 4
   %xc = load <8 x float>, ptr %xcp, align 4
   %xd = load <8 x float>, ptr %xdp, align 4
-  %qui = add i64 %qu, %u
-  %mlocal = mul i64 %qui, 4
-  %mbase = add i64 %cbase, %mlocal
-ROWS
-  %unext = add i64 %u, 1
-  br label %unitloop
-quadend:
-ENDS
-  %rnext = add i64 %r, 4
-  br label %quadloop
-blockend:
-  %c0next = add i64 %c0, %bunits
-  br label %blockloop
-exit:
-  ret void
-}
 """
 
 
@@ -215,7 +167,7 @@ def _f32_ir() -> str:
     def each(t: str) -> str:
         return "".join(t.replace("{k}", str(k)) for k in range(4))
 
-    ir = _F32_IR.replace("PHIS", each(_F32_PHI)).replace("ROWS", each(_F32_ROW_STEP)).replace("ENDS", each(_F32_ROW_END))
+    ir = _F32_IR + f32_row_kernel("gemv24_f32_avx2", each(_F32_PHI), _F32_XLOADS, each(_F32_ROW_STEP), each(_F32_ROW_END))
     return (ir.replace("SHIFT0", _vec([2 * j for j in range(8)], "i32"))
             .replace("SHIFT1", _vec([2 * j for j in range(8, 16)], "i32"))
             .replace("BLEND", _vec([0, 1, 10, 11, 4, 5, 14, 15], "i32")))

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from sparsemerge.kernels.layout import BlockedNM, positions_of, unblock
-from sparsemerge.kernels.llvm_jit import compile_functions, features_missing
+from sparsemerge.kernels.llvm_jit import compile_functions, f32_row_kernel, features_missing
 
 UNIT = 32  # input columns per vpermi2ps table (16 kept weights)
 BLOCK_UNITS = 64  # units per column block: 2048 inputs, 8 KiB of x kept in L1
@@ -84,78 +84,26 @@ declare <16 x float> @llvm.x86.avx512.vpermi2var.ps.512(<16 x float>, <16 x i32>
 declare <16 x float> @llvm.fma.v16f32(<16 x float>, <16 x float>, <16 x float>)
 declare float @llvm.vector.reduce.fadd.v16f32(float, <16 x float>)
 
-; The columns go in blocks of %bunits units (the last block may be shorter), rows in quads.
-; Block c, quad q, unit u of the block, row k of the quad: metadata word
-;   meta[c * bunits * 4 * nquads + (q * cu + u) * 4 + k]   (cu = units in block c)
-; and its 16 weights at vals[16 * that index]: one weight stream per block, and the block's
-; inputs (bunits * 32 floats, 8 KiB) stay in L1 while every quad streams past them (with whole
-; rows the weights streaming through L1 evicted the inputs before their next use).
-; out[r] = the sum over blocks, for rows r0..r1-1 (multiples of 4).
-define void @gemv24_f32_gather(ptr %vals, ptr %meta, ptr %x, ptr %out, i64 %r0, i64 %r1, i64 %units,
-                               i64 %nquads, i64 %bunits) {
-entry:
-  %blockwords = mul i64 %bunits, %nquads
-  %blockwords4 = mul i64 %blockwords, 4
-  br label %blockloop
-blockloop:
-  %c0 = phi i64 [ 0, %entry ], [ %c0next, %blockend ]
-  %cdone = icmp uge i64 %c0, %units
-  br i1 %cdone, label %exit, label %blockbody
-blockbody:
-  %first = icmp eq i64 %c0, 0
-  %left = sub i64 %units, %c0
-  %short = icmp ult i64 %left, %bunits
-  %cu = select i1 %short, i64 %left, i64 %bunits
-  %cidx = udiv i64 %c0, %bunits
-  %cbase = mul i64 %cidx, %blockwords4
-  %xc = getelementptr float, ptr %x, i64 0
-  br label %quadloop
-quadloop:
-  %r = phi i64 [ %r0, %blockbody ], [ %rnext, %quadend ]
-  %rdone = icmp uge i64 %r, %r1
-  br i1 %rdone, label %blockend, label %quadbody
-quadbody:
-  %q = lshr i64 %r, 2
-  %qu = mul i64 %q, %cu
-  br label %unitloop
-unitloop:
-  %u = phi i64 [ 0, %quadbody ], [ %unext, %unitbody ]
-  %a0 = phi <16 x float> [ zeroinitializer, %quadbody ], [ %an0, %unitbody ]
-  %a1 = phi <16 x float> [ zeroinitializer, %quadbody ], [ %an1, %unitbody ]
-  %a2 = phi <16 x float> [ zeroinitializer, %quadbody ], [ %an2, %unitbody ]
-  %a3 = phi <16 x float> [ zeroinitializer, %quadbody ], [ %an3, %unitbody ]
-  %udone = icmp uge i64 %u, %cu
-  br i1 %udone, label %quadend, label %unitbody
-unitbody:
-  %ug = add i64 %c0, %u
-  %xo = mul i64 %ug, 32
+"""
+_PHI = """
+  %a{k} = phi <16 x float> [ zeroinitializer, %quadbody ], [ %an{k}, %unitbody ]
+"""
+# the unit's 32 inputs as two 16-float vectors: the vpermi2ps table
+_XLOADS = """
   %xlp = getelementptr float, ptr %x, i64 %xo
   %xhp = getelementptr float, ptr %xlp, i64 16
   %xl = load <16 x float>, ptr %xlp, align 4
   %xh = load <16 x float>, ptr %xhp, align 4
-  %qui = add i64 %qu, %u
-  %mlocal = mul i64 %qui, 4
-  %mbase = add i64 %cbase, %mlocal
-ROWS
-  %unext = add i64 %u, 1
-  br label %unitloop
-quadend:
-ENDS
-  %rnext = add i64 %r, 4
-  br label %quadloop
-blockend:
-  %c0next = add i64 %c0, %bunits
-  br label %blockloop
-exit:
-  ret void
-}
 """
 
 
 def _kernel_ir() -> str:
-    rows = "".join(_ROW_STEP.replace("{k}", str(k)) for k in range(4))
-    ends = "".join(_ROW_END.replace("{k}", str(k)) for k in range(4))
-    ir = _IR.replace("ROWS", rows).replace("ENDS", ends)
+    """The module: the shared float32 loop nest (``llvm_jit.F32_ROW_KERNEL``) with this
+    kernel's accumulators, input loads, row steps and row ends."""
+    def each(t: str) -> str:
+        return "".join(t.replace("{k}", str(k)) for k in range(4))
+
+    ir = _IR + f32_row_kernel("gemv24_f32_gather", each(_PHI), _XLOADS, each(_ROW_STEP), each(_ROW_END))
     return ir.replace("SHIFTS", _SHIFTS).replace("THREE", _THREE).replace("GROUP_BASE", _GROUP_BASE)
 
 

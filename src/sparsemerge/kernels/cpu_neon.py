@@ -83,6 +83,7 @@ import torch
 
 from sparsemerge.kernels import cpu_gather, cpu_vnni
 from sparsemerge.kernels.layout import BlockedNM, positions_of, unblock
+from sparsemerge.kernels.llvm_jit import f32_row_kernel
 
 UNIT = cpu_gather.UNIT  # f32: input columns per metadata word (16 kept weights)
 BLOCK_UNITS = cpu_gather.BLOCK_UNITS  # f32: units per column block (2048 inputs)
@@ -162,65 +163,12 @@ declare <16 x i8> @llvm.aarch64.neon.tbl2.v16i8(<16 x i8>, <16 x i8>, <16 x i8>)
 declare <4 x float> @llvm.fma.v4f32(<4 x float>, <4 x float>, <4 x float>)
 declare float @llvm.vector.reduce.fadd.v4f32(float, <4 x float>)
 
-; The arguments and the layout of cpu_gather.py's gemv24_f32_gather (units of 32 columns, row
-; quads interleaved, column blocks of %bunits units), slots in column order.
-define void @gemv24_f32_neon(ptr %vals, ptr %meta, ptr %x, ptr %out, i64 %r0, i64 %r1, i64 %units,
-                             i64 %nquads, i64 %bunits) {
-entry:
-  %blockwords = mul i64 %bunits, %nquads
-  %blockwords4 = mul i64 %blockwords, 4
-  br label %blockloop
-blockloop:
-  %c0 = phi i64 [ 0, %entry ], [ %c0next, %blockend ]
-  %cdone = icmp uge i64 %c0, %units
-  br i1 %cdone, label %exit, label %blockbody
-blockbody:
-  %first = icmp eq i64 %c0, 0
-  %left = sub i64 %units, %c0
-  %short = icmp ult i64 %left, %bunits
-  %cu = select i1 %short, i64 %left, i64 %bunits
-  %cidx = udiv i64 %c0, %bunits
-  %cbase = mul i64 %cidx, %blockwords4
-  br label %quadloop
-quadloop:
-  %r = phi i64 [ %r0, %blockbody ], [ %rnext, %quadend ]
-  %rdone = icmp uge i64 %r, %r1
-  br i1 %rdone, label %blockend, label %quadbody
-quadbody:
-  %q = lshr i64 %r, 2
-  %qu = mul i64 %q, %cu
-  br label %unitloop
-unitloop:
-  %u = phi i64 [ 0, %quadbody ], [ %unext, %unitbody ]
-PHIS
-  %udone = icmp uge i64 %u, %cu
-  br i1 %udone, label %quadend, label %unitbody
-unitbody:
-  %ug = add i64 %c0, %u
-  %xo = mul i64 %ug, 32
-  %xu0 = getelementptr float, ptr %x, i64 %xo
-XLOADS
-  %qui = add i64 %qu, %u
-  %mlocal = mul i64 %qui, 4
-  %mbase = add i64 %cbase, %mlocal
-ROWS
-  %unext = add i64 %u, 1
-  br label %unitloop
-quadend:
-ENDS
-  %rnext = add i64 %r, 4
-  br label %quadloop
-blockend:
-  %c0next = add i64 %c0, %bunits
-  br label %blockloop
-exit:
-  ret void
-}
 """
 
 
 def _f32_ir() -> str:
-    xloads = "".join(_F32_X.replace("{4j}", str(4 * j)).replace("{j}", str(j)) for j in range(8))
+    xloads = "  %xu0 = getelementptr float, ptr %x, i64 %xo\n" + "".join(
+        _F32_X.replace("{4j}", str(4 * j)).replace("{j}", str(j)) for j in range(8))
     rows = []
     for k in range(4):
         step = _F32_ROW_STEP
@@ -228,9 +176,9 @@ def _f32_ir() -> str:
             step += (_F32_QUARTER.replace("{2i1}", str(2 * i + 1)).replace("{2i}", str(2 * i))
                      .replace("{4i}", str(4 * i)).replace("{i1}", str(i + 1)).replace("{i}", str(i)))
         rows.append(step.replace("{k}", str(k)))
-    ir = (_F32_IR.replace("PHIS", "".join(_F32_PHI.replace("{k}", str(k)) for k in range(4)))
-          .replace("XLOADS", xloads).replace("ROWS", "".join(rows))
-          .replace("ENDS", "".join(_F32_ROW_END.replace("{k}", str(k)) for k in range(4))))
+    # the shared loop nest (llvm_jit.F32_ROW_KERNEL, cpu_gather.py's layout, slots in column order)
+    ir = _F32_IR + f32_row_kernel("gemv24_f32_neon", "".join(_F32_PHI.replace("{k}", str(k)) for k in range(4)),
+                                  xloads, "".join(rows), "".join(_F32_ROW_END.replace("{k}", str(k)) for k in range(4)))
     for i in range(4):
         ir = ir.replace(f"SELECT{i}", _vec(F32_SELECT[i], "i8"))
     return (ir.replace("SHIFTS", _vec(F32_SHIFTS, "i32")).replace("TWELVE", _vec([12] * 16, "i8"))

@@ -48,3 +48,74 @@ def compile_functions(ir: str, signatures: dict[str, ctypes._CFuncPtr], cpu: "st
     engine.finalize_object()
     _ENGINES.append(engine)
     return {name: proto(engine.get_function_address(name)) for name, proto in signatures.items()}
+
+
+# The loop nest every float32 row kernel shares (cpu_gather, cpu_avx2, cpu_neon): columns in
+# blocks of %bunits units of 32 inputs (the last block may be shorter), rows in quads. Block c,
+# quad q, unit u of the block, row k of the quad: metadata word
+#   meta[c * bunits * 4 * nquads + (q * cu + u) * 4 + k]   (cu = units in block c)
+# and its 16 weights at vals[16 * that index]: one weight stream per block, and the block's
+# inputs (bunits * 32 floats) stay in L1 while every quad streams past them. out[r] = the sum
+# over blocks, for rows r0..r1-1 (multiples of 4). A kernel supplies its accumulator PHIS, the
+# unit's input loads XLOADS (from %xo = 32 * unit), the four ROWS steps (metadata at %mbase)
+# and the ENDS (reduce, add to out unless %first).
+F32_ROW_KERNEL = """
+define void @NAME(ptr %vals, ptr %meta, ptr %x, ptr %out, i64 %r0, i64 %r1, i64 %units,
+                  i64 %nquads, i64 %bunits) {
+entry:
+  %blockwords = mul i64 %bunits, %nquads
+  %blockwords4 = mul i64 %blockwords, 4
+  br label %blockloop
+blockloop:
+  %c0 = phi i64 [ 0, %entry ], [ %c0next, %blockend ]
+  %cdone = icmp uge i64 %c0, %units
+  br i1 %cdone, label %exit, label %blockbody
+blockbody:
+  %first = icmp eq i64 %c0, 0
+  %left = sub i64 %units, %c0
+  %short = icmp ult i64 %left, %bunits
+  %cu = select i1 %short, i64 %left, i64 %bunits
+  %cidx = udiv i64 %c0, %bunits
+  %cbase = mul i64 %cidx, %blockwords4
+  br label %quadloop
+quadloop:
+  %r = phi i64 [ %r0, %blockbody ], [ %rnext, %quadend ]
+  %rdone = icmp uge i64 %r, %r1
+  br i1 %rdone, label %blockend, label %quadbody
+quadbody:
+  %q = lshr i64 %r, 2
+  %qu = mul i64 %q, %cu
+  br label %unitloop
+unitloop:
+  %u = phi i64 [ 0, %quadbody ], [ %unext, %unitbody ]
+PHIS
+  %udone = icmp uge i64 %u, %cu
+  br i1 %udone, label %quadend, label %unitbody
+unitbody:
+  %ug = add i64 %c0, %u
+  %xo = mul i64 %ug, 32
+XLOADS
+  %qui = add i64 %qu, %u
+  %mlocal = mul i64 %qui, 4
+  %mbase = add i64 %cbase, %mlocal
+ROWS
+  %unext = add i64 %u, 1
+  br label %unitloop
+quadend:
+ENDS
+  %rnext = add i64 %r, 4
+  br label %quadloop
+blockend:
+  %c0next = add i64 %c0, %bunits
+  br label %blockloop
+exit:
+  ret void
+}
+"""
+
+
+def f32_row_kernel(name: str, phis: str, xloads: str, rows: str, ends: str) -> str:
+    """The IR of a float32 row kernel named ``name`` from its four ISA-specific parts (the
+    placeholders of :data:`F32_ROW_KERNEL`)."""
+    return (F32_ROW_KERNEL.replace("NAME", name).replace("PHIS", phis.strip("\n"))
+            .replace("XLOADS", xloads.strip("\n")).replace("ROWS", rows.strip("\n")).replace("ENDS", ends.strip("\n")))
