@@ -56,7 +56,7 @@ import torch
 
 from sparsemerge.kernels import cpu_gather, cpu_vnni
 from sparsemerge.kernels.layout import BlockedNM, positions_of, unblock
-from sparsemerge.kernels.llvm_jit import compile_functions, f32_row_kernel, features_missing
+from sparsemerge.kernels.llvm_jit import a8_block_end, compile_functions, f32_row_kernel, features_missing
 
 UNIT = cpu_gather.UNIT  # f32: input columns per metadata word (16 kept weights)
 BLOCK_UNITS = cpu_gather.BLOCK_UNITS  # f32: units per column block (2048 inputs in L1)
@@ -295,31 +295,7 @@ WIDEN
   %cv = load i32, ptr %cp2, align 4
   %cvv = insertelement <8 x i32> zeroinitializer, i32 %cv, i32 0
   %acci = add <8 x i32> %acc32, %cvv
-  %wsp = getelementptr float, ptr %srow, i64 %q
-  %ws = load float, ptr %wsp
-  %xsp = getelementptr float, ptr %xs, i64 %xb
-  %xsv = load float, ptr %xsp
-  %s = fmul float %ws, %xsv
-  %sv0 = insertelement <8 x float> poison, float %s, i32 0
-  %sv = shufflevector <8 x float> %sv0, <8 x float> poison, <8 x i32> zeroinitializer
-  %accfl = sitofp <8 x i32> %acci to <8 x float>
-  %accf2 = call <8 x float> @llvm.fma.v8f32(<8 x float> %accfl, <8 x float> %sv, <8 x float> %accf)
-  %xbnext = add i64 %xb, 1
-  %qc1 = add i64 %qc, 1
-  %qwrap = icmp uge i64 %qc1, %xb_per_q
-  %qinc = add i64 %q, 1
-  %qnext = select i1 %qwrap, i64 %qinc, i64 %q
-  %qcnext = select i1 %qwrap, i64 0, i64 %qc1
-  br label %xbloop
-rowend:
-  %tot = call reassoc float @llvm.vector.reduce.fadd.v8f32(float 0.0, <8 x float> %accf)
-  %op = getelementptr float, ptr %out, i64 %r
-  store float %tot, ptr %op
-  %rnext = add i64 %r, 1
-  br label %rowloop
-exit:
-  ret void
-}
+A8_BLOCK_END
 """
 
 
@@ -344,7 +320,7 @@ def _a8_ir(name: str, codec: str, vnni: bool) -> str:
                        ("ONES16", _vec([1] * 16, "i16")), ("BCAST16", _vec([i % 16 for i in range(32)], "i32")),
                        ("FIFTEEN", _vec([15] * 32, "i8")), ("EIGHT", _vec([8] * 32, "i8"))):
         ir = ir.replace(key, value)
-    return ir
+    return ir.replace("A8_BLOCK_END", a8_block_end(8))
 
 
 # ---------------------------------------------------------------- compilation

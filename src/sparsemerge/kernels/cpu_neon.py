@@ -83,7 +83,7 @@ import torch
 
 from sparsemerge.kernels import cpu_gather, cpu_vnni
 from sparsemerge.kernels.layout import BlockedNM, positions_of, unblock
-from sparsemerge.kernels.llvm_jit import f32_row_kernel
+from sparsemerge.kernels.llvm_jit import a8_block_end, f32_row_kernel, merge_declarations
 
 UNIT = cpu_gather.UNIT  # f32: input columns per metadata word (16 kept weights)
 BLOCK_UNITS = cpu_gather.BLOCK_UNITS  # f32: units per column block (2048 inputs)
@@ -298,31 +298,7 @@ WIDEN
   %cv = load i32, ptr %cp2, align 4
   %cvv = insertelement <4 x i32> zeroinitializer, i32 %cv, i32 0
   %acci = add <4 x i32> %acc32, %cvv
-  %wsp = getelementptr float, ptr %srow, i64 %q
-  %ws = load float, ptr %wsp
-  %xsp = getelementptr float, ptr %xs, i64 %xb
-  %xsv = load float, ptr %xsp
-  %s = fmul float %ws, %xsv
-  %sv0 = insertelement <4 x float> poison, float %s, i32 0
-  %sv = shufflevector <4 x float> %sv0, <4 x float> poison, <4 x i32> zeroinitializer
-  %accfl = sitofp <4 x i32> %acci to <4 x float>
-  %accf2 = call <4 x float> @llvm.fma.v4f32(<4 x float> %accfl, <4 x float> %sv, <4 x float> %accf)
-  %xbnext = add i64 %xb, 1
-  %qc1 = add i64 %qc, 1
-  %qwrap = icmp uge i64 %qc1, %xb_per_q
-  %qinc = add i64 %q, 1
-  %qnext = select i1 %qwrap, i64 %qinc, i64 %q
-  %qcnext = select i1 %qwrap, i64 0, i64 %qc1
-  br label %xbloop
-rowend:
-  %tot = call reassoc float @llvm.vector.reduce.fadd.v4f32(float 0.0, <4 x float> %accf)
-  %op = getelementptr float, ptr %out, i64 %r
-  store float %tot, ptr %op
-  %rnext = add i64 %r, 1
-  br label %rowloop
-exit:
-  ret void
-}
+A8_BLOCK_END
 """
 
 
@@ -342,20 +318,12 @@ def _a8_ir(name: str, codec: str) -> str:
                        ("SIGNBIT", _vec([-128] * 16, "i8")), ("FOUR", _vec([4] * 16, "i8")),
                        ("HIGH", _vec([-16] * 16, "i8"))):
         ir = ir.replace(key, value)
-    return ir
+    return ir.replace("A8_BLOCK_END", a8_block_end(4))
 
 
 def module_ir() -> str:
     """The LLVM IR of the three kernels (one module; repeated declarations merged)."""
-    ir = "\n".join([_f32_ir()] + [_a8_ir(A8_NAMES[c], c) for c in ("int8", "int4")])
-    seen, lines = set(), []
-    for line in ir.splitlines():
-        if line.startswith("declare"):
-            if line in seen:
-                continue
-            seen.add(line)
-        lines.append(line)
-    return "\n".join(lines)
+    return merge_declarations("\n".join([_f32_ir()] + [_a8_ir(A8_NAMES[c], c) for c in ("int8", "int4")]))
 
 
 # ---------------------------------------------------------------- cross compilation (any host)

@@ -46,7 +46,7 @@ import torch
 from numba import njit
 
 from sparsemerge.kernels.layout import BlockedNM, positions_of, unblock
-from sparsemerge.kernels.llvm_jit import compile_functions, features_missing
+from sparsemerge.kernels.llvm_jit import a8_block_end, compile_functions, features_missing
 
 CHUNK = 64  # input columns of a tail chunk (a row ends with at most one)
 PAIR = 128  # input columns per vpermi2b table / vpdpbusd
@@ -203,31 +203,7 @@ TAIL
   br label %xbend
 xbend:
   %acci = phi <16 x i32> [ %accn1, %fullblock ], [ %acct, %lasttail0 ], [ %accnt, %lasttail ]
-  %wsp = getelementptr float, ptr %srow, i64 %q
-  %ws = load float, ptr %wsp
-  %xsp = getelementptr float, ptr %xs, i64 %xb
-  %xsv = load float, ptr %xsp
-  %s = fmul float %ws, %xsv
-  %sv0 = insertelement <16 x float> poison, float %s, i32 0
-  %sv = shufflevector <16 x float> %sv0, <16 x float> poison, <16 x i32> zeroinitializer
-  %accfl = sitofp <16 x i32> %acci to <16 x float>
-  %accf2 = call <16 x float> @llvm.fma.v16f32(<16 x float> %accfl, <16 x float> %sv, <16 x float> %accf)
-  %xbnext = add i64 %xb, 1
-  %qc1 = add i64 %qc, 1
-  %qwrap = icmp uge i64 %qc1, %xb_per_q
-  %qinc = add i64 %q, 1
-  %qnext = select i1 %qwrap, i64 %qinc, i64 %q
-  %qcnext = select i1 %qwrap, i64 0, i64 %qc1
-  br label %xbloop
-rowend:
-  %tot = call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, <16 x float> %accf)
-  %op = getelementptr float, ptr %out, i64 %r
-  store float %tot, ptr %op
-  %rnext = add i64 %r, 1
-  br label %rowloop
-exit:
-  ret void
-}
+A8_BLOCK_END
 """
 
 
@@ -251,7 +227,7 @@ def _kernel_ir(name: str, codec: str) -> str:
                        ("SHIFTS", _SHIFTS), ("THREE", _THREE), ("GROUP_BASE", _GROUP_BASE),
                        ("PAIR_NIBBLES", _PAIR_NIBBLES), ("TAIL_NIBBLES", _TAIL_NIBBLES)):
         ir = ir.replace(key, value)
-    return ir
+    return ir.replace("A8_BLOCK_END", a8_block_end(16))
 
 
 def cpu_features_missing() -> list[str]:

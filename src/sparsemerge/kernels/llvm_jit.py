@@ -21,6 +21,19 @@ def features_missing(required: Iterable[str]) -> list[str]:
     return [f for f in required if not features.get(f, False)]
 
 
+def merge_declarations(ir: str) -> str:
+    """``ir`` with each repeated ``declare`` line kept once (kernels are concatenated
+    templates that each declare the intrinsics they call)."""
+    seen, lines = set(), []
+    for line in ir.splitlines():
+        if line.startswith("declare"):
+            if line in seen:
+                continue
+            seen.add(line)
+        lines.append(line)
+    return "\n".join(lines)
+
+
 def compile_functions(ir: str, signatures: dict[str, ctypes._CFuncPtr], cpu: "str | None" = None,
                       features: "str | None" = None) -> dict:
     """Compile the module ``ir`` (repeated ``declare`` lines are merged) at -O3 and return
@@ -31,14 +44,7 @@ def compile_functions(ir: str, signatures: dict[str, ctypes._CFuncPtr], cpu: "st
 
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
-    seen, lines = set(), []
-    for line in ir.splitlines():
-        if line.startswith("declare"):
-            if line in seen:
-                continue
-            seen.add(line)
-        lines.append(line)
-    module = llvm.parse_assembly("\n".join(lines))
+    module = llvm.parse_assembly(merge_declarations(ir))
     module.verify()
     machine = llvm.Target.from_default_triple().create_target_machine(
         cpu=cpu or llvm.get_host_cpu_name(),
@@ -119,3 +125,38 @@ def f32_row_kernel(name: str, phis: str, xloads: str, rows: str, ends: str) -> s
     placeholders of :data:`F32_ROW_KERNEL`)."""
     return (F32_ROW_KERNEL.replace("NAME", name).replace("PHIS", phis.strip("\n"))
             .replace("XLOADS", xloads.strip("\n")).replace("ROWS", rows.strip("\n")).replace("ENDS", ends.strip("\n")))
+
+
+def a8_block_end(lanes: int) -> str:
+    """The end of an INT8-activation row kernel's activation block (cpu_vnni, cpu_avx2,
+    cpu_neon), shared by all of them: ``acc += float(%acci) * (wscale[r, q] * xs[b])`` on
+    ``lanes``-wide vectors, the step to the next block (and scale group every %xb_per_q
+    blocks), and at the row's end the horizontal sum stored to out[r]. The kernels reach it
+    with the integer block sum in %acci."""
+    v, vi = f"<{lanes} x float>", f"<{lanes} x i32>"
+    return f"""  %wsp = getelementptr float, ptr %srow, i64 %q
+  %ws = load float, ptr %wsp
+  %xsp = getelementptr float, ptr %xs, i64 %xb
+  %xsv = load float, ptr %xsp
+  %s = fmul float %ws, %xsv
+  %sv0 = insertelement {v} poison, float %s, i32 0
+  %sv = shufflevector {v} %sv0, {v} poison, {vi} zeroinitializer
+  %accfl = sitofp {vi} %acci to {v}
+  %accf2 = call {v} @llvm.fma.v{lanes}f32({v} %accfl, {v} %sv, {v} %accf)
+  %xbnext = add i64 %xb, 1
+  %qc1 = add i64 %qc, 1
+  %qwrap = icmp uge i64 %qc1, %xb_per_q
+  %qinc = add i64 %q, 1
+  %qnext = select i1 %qwrap, i64 %qinc, i64 %q
+  %qcnext = select i1 %qwrap, i64 0, i64 %qc1
+  br label %xbloop
+rowend:
+  %tot = call reassoc float @llvm.vector.reduce.fadd.v{lanes}f32(float 0.0, {v} %accf)
+  %op = getelementptr float, ptr %out, i64 %r
+  store float %tot, ptr %op
+  %rnext = add i64 %r, 1
+  br label %rowloop
+exit:
+  ret void
+}}
+"""
