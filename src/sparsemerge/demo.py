@@ -213,8 +213,17 @@ def pack_and_run(best: DemoRow, config: DemoConfig, windows: torch.Tensor, dense
     quantize_head_(sparse.model)  # an output head not stored INT8 becomes INT8 too (~30% of the bytes per token)
     prompt = windows[:1, :32]
     tokens, repeats = 32, 3  # best of 3 x 32 tokens: 16 x 2 moved the ratio by ~10% between runs
+    # the baseline on the same decode runtime (dense float32 products: a fair comparison of the
+    # weights, not of the frameworks); transformers' own forward is printed beside it
+    from types import SimpleNamespace
+
     decode_seconds(dense_model, prompt, 2)
-    dense_s = min(decode_seconds(dense_model, prompt, tokens) for _ in range(repeats))
+    hf_dense_s = min(decode_seconds(dense_model, prompt, tokens) for _ in range(repeats))
+    dense_timed = _decoder(SimpleNamespace(model=dense_model, tokenizer=None), "none", prompt, tokens, echo)
+    dense_timed(2)
+    dense_s = min(dense_timed(tokens) for _ in range(repeats))
+    echo(f"dense float32: {tokens / dense_s:.1f} tokens/s on the decode runtime, "
+         f"{tokens / hf_dense_s:.1f} through transformers' forward")
     speeds = {}
     for mode in ("none", "int8") if act_quant else ("none",):
         set_act_quant_(sparse.model, mode)
