@@ -228,3 +228,14 @@ def test_int8_head_with_int8_activations_runs_the_dense_a8_kernel(level):
             for h in handles:
                 h.remove()
         np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)
+
+
+def test_long_context_splits_attention_over_threads_and_still_matches():
+    from sparsemerge.runtime.step import ATTN_PAR_MIN_POS
+
+    model = _sparse_llama("int4", group_size=128)
+    engine = DecodeEngine(model, max_seq=200)
+    ids = torch.randint(0, 384, (ATTN_PAR_MIN_POS + 40,), generator=torch.Generator().manual_seed(0)).tolist()
+    got = _engine_logits(engine, ids, prompt=ATTN_PAR_MIN_POS - 20)  # steps cross the threshold
+    ref = _reference_logits(model, ids)[ATTN_PAR_MIN_POS - 21:-1]
+    np.testing.assert_allclose(got, ref, atol=3e-5, rtol=1e-4)

@@ -27,7 +27,10 @@ def test_attention_matches_softmax_formula(pos, window):
     kc = rng.standard_normal((kv, 64, hd)).astype(np.float32)
     vc = rng.standard_normal((kv, 64, hd)).astype(np.float32)
     out = np.zeros(heads * hd, np.float32)
-    S.attend(q, kc, vc, pos, heads, kv, hd, np.float32(hd ** -0.5), window, np.zeros(64, np.float32), out)
+    S.attend(q, kc, vc, pos, heads, kv, hd, np.float32(hd ** -0.5), window, np.zeros((heads, 64), np.float32), out)
+    par = np.zeros_like(out)
+    S.attend_par(q, kc, vc, pos, heads, kv, hd, np.float32(hd ** -0.5), window, np.zeros((heads, 64), np.float32), par)
+    np.testing.assert_array_equal(par, out)
     t0 = 0 if window == 0 else max(0, pos - window + 1)
     for h in range(heads):
         g = h // (heads // kv)

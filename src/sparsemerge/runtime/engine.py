@@ -249,7 +249,7 @@ class DecodeEngine:
             np.full((cols // 128 + 2) * 128, 128, np.uint8),  # INT8 activations + 128
             np.ones(cols // 256 + 2, f),  # their scales per 256
             np.zeros(((self.max_rows + 63) // 64) * 64 + SLACK, f),  # kernel output scratch
-            np.zeros(self.max_seq, f),  # attention scores
+            np.zeros((NH, self.max_seq), f),  # attention scores, a row per head
             np.zeros(I + SLACK, np.uint32),  # silu's 2^n as float bits
         )
         self.kc = np.zeros((c["layers"], KVH, self.max_seq, HD), f)

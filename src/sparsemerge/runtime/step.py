@@ -299,38 +299,59 @@ def rope(v, heads, hd, cos, sin):  # pragma: no cover - jitted
 
 
 @njit(fastmath=FAST, error_model="numpy", cache=True)
+def _attend_head(q, kc, vc, h, group, t0, pos, hd, scaling, scores, out):  # pragma: no cover - jitted
+    """Head ``h``: ``out_h = sum_t softmax_t(scaling * q_h . K[g, t]) V[g, t]`` over t0..pos."""
+    g = h // group
+    qh = q[h * hd:(h + 1) * hd]
+    mx = np.float32(-np.inf)
+    for t in range(t0, pos + 1):
+        k = kc[g, t]
+        s = np.float32(0.0)
+        for i in range(hd):
+            s += qh[i] * k[i]
+        s *= scaling
+        scores[t] = s
+        if s > mx:
+            mx = s
+    tot = np.float32(0.0)
+    for t in range(t0, pos + 1):
+        e = np.exp(scores[t] - mx)
+        scores[t] = e
+        tot += e
+    inv = np.float32(1.0) / tot
+    o = out[h * hd:(h + 1) * hd]
+    for i in range(hd):
+        o[i] = 0.0
+    for t in range(t0, pos + 1):
+        p = scores[t] * inv
+        v = vc[g, t]
+        for i in range(hd):
+            o[i] += p * v[i]
+
+
+@njit(error_model="numpy", cache=True)
 def attend(q, kc, vc, pos, heads, kv_heads, hd, scaling, window, scores, out):  # pragma: no cover - jitted
     """Grouped-query attention of one token over the cache positions ``t0..pos``:
-    ``out_h = sum_t softmax_t(scaling * q_h . K[g, t]) V[g, t]``, g = h // (heads / kv_heads)."""
+    ``out_h = sum_t softmax_t(scaling * q_h . K[g, t]) V[g, t]``, g = h // (heads / kv_heads).
+    ``scores``: (heads, max_seq); this serial version uses its first row."""
     group = heads // kv_heads
     t0 = 0 if window <= 0 else max(0, pos - window + 1)
+    srow = scores[0]  # one row serves every head in turn (stays in L1)
     for h in range(heads):
-        g = h // group
-        qh = q[h * hd:(h + 1) * hd]
-        mx = np.float32(-np.inf)
-        for t in range(t0, pos + 1):
-            k = kc[g, t]
-            s = np.float32(0.0)
-            for i in range(hd):
-                s += qh[i] * k[i]
-            s *= scaling
-            scores[t] = s
-            if s > mx:
-                mx = s
-        tot = np.float32(0.0)
-        for t in range(t0, pos + 1):
-            e = np.exp(scores[t] - mx)
-            scores[t] = e
-            tot += e
-        inv = np.float32(1.0) / tot
-        o = out[h * hd:(h + 1) * hd]
-        for i in range(hd):
-            o[i] = 0.0
-        for t in range(t0, pos + 1):
-            p = scores[t] * inv
-            v = vc[g, t]
-            for i in range(hd):
-                o[i] += p * v[i]
+        _attend_head(q, kc, vc, h, group, t0, pos, hd, scaling, srow, out)
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def attend_par(q, kc, vc, pos, heads, kv_heads, hd, scaling, window, scores, out):  # pragma: no cover - jitted
+    """:func:`attend` with the heads spread over the threads (long contexts: attention grows
+    with the position while a parallel region costs a fixed few microseconds)."""
+    group = heads // kv_heads
+    t0 = 0 if window <= 0 else max(0, pos - window + 1)
+    for h in prange(heads):
+        _attend_head(q, kc, vc, h, group, t0, pos, hd, scaling, scores[h], out)
+
+
+ATTN_PAR_MIN_POS = 96  # from here on attention is split over the threads (~10 us per layer)
 
 
 LOG2E = np.float32(1.4426950408889634)
@@ -403,7 +424,10 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
             for i in range(HD):
                 kl[g, pos, i] = qkv[(NH + g) * HD + i]
                 vl[g, pos, i] = qkv[(NH + KVH + g) * HD + i]
-        attend(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], scores, att)
+        if threads > 1 and pos >= ATTN_PAR_MIN_POS:
+            attend_par(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], scores, att)
+        else:
+            attend(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], scores, att)
         if a8_in[layer, 2] != 0:
             ok &= quantize_a8(att[: NH * HD], xu, xs)
         run_op(lo[SLOT_O[0]], att[: NH * HD], xu, xs, x_buf, tmp, threads, kw)
