@@ -67,7 +67,7 @@ def worker(args) -> None:
     t0 = time.perf_counter()
     loaded = load_packed(args.worker)
     engine = DecodeEngine(loaded.model, loaded.tokenizer, act_quant=args.act_quant,
-                          max_seq=max(len(data["prompt"]), 512) + args.tokens + 8)
+                          max_seq=max(len(data["prompt"]), len(data["decode_prompt"]), 512) + args.tokens + 8)
     engine.generate(data["decode_prompt"], max_new_tokens=4)  # JIT warm-up
     load_s = time.perf_counter() - t0
     out = {"model": Path(args.worker).name, "threads": args.threads, "act_quant": args.act_quant,
@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--act-quant", default="int8", choices=["none", "int8"])
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--decode-prompt-tokens", type=int, default=16,
+                    help="tokens before the timed decoding (long contexts: e.g. 512)")
     ap.add_argument("--ppl-windows", type=int, default=4, help="held-out windows of 512 tokens for perplexity")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-peer", action="store_true")
@@ -166,7 +168,10 @@ def main() -> None:
     prompt = eval_windows(tok, "bbc", args.prompt_tokens, 1)[0].tolist()
     ids_file = args.work / "ids.json"
     args.work.mkdir(parents=True, exist_ok=True)
-    ids_file.write_text(json.dumps({"prompt": prompt, "decode_prompt": prompt[:16], "windows": windows.tolist()}))
+    if args.decode_prompt_tokens > len(prompt):
+        prompt = eval_windows(tok, "bbc", args.decode_prompt_tokens, 1)[0].tolist()
+    ids_file.write_text(json.dumps({"prompt": prompt[: args.prompt_tokens], "decode_prompt": prompt[: args.decode_prompt_tokens],
+                                    "windows": windows.tolist()}))
     results = []
     env0 = {k: v for k, v in os.environ.items() if k != "SPARSEMERGE_CPU_FEATURES"}
     for threads in args.threads:
