@@ -40,6 +40,7 @@ from typing import Callable, Optional
 import torch
 
 from sparsemerge.kernels import features as F
+from sparsemerge.io.dtypes import dtype_name
 from sparsemerge.registry import Registry
 
 
@@ -63,7 +64,7 @@ class Handles:
         if self.codecs is not None and layout.codec not in self.codecs:
             return f"codec {layout.codec!r} is not {'/'.join(self.codecs)}"
         if self.value_dtypes is not None and layout.codec == "none":
-            dtype = str(layout.values.dtype).replace("torch.", "")
+            dtype = dtype_name(layout.values.dtype)
             if dtype not in self.value_dtypes:
                 return f"values are {dtype}, not {'/'.join(self.value_dtypes)}"
         return None

@@ -22,7 +22,7 @@ from typing import Any, Optional
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.io.dtypes import dtype_from_name
+from sparsemerge.io.dtypes import dtype_from_name, dtype_name
 from sparsemerge.io.writer import PlannedTensor, ShardedWriter
 from sparsemerge.merge import mergekit_yaml as params_mod
 from sparsemerge.merge.base import MergeInputs, MethodSpec, get_method, seed_for
@@ -276,7 +276,7 @@ def _copy_model_files(tmp: Path, cfg: MergeConfig, sources: dict[str, Source], j
         if dtype is not None:
             for key in ("torch_dtype", "dtype"):
                 if key in model_config:
-                    model_config[key] = str(dtype).replace("torch.", "")
+                    model_config[key] = dtype_name(dtype)
         (tmp / "config.json").write_text(json.dumps(model_config, indent=2) + "\n")
     tok_ref = cfg.tokenizer_source if cfg.tokenizer_source not in (None, "base") else first_ref
     tok_folder = Path(getattr(sources.get(tok_ref) or open_model(tok_ref, cfg), "folder"))

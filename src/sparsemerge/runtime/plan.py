@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.io.dtypes import dtype_name
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -112,7 +113,7 @@ def _window(config: Any) -> int:
 
 def _codec_text(layout) -> str:
     if layout.codec == "none":
-        return str(layout.values.dtype).replace("torch.", "")
+        return dtype_name(layout.values.dtype)
     gs = "per-channel" if layout.group_size is None else f"g{layout.group_size}"
     return f"{layout.codec} {gs}"
 
