@@ -239,3 +239,15 @@ def test_long_context_splits_attention_over_threads_and_still_matches():
     got = _engine_logits(engine, ids, prompt=ATTN_PAR_MIN_POS - 20)  # steps cross the threshold
     ref = _reference_logits(model, ids)[ATTN_PAR_MIN_POS - 21:-1]
     np.testing.assert_allclose(got, ref, atol=3e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("value_dtype", ["float16", "bfloat16"])
+def test_half_precision_values_are_widened_as_read(value_dtype):
+    from sparsemerge.runtime.step import KIND_BH
+
+    model = make_tiny_llama(hidden=256, intermediate=512)
+    sparsify_(model, SparsifyConfig(prune=True, value_dtype=value_dtype))
+    engine = DecodeEngine(model, max_seq=32)
+    assert {p.kind for p in engine.plan.layers if p.name != "lm_head"} == {KIND_BH}
+    assert all(p.codec == value_dtype for p in engine.plan.layers if p.name != "lm_head")
+    np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=3e-5, rtol=1e-4)

@@ -86,8 +86,9 @@ class DecodeEngine:
             "bf_vals": _list(types.float32[:, :, :, ::1]), "bf_meta": _list(types.uint32[:, :, ::1]),
             "df_w": _list(f32_2d), "dq_codes": _list(types.int8[:, ::1]), "dq_scale": _list(f32_2d),
             "biases": _list(f32_1d),
+            "bh_vals": _list(types.uint16[:, :, :, ::1]), "bh_meta": _list(types.uint32[:, :, ::1]),
         }
-        a8_par, f32_par, bq_par, dq_par = [], [], [], []
+        a8_par, f32_par, bq_par, dq_par, bh_par = [], [], [], [], []
         self._keep: list = []  # arrays the typed lists view
         L = c["layers"]
         ops = np.full((L, S.SLOTS, S.OP_FIELDS), -1, np.int64)
@@ -101,7 +102,7 @@ class DecodeEngine:
         self.max_cols = 0
         head_op = np.full(S.OP_FIELDS, -1, np.int64)
         for p in self.plan.layers:
-            idx = self._add_op(p, kw, a8_par, f32_par, bq_par, dq_par)
+            idx = self._add_op(p, kw, a8_par, f32_par, bq_par, dq_par, bh_par)
             bias = self._add_bias(p, kw)
             self.max_rows = max(self.max_rows, p.rows)
             self.max_cols = max(self.max_cols, p.cols)
@@ -122,7 +123,8 @@ class DecodeEngine:
                    np.array(f32_par, np.int64).reshape(-1, S.F32_FIELDS), kw["f32_vals"], kw["f32_meta"],
                    np.array(bq_par, np.int64).reshape(-1, 4), kw["bq_codes8"], kw["bq_codes4"], kw["bq_meta"],
                    kw["bq_scale"], kw["bq_zero"], kw["bf_vals"], kw["bf_meta"], kw["df_w"],
-                   np.array(dq_par, np.int64).reshape(-1, 1), kw["dq_codes"], kw["dq_scale"], kw["biases"])
+                   np.array(dq_par, np.int64).reshape(-1, 1), kw["dq_codes"], kw["dq_scale"], kw["biases"],
+                   np.array(bh_par, np.int64).reshape(-1, 1), kw["bh_vals"], kw["bh_meta"])
         # norms, embedding, rope
         norms = [t for layer in decoder.layers for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
         norms.append(decoder.norm.weight)
@@ -165,7 +167,7 @@ class DecodeEngine:
         self.cos = np.ascontiguousarray(cos[:, : hd // 2].numpy())
         self.sin = np.ascontiguousarray(sin[:, : hd // 2].numpy())
 
-    def _add_op(self, p, kw, a8_par, f32_par, bq_par, dq_par) -> int:
+    def _add_op(self, p, kw, a8_par, f32_par, bq_par, dq_par, bh_par) -> int:
         """Append the arrays of plan row ``p`` to its kind's lists; returns the index."""
         from sparsemerge.kernels.dense_int8 import Int8Linear
 
@@ -181,7 +183,7 @@ class DecodeEngine:
             a8_par.append((plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"],
                            dense_a8.address(p.kernel[len("dense-a8-"):])))
             return len(a8_par) - 1
-        if p.kind in (S.KIND_A8, S.KIND_F32, S.KIND_BQ, S.KIND_BF):
+        if p.kind in (S.KIND_A8, S.KIND_F32, S.KIND_BQ, S.KIND_BF, S.KIND_BH):
             layouts = [m.layout for m in p.modules]
             layout = layouts[0] if len(layouts) == 1 else concat_rows(layouts)
         if p.kind in (S.KIND_A8, S.KIND_F32):
@@ -212,6 +214,13 @@ class DecodeEngine:
             kw["bq_zero"].append(scale if layout.zero is None else layout.zero.float().contiguous().numpy())
             bq_par.append((int(bits4), int(layout.zero is not None), layout.groups_per_scale, len(lst) - 1))
             return len(bq_par) - 1
+        if p.kind == S.KIND_BH:  # float16 / bfloat16 values, widened as they are read
+            from sparsemerge.kernels.cpu_general import BF16, F16
+
+            kw["bh_vals"].append(layout.values.contiguous().view(torch.int16).numpy().view(np.uint16))
+            kw["bh_meta"].append(layout.meta.numpy().view(np.uint32))
+            bh_par.append((BF16 if layout.values.dtype == torch.bfloat16 else F16,))
+            return len(bh_par) - 1
         if p.kind == S.KIND_BF:
             kw["bf_vals"].append(layout.values.numpy())
             kw["bf_meta"].append(layout.meta.numpy().view(np.uint32))

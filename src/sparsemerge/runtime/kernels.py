@@ -16,7 +16,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sparsemerge.runtime.step import KIND_A8, KIND_BF, KIND_BQ, KIND_F32
+from sparsemerge.runtime.step import KIND_A8, KIND_BF, KIND_BH, KIND_BQ, KIND_F32
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,9 @@ DECODE_ROWS: dict[str, Callable[[], DecodeKernel]] = {
 }
 
 
+HALF_OR_F32 = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class _Request:
     """What a registry row's ``supports`` reads of a layer."""
 
@@ -100,7 +103,10 @@ def address(fn) -> int:
 def decode_kernel(name: str, layout) -> DecodeKernel:
     kernel = DECODE_ROWS[name]()
     if name == "numba-gemv24":
-        kind = KIND_BQ if layout.codec in ("int8", "int4") else KIND_BF
+        if layout.codec in ("int8", "int4"):
+            kind = KIND_BQ
+        else:
+            kind = KIND_BF if layout.values.dtype == torch.float32 else KIND_BH
         return DecodeKernel(kind, what=kernel.what)
     return kernel
 
@@ -123,8 +129,8 @@ def choose(layout, act_quant: str) -> tuple[Optional[str], int, str]:
         reason = row.supports(req, x)
         if reason is None and row.name not in DECODE_ROWS:
             reason = "not a batch-1 kernel of the decode runtime"
-        if reason is None and layout.codec == "none" and layout.values.dtype != torch.float32:
-            reason = f"{layout.values.dtype} values: the runtime's blocked path reads float32"
+        if reason is None and layout.codec == "none" and layout.values.dtype not in HALF_OR_F32:
+            reason = f"{layout.values.dtype} values: the runtime reads float32, float16 and bfloat16"
         if reason is None:
             kernel = decode_kernel(row.name, layout)
             why = kernel.what

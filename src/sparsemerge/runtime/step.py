@@ -20,6 +20,7 @@ Kinds (the kernel the plan chose for the layer):
     F32  2:4 float32 row kernel at an address (vpermi2ps gather or its AVX2 sibling)
     BQ   2:4 INT8/INT4, float activations: numba kernel over the row-blocked layout
     BF   2:4 float32/any CPU: numba kernel over the row-blocked layout
+    BH   2:4 float16 / bfloat16 values: the same, widening each value as it is read
     DF   dense float32 (numba GEMV)          DQ   dense INT8 codes with row/group scales
 
 Nothing is allocated per token: every buffer lives in ``bufs`` (built by the engine).
@@ -29,11 +30,11 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
-from sparsemerge.kernels.cpu_blocked import BITS, R, _g24_f32_block, _g24_q_block
+from sparsemerge.kernels.cpu_blocked import BITS, FP16_SCALE, R, _g24_f32_block, _g24_half_block, _g24_q_block
 from sparsemerge.runtime.ffi import call_a8, call_f32
 
-KIND_A8, KIND_F32, KIND_BQ, KIND_BF, KIND_DF, KIND_DQ = 0, 1, 2, 3, 4, 5
-KIND_NAMES = ("A8", "F32", "BQ", "BF", "DF", "DQ")
+KIND_A8, KIND_F32, KIND_BQ, KIND_BF, KIND_DF, KIND_DQ, KIND_BH = 0, 1, 2, 3, 4, 5, 6
+KIND_NAMES = ("A8", "F32", "BQ", "BF", "DF", "DQ", "BH")
 # op table fields
 F_KIND, F_IDX, F_OFF, F_ROWS, F_BIAS = 0, 1, 2, 3, 4
 OP_FIELDS = 5
@@ -73,6 +74,20 @@ def _bq_blocks(codes, bits4, meta, scale, zero, has_zero, gps, x, out, b0, b1): 
 def _bf_blocks(vals, meta, x, out, b0, b1):  # pragma: no cover - jitted
     for blk in range(b0, b1):
         _g24_f32_block(vals, meta, x, out, blk, BITS)
+
+
+@njit(error_model="numpy", cache=True)
+def _bh_blocks(vals, kind, meta, x, out, b0, b1):  # pragma: no cover - jitted
+    for blk in range(b0, b1):
+        _g24_half_block(vals, kind, meta, x, out, blk, BITS, FP16_SCALE)
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _bh_par(vals, kind, meta, x, out, tasks):  # pragma: no cover - jitted
+    nb = vals.shape[0]
+    step = (nb + tasks - 1) // tasks
+    for t in prange(tasks):
+        _bh_blocks(vals, kind, meta, x, out, t * step, min(nb, (t + 1) * step))
 
 
 # Parallel twins: rows (or 64-row blocks, or row quads) split into ``tasks`` ranges. A parallel
@@ -177,7 +192,7 @@ def run_op(op, x, xu, xs, dst, tmp, threads, kw):  # pragma: no cover - jitted
     ``dst`` has slack behind ``off + rows``: kernels may write whole row quads / blocks."""
     (a8_par, a8_stream, a8_scale, a8_corr, f32_par, f32_vals, f32_meta,
      bq_par, bq_codes8, bq_codes4, bq_meta, bq_scale, bq_zero, bf_vals, bf_meta,
-     df_w, dq_par, dq_codes, dq_scale, biases) = kw
+     df_w, dq_par, dq_codes, dq_scale, biases, bh_par, bh_vals, bh_meta) = kw
     kind, idx, off, rows, bias = op[F_KIND], op[F_IDX], op[F_OFF], op[F_ROWS], op[F_BIAS]
     # the kernel writes straight into the destination (every buffer has slack for the padded
     # rows some kernels write); with a bias it writes to tmp and the sum is stored
@@ -211,6 +226,11 @@ def run_op(op, x, xu, xs, dst, tmp, threads, kw):  # pragma: no cover - jitted
             _bf_par(bf_vals[idx], bf_meta[idx], x, out, tasks)
         else:
             _bf_blocks(bf_vals[idx], bf_meta[idx], x, out, 0, bf_vals[idx].shape[0])
+    elif kind == KIND_BH:
+        if tasks > 1:
+            _bh_par(bh_vals[idx], bh_par[idx, 0], bh_meta[idx], x, out, tasks)
+        else:
+            _bh_blocks(bh_vals[idx], bh_par[idx, 0], bh_meta[idx], x, out, 0, bh_vals[idx].shape[0])
     elif kind == KIND_DF:
         if tasks > 1:
             _df_par(df_w[idx], x, out, tasks)
