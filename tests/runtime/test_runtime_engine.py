@@ -143,6 +143,12 @@ def test_bad_inputs():
         engine.prefill([1, 2, 3, 4, 5])
     with pytest.raises(SparsemergeError, match="empty"):
         engine.prefill([])
+    with pytest.raises(SparsemergeError, match="outside the vocabulary"):
+        engine.prefill([1, 99_999])
+    with pytest.raises(SparsemergeError, match="max_new_tokens"):
+        engine.generate([1], max_new_tokens=0)
+    with pytest.raises(SparsemergeError, match="max_seq"):
+        DecodeEngine(_sparse_llama(), max_seq=0)
     with pytest.raises(SparsemergeError, match="act_quant"):
         build_plan(_sparse_llama(), act_quant="int3")
 

@@ -63,6 +63,9 @@ def test_streaming_and_stop_strings(engine):
         stop = full.text[2:4]
         cut = engine.generate("the quick brown", max_new_tokens=20, stop=[stop])
         assert cut.stop_reason == "stop string" and cut.text == full.text[: full.text.index(stop)]
+        streamed = []
+        cut2 = engine.generate("the quick brown", max_new_tokens=20, stop=[stop], on_token=lambda t, p: streamed.append(p))
+        assert "".join(streamed) == cut2.text == cut.text  # the stop string is never streamed
 
 
 def test_max_seq_is_checked_before_generating(engine):

@@ -15,6 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     _add_model_options(p)
     p.add_argument("--all-layers", action="store_true", help="one row per layer instead of collapsing equal layers")
     p.add_argument("--json", metavar="FILE", default=None, help="also write the plan as JSON")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --json file")
     p.set_defaults(func=run_plan)
 
 
@@ -25,11 +26,15 @@ def run_plan(args: argparse.Namespace) -> int:
     from sparsemerge.io.atomic import write_json_atomic
     from sparsemerge.runtime.plan import build_plan
 
+    if args.json:
+        from sparsemerge.io.atomic import ensure_writable
+
+        ensure_writable(args.json, args.overwrite)  # before the minutes of loading
     spec = _spec(args)
     with spec.setup():
         loaded = spec.load(dense=False)
         plan = build_plan(loaded.model, args.act_quant)
     print(plan.format_table(collapse=not args.all_layers))
     if args.json:
-        write_json_atomic(args.json, json.loads(plan.to_json()))
+        write_json_atomic(args.json, json.loads(plan.to_json()), overwrite=args.overwrite)
     return 0

@@ -61,7 +61,8 @@ class DecodeEngine:
         if not self.plan.supported:
             raise UnsupportedModel(self.plan.reason)
         self.act_quant = self.plan.act_quant
-        c = self.plan.config
+        if max_seq < 1:
+            raise SparsemergeError(f"max_seq must be >= 1 (prompt + generated tokens), got {max_seq}")
         limit = int(getattr(model.config, "max_position_embeddings", max_seq) or max_seq)
         self.max_seq = min(max_seq, limit)
         self._build_weights()
@@ -300,6 +301,10 @@ class DecodeEngine:
         ids = list(ids)
         if not ids:
             raise SparsemergeError("the prompt is empty: give at least one token")
+        vocab = self.plan.config["vocab"]
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise SparsemergeError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         if self.pos + len(ids) > self.max_seq:
             raise SparsemergeError(f"prompt of {len(ids)} tokens does not fit max_seq={self.max_seq}")
         if self.pos > 0:  # continuing: feed token by token through the compiled step
@@ -321,8 +326,12 @@ class DecodeEngine:
                  sampling: Optional[SamplingConfig] = None, stop: Sequence[str] = (),
                  on_token: Optional[Callable[[int, str], None]] = None) -> GenerationResult:
         """Generate up to ``max_new_tokens`` after ``prompt`` (text or token ids); stops at EOS
-        or when the text ends with one of ``stop``. ``on_token(id, text_piece)`` streams."""
+        or when the text contains one of ``stop`` (returned without it). ``on_token(id,
+        text_piece)`` streams; the pieces join to the returned text (with stop strings, the last
+        few characters are held back until they cannot begin one)."""
         sampling = sampling or SamplingConfig()
+        if max_new_tokens < 1:
+            raise SparsemergeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         ids = self._encode(prompt)
         if len(ids) + max_new_tokens > self.max_seq:
             raise SparsemergeError(f"{len(ids)} prompt + {max_new_tokens} new tokens exceed max_seq={self.max_seq}")
@@ -335,22 +344,27 @@ class DecodeEngine:
         out: list[int] = []
         text, reason = "", "length"
         steps = []
-        need_text = on_token is not None or any(stop)  # decoding text per token costs ~0.1 ms
+        stop = [s for s in stop if s]
+        need_text = on_token is not None or bool(stop)  # decoding text per token costs ~0.1 ms
+        # streamed text is held back by len(longest stop) - 1 characters, so that a stop
+        # string is never shown before it is recognised
+        hold = max((len(s) for s in stop), default=1) - 1
+        shown = 0
         for i in range(max_new_tokens):
             tok = sampler(logits)
             out.append(tok)
             if need_text:
-                piece = self._piece(out, text)
-                text += piece
-                if on_token is not None:
-                    on_token(tok, piece)
-            if tok in eos:
-                reason = "eos"
-                break
-            hit = next((s for s in stop if s and s in text), None) if stop else None
+                text += self._piece(out, text)
+            done = tok in eos
+            reason = "eos" if done else reason
+            hit = next((s for s in stop if s in text), None) if stop else None
             if hit is not None:  # the text up to the stop string (which is not returned)
-                text = text[: text.index(hit)]
-                reason = "stop string"
+                text, done, reason = text[: text.index(hit)], True, "stop string"
+            if on_token is not None:
+                safe = len(text) if done or i + 1 == max_new_tokens else max(shown, len(text) - hold)
+                on_token(tok, text[shown:safe])
+                shown = safe
+            if done:
                 break
             if i + 1 < max_new_tokens:
                 s0 = time.perf_counter()
