@@ -40,7 +40,7 @@ class LayerPlan:
     pattern: str  # "2:4" or "dense"
     codec: str  # "int4 g128", "int8 per-channel", "float32", ...
     kernel: str  # "avx512-vnni-a8", "avx512-gather-f32", "numba-blocked", "numba-dense-f32", ...
-    bytes: int  # bytes the kernel reads per token
+    bytes: int  # packed bytes of the product (values, metadata, scales): what a token reads of it
     why: str
     kind: int = -1  # runtime.step KIND_*
     modules: list = field(default_factory=list, repr=False)  # the nn.Modules (not serialized)
@@ -202,7 +202,7 @@ def _entry(names: list[str], modules: list[nn.Module], act_quant: str) -> list[L
                     base = names[0].rsplit(".", 1)[0]
                     short = "+".join(n.rsplit(".", 1)[1] for n in names)
                     return [LayerPlan(f"{base}.{short}", fused.rows, fused.cols, f"{fused.n}:{fused.m}",
-                                      _codec_text(fused), kernel, _row_bytes(fused, kind), f"fused; {why}",
+                                      _codec_text(fused), kernel, fused.nbytes(), f"fused; {why}",
                                       kind, list(modules))]
     for name, module, is_sparse in zip(names, modules, sparse):
         if is_sparse:
@@ -213,17 +213,12 @@ def _entry(names: list[str], modules: list[nn.Module], act_quant: str) -> list[L
             if len(modules) > 1:
                 why = f"not fused ({'storage differs' if all(sparse) else 'dense neighbours'}); {why}"
             rows.append(LayerPlan(name, layout.rows, layout.cols, f"{layout.n}:{layout.m}", _codec_text(layout),
-                                  kernel, _row_bytes(layout, kind), why, kind, [module]))
+                                  kernel, layout.nbytes(), why, kind, [module]))
         else:
             pattern, codec, nbytes, kind, kernel, why = _dense_entry(name, module, act_quant)
             rows.append(LayerPlan(name, module.out_features, module.in_features, pattern, codec, kernel, nbytes,
                                   why, kind, [module]))
     return rows
-
-
-def _row_bytes(layout, kind: int) -> int:
-    """Bytes the chosen kernel streams per token (the packed values, metadata and scales)."""
-    return layout.nbytes()
 
 
 def build_plan(model: nn.Module, act_quant: str = "none") -> DecodePlan:
