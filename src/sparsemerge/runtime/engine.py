@@ -313,7 +313,8 @@ class DecodeEngine:
             return logits
         with torch.no_grad():
             out = self.model(torch.tensor([ids]), use_cache=True, logits_to_keep=1)
-        cache = out.past_key_values
+        # transformers 5 names it `cache` (reading `past_key_values` prints a deprecation)
+        cache = out["cache"] if "cache" in out else out.past_key_values
         T = len(ids)
         for i, layer in enumerate(cache.layers):
             self.kc[i, :, :T] = layer.keys[0].float().numpy()
