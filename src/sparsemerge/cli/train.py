@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_teacher(pruned: str) -> str:
-    from sparsemerge.cli.prune import PRUNE_RECORD
+    from sparsemerge.prune.record import PRUNE_RECORD
 
     record = Path(pruned) / PRUNE_RECORD
     if record.is_file():

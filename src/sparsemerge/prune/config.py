@@ -6,11 +6,9 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparsemerge.patterns import parse_pattern
-from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE  # re-exported: the old home of the defaults
+from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, DENSE  # re-exported: the old home of the defaults
 
 __all__ = ["PruneConfig", "DEFAULT_INCLUDE", "DEFAULT_EXCLUDE", "DENSE"]
-
-DENSE = "dense"  # a layer_patterns value: keep the layer dense
 
 
 class PruneConfig(BaseModel):

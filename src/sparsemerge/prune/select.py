@@ -10,6 +10,7 @@ from sparsemerge.masks import pattern_applicable
 from sparsemerge.patterns import Unstructured, parse_pattern
 from sparsemerge.prune.base import Target
 from sparsemerge.prune.config import DENSE, PruneConfig
+from sparsemerge.prune.record import DENSE_BY_RECIPE
 from sparsemerge.selection import LayerFilter, compile_regexes
 
 
@@ -27,7 +28,7 @@ def select_targets(model: nn.Module, config: PruneConfig) -> tuple[list[Target],
             continue
         pattern = next((p for rx, p in overrides if rx.search(name)), default)
         if pattern == DENSE:
-            skipped.append((name, "dense by recipe (layer_patterns)"))
+            skipped.append((name, DENSE_BY_RECIPE))
             continue
         if per_block is not None:
             pattern = _block_pattern(name, per_block, pattern)
