@@ -99,13 +99,14 @@ def run_prune(args: argparse.Namespace) -> int:
     from sparsemerge.prune.record import PRUNE_RECORD
 
     config = config_from_args(args)
-    ensure_writable(args.out, args.overwrite)  # fail before any work
+    ensure_writable(args.out, args.overwrite, inputs=[args.src])  # fail before any work
     source = resolve_source(args.src)
     loaded = load_model(source)
     report = prune_(loaded.model, config, tokenizer=loaded.tokenizer)
     record = report.to_json()
     record["source"] = {"name": args.src, "kind": source.kind, "sha256": source.checksum()}
-    save_model(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, records={PRUNE_RECORD: record})
+    save_model(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, records={PRUNE_RECORD: record},
+               inputs=[args.src, source.path])
     for name, reason in report.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     counts: dict[str, int] = {}

@@ -66,8 +66,8 @@ def run_recover(args: argparse.Namespace) -> int:
                                seed=args.seed, progress=not args.no_progress)
     except ValueError as exc:  # pydantic.ValidationError
         raise SparsemergeError(f"invalid recovery options: {exc}") from None
-    ensure_writable(args.out, args.overwrite)  # fail before any work
     teacher_name = args.teacher or _default_teacher(args.pruned)
+    ensure_writable(args.out, args.overwrite, inputs=[args.pruned, teacher_name])  # fail before any work
     student = load_model(args.pruned)
     teacher = load_model(teacher_name)
     if student.tokenizer is None:
@@ -87,7 +87,8 @@ def run_recover(args: argparse.Namespace) -> int:
         rows.append(("pruned, recovered", perplexity(student.model, windows, progress=not args.no_progress, desc="recovered perplexity")))
         record["perplexity"] = {name: value for name, value in rows}
         record["eval"] = {"text": args.eval, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
-    save_model(student.model, student.tokenizer, args.out, overwrite=args.overwrite, records={RECOVER_RECORD: record})
+    save_model(student.model, student.tokenizer, args.out, overwrite=args.overwrite, records={RECOVER_RECORD: record},
+               inputs=[args.pruned, teacher_name])
     if rows:
         base = rows[0][1]
         print(format_table(["model", "perplexity", "x teacher"], [(n, v, v / base) for n, v in rows]))

@@ -194,12 +194,12 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
     if config.format in LAYOUTS:  # a layout of its own (compressed-tensors ...), not the packed folder
         return LAYOUTS.get(config.format).write(src, out, config, overwrite=overwrite, progress=progress)
     config.codec()  # validate the combination early
-    ensure_writable(out, overwrite)
+    ensure_writable(out, overwrite, inputs=[src])
     started = time.perf_counter()
     report = PackReport(Path(out))
     targeted = _targets(config)
     patterns = LayerPatterns(config.pattern, config.layer_patterns)
-    with open_tensor_source(src) as source, atomic_output(out, overwrite=overwrite) as tmp:
+    with open_tensor_source(src) as source, atomic_output(out, overwrite=overwrite, inputs=[src]) as tmp:
         # fields of one tensor share a shard; no index (the manifest maps tensors to shards)
         writer = ShardedWriter(tmp, config.shard_size, prefix="packed", single_name=None, metadata={"format": LAYOUT}, index=False)
         records: dict[str, Any] = {}
