@@ -104,7 +104,8 @@ def run_prune(args: argparse.Namespace) -> int:
     loaded = load_model(source)
     report = prune_(loaded.model, config, tokenizer=loaded.tokenizer)
     record = report.to_json()
-    record["source"] = {"name": args.src, "kind": source.kind, "sha256": source.checksum()}
+    record["source"] = {"name": args.src, "path": str(Path(source.path).resolve()), "kind": source.kind,
+                        "sha256": source.checksum()}
     save_model(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, records={PRUNE_RECORD: record},
                inputs=[args.src, source.path])
     for name, reason in report.skipped:
