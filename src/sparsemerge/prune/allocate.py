@@ -218,7 +218,7 @@ def solve_lagrangian(losses: list[list[float]], costs: list[list[float]], cap: f
             bound = max(bound, _total(losses, _pick(losses, costs, lam)) + lam * (_total(costs, _pick(losses, costs, lam)) - cap))
     else:
         bound = _total(losses, choice)  # unconstrained optimum fits: optimal
-    choice = _greedy_fill(losses, costs, cap, choice)
+    choice = _pair_search(losses, costs, cap, _greedy_fill(losses, costs, cap, choice))
     return Solution(choice, _total(losses, choice), _total(costs, choice), bound)
 
 
@@ -241,6 +241,36 @@ def _greedy_fill(losses: list[list[float]], costs: list[list[float]], cap: float
         if best is None:
             return choice
         choice[best[0]] = best[1]
+
+
+def _pair_search(losses: list[list[float]], costs: list[list[float]], cap: float, choice: list[int],
+                 max_rounds: int = 10_000) -> list[int]:
+    """Local search after the fill: apply the best pair of switches in two different layers
+    (typically one upgrade paid for by one downgrade) that stays within the budget and lowers
+    the loss, then fill again; each round is one vectorised pass over all pairs of moves."""
+    import numpy as np
+
+    choice = list(choice)
+    tol = 1e-9 * max(1.0, abs(cap))
+    for _ in range(max_rounds):
+        slack = cap - _total(costs, choice)
+        moves = [(i, j, c[j] - c[choice[i]], s[j] - s[choice[i]])
+                 for i, (s, c) in enumerate(zip(losses, costs)) for j in range(len(s)) if j != choice[i]]
+        if len(moves) < 2:
+            return choice
+        layer = np.array([m[0] for m in moves])
+        dc = np.array([m[2] for m in moves], dtype=np.float64)
+        dl = np.array([m[3] for m in moves], dtype=np.float64)
+        gain = -(dl[:, None] + dl[None, :])
+        ok = (dc[:, None] + dc[None, :] <= slack + tol) & (layer[:, None] != layer[None, :])
+        gain = np.where(ok, gain, -np.inf)
+        best = int(np.argmax(gain))
+        a, b = divmod(best, len(moves))
+        if not gain[a, b] > 1e-12 * max(1.0, abs(_total(losses, choice))):
+            return choice
+        choice[moves[a][0]], choice[moves[b][0]] = moves[a][1], moves[b][1]
+        choice = _greedy_fill(losses, costs, cap, choice)
+    return choice
 
 
 def solve_exact(losses: list[list[float]], costs: list[list[float]], cap: float, max_states: int = 200_000) -> Solution:
