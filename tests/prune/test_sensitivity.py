@@ -11,6 +11,7 @@ from sparsemerge.errors import SparsemergeError
 from sparsemerge.masks import mask_for
 from sparsemerge.prune import sensitivity as S
 from sparsemerge.prune.sensitivity import SensitivityConfig, SensitivityReport, layer_sensitivity
+from sparsemerge.prune.sensitivity_plot import format_report, plot_report
 
 
 class _Block(nn.Module):
@@ -198,8 +199,8 @@ def test_report_json_roundtrip_and_outputs(tmp_path):
     assert loaded.to_json() == report.to_json()
     with pytest.raises(SparsemergeError, match="already exists"):
         report.save(path)
-    assert "model.layers.1.mlp.down_proj" in S.format_report(report)
-    png = S.plot_report(report, tmp_path / "s.png")
+    assert "model.layers.1.mlp.down_proj" in format_report(report)
+    png = plot_report(report, tmp_path / "s.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
