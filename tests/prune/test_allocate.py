@@ -139,6 +139,8 @@ def test_latency_budget_with_a_given_table_and_measured_table():
     alloc = allocate(report, Budget("latency", 2.6), cost=table)
     assert alloc.latency_ms == pytest.approx(sum(table["16x64"][p] for p in alloc.patterns.values())) and alloc.latency_ms <= 2.6
     assert alloc.patterns["model.layers.3.mlp.up_proj"] == "dense"  # the most sensitive layer keeps the most
+    with pytest.raises(SparsemergeError, match="no 2:4, 1:4"):
+        allocate(report, Budget("latency", 2.6), cost={"16x64": {"dense": 1.0}})
     measured = measure_latency_table([(16, 64), (16, 64)], ["dense", "2:4"])
     assert set(measured) == {"16x64"} and all(v > 0 for v in measured["16x64"].values())
     assert measure_latency_table([(16, 64)], ["dense", "2:4"]) == measured  # cached: timed once

@@ -292,11 +292,18 @@ class Allocation:
         }
 
 
-def _table_for(cost: dict, name: str, shape: tuple[int, int]) -> dict[str, float]:
+def _table_costs(cost: dict, name: str, shape: tuple[int, int], candidates: list[str]) -> list[float]:
+    """The row of ``cost`` for a layer (by name, else by ``"ROWSxCOLS"``), one value per candidate."""
     row = cost.get(name) or cost.get(f"{shape[0]}x{shape[1]}")
-    if row is None:
+    if not isinstance(row, dict):
         raise SparsemergeError(f"the cost table has no entry for layer {name} (or shape {shape[0]}x{shape[1]})")
-    return row
+    missing = [p for p in candidates if p not in row]
+    if missing:
+        raise SparsemergeError(f"the cost table has no {', '.join(missing)} for layer {name}; it has {', '.join(row)}")
+    try:
+        return [float(row[p]) for p in candidates]
+    except (TypeError, ValueError):
+        raise SparsemergeError(f"the cost table's entry for layer {name} is not numbers: {row}") from None
 
 
 def allocate(
@@ -335,10 +342,10 @@ def allocate(
     nbytes = [[layer_nbytes(shapes[n], p, codec, vb, group_size) for p in candidates] for n in names]
     if budget.kind == "sparsity":
         costs, cap = kept, total - math.ceil(budget.value * total - 1e-9)
-    elif budget.kind == "bytes":
-        costs, cap = (nbytes if cost is None else [[_table_for(cost, n, shapes[n])[p] for p in candidates] for n in names]), budget.value
+    elif cost is None:  # bytes from the size calculator
+        costs, cap = nbytes, budget.value
     else:
-        costs, cap = [[_table_for(cost, n, shapes[n])[p] for p in candidates] for n in names], budget.value  # type: ignore[arg-type]
+        costs, cap = [_table_costs(cost, n, shapes[n], candidates) for n in names], budget.value
     solve = solve_exact if solver == "exact" else solve_lagrangian
     sol = solve(losses, [[float(x) for x in c] for c in costs], float(cap))
     latency = None
