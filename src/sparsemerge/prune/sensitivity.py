@@ -207,7 +207,7 @@ def gradient_scores(
             if squares is not None:
                 squares[name].addcmul_(g, g)
     out: dict[str, dict[str, dict[str, float]]] = {}
-    for t in targets:
+    for t in tqdm(targets, desc="taylor/fisher layers", disable=not progress, leave=False):
         w = t.weight.detach().float()
         taylor = (total[t.name] / n * w).abs()
         fisher = 0.5 * squares[t.name] / n * w * w if squares is not None else None
@@ -245,6 +245,7 @@ def obs_scores(
             groups.setdefault(id(stats[t.name]), []).append(t)
         for group in groups.values():
             hessian = stats[group[0].name].value
+            h64 = hessian.double()
             for p in patterns:
                 if p == DENSE:
                     for t in group:
@@ -257,7 +258,7 @@ def obs_scores(
                     rows = [t.weight.shape[0] for t in part]
                     for t, d, w_new in zip(part, torch.split(weight - new, rows), torch.split(new, rows)):
                         d = d.double()
-                        scores.setdefault(t.name, {})[p] = float(0.5 * ((d @ hessian.double()) * d).sum())
+                        scores.setdefault(t.name, {})[p] = float(0.5 * ((d @ h64) * d).sum())
                         if t.name in keep_weights:
                             kept[(t.name, p)] = w_new.to(t.weight.dtype).clone()
 
@@ -368,7 +369,8 @@ def layer_sensitivity(
     pruned: dict[tuple[str, str], torch.Tensor] = {}
     use_obs_weights = bool(measure) and config.measured_method == "sparsegpt"
     if "obs" in criteria or use_obs_weights:
-        obs, pruned = obs_scores(model, targets, calibration, patterns, config,
+        walk = targets if "obs" in criteria else measure  # only the measured layers need W'
+        obs, pruned = obs_scores(model, walk, calibration, patterns, config,
                                  {t.name for t in measure} if use_obs_weights else None)
         if "obs" in criteria:
             for name, s in obs.items():
