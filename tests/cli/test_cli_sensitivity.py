@@ -56,3 +56,35 @@ def test_sensitivity_allocate_prune(tiny_llama_dir, tmp_path, text_file, capsys)
 
     assert run("allocate", sens, "--budget", "bytes=1KB") == 2  # unreachable: a clear error
     assert "cannot be met" in capsys.readouterr().err
+
+
+def test_allocation_with_dense_layers_prunes_checks_and_packs(tiny_llama_dir, tmp_path, text_file, capsys):
+    """'dense' as a candidate: the allocation keeps the most sensitive layers dense and prunes
+    the others harder; prune, check and pack then follow each layer's own choice."""
+    sens, recipe, alloc_json = tmp_path / "sens.json", tmp_path / "recipe.yaml", tmp_path / "alloc.json"
+    assert run("sensitivity", tiny_llama_dir, "--criteria", "obs", "--patterns", "dense,2:4,1:4", "--text", text_file,
+               "--nsamples", "2", "--seqlen", "32", "--no-progress", "--json", sens) == 0
+    report = json.loads(sens.read_text())  # make one layer far more sensitive than the rest
+    hot = next(x for x in report["layers"] if x["name"] == "model.layers.0.self_attn.q_proj")
+    hot["scores"]["obs"] = {p: (0.0 if p == "dense" else 1e6) for p in hot["scores"]["obs"]}
+    sens.write_text(json.dumps(report))
+    assert run("allocate", sens, "--budget", "sparsity=0.6", "--criterion", "obs", "--method", "magnitude",
+               "--recipe-out", recipe, "--json", alloc_json) == 0
+    patterns = json.loads(alloc_json.read_text())["patterns"]
+    assert patterns["model.layers.0.self_attn.q_proj"] == "dense" and "1:4" in patterns.values()
+    pruned, packed = tmp_path / "pruned", tmp_path / "packed"
+    assert run("prune", tiny_llama_dir, pruned, "--recipe", recipe, "--no-progress") == 0
+    record = json.loads((pruned / "sparsemerge_prune.json").read_text())
+    assert record["overall_sparsity"] * sum(r["shape"][0] * r["shape"][1] for r in record["layers"]) >= 0.6 * sum(
+        x["shape"][0] * x["shape"][1] for x in json.loads(sens.read_text())["layers"]) - 1
+    capsys.readouterr()
+    assert run("check", pruned) == 0
+    assert "dense by recipe" in capsys.readouterr().out
+    assert run("pack", pruned, packed, "--no-progress") == 0
+    tensors = json.loads((packed / "sparsemerge_packed.json").read_text())["tensors"]
+    for name, pattern in patterns.items():
+        entry = tensors[f"{name}.weight"]
+        if pattern == "dense":
+            assert entry["format"] == "dense"
+        else:
+            assert f"{entry['params']['n']}:{entry['params']['m']}" == pattern
