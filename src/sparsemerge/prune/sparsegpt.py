@@ -14,7 +14,8 @@ For a Linear layer ``W`` (out x in) with calibration inputs ``X`` (tokens x in),
 * Masks: N:M - for every M consecutive columns, when the first is reached, keep the N with
   the largest ``w^2 / U_jj^2`` per row (on the already-updated weights); unstructured - per
   column block, zero the lowest ``w^2 / U_jj^2`` of the block; block patterns (rows x cols
-  tiles) - the mask is chosen once up front from the same saliency summed per tile, and the
+  tiles) and hierarchical N:M - the mask is chosen once up front from the same saliency
+  (summed per tile; for hierarchical, :func:`~sparsemerge.masks.hier_mask` of it), and the
   OBS update reconstructs around it.
 
 If the Cholesky factorisation fails, the dampening is multiplied by 10 step by step (a
@@ -27,8 +28,8 @@ import warnings
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.masks import block_mask
-from sparsemerge.patterns import NM, Block, Pattern, Unstructured, parse_pattern
+from sparsemerge.masks import block_mask, hier_mask
+from sparsemerge.patterns import NM, Block, Hierarchical, Pattern, Unstructured, parse_pattern
 from sparsemerge.prune.base import METHODS, Target
 from sparsemerge.prune.calibration import CalibratedMethod
 from sparsemerge.prune.config import PruneConfig
@@ -138,6 +139,8 @@ def sparsegpt_prune(
         fixed = None  # mask chosen up front (block patterns); True = prune
         if isinstance(pattern, Block):
             fixed = ~block_mask(W * W / (d * d).reshape(1, -1), pattern.rows, pattern.cols, pattern.sparsity)
+        if isinstance(pattern, Hierarchical):
+            fixed = ~hier_mask(W * W / (d * d).reshape(1, -1), pattern)
         if isinstance(pattern, NM):
             blocksize = max(pattern.m, blocksize // pattern.m * pattern.m)  # groups never straddle blocks
         _obs_columns(W, U, d, pattern, fixed, blocksize)
