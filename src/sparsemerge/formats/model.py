@@ -55,7 +55,7 @@ from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, STORED_DTYPES, VER
 from sparsemerge.formats.nm_coding import CODINGS
 from sparsemerge.io.checksum import fields_digest
 from sparsemerge.io.writer import ShardedWriter
-from sparsemerge.patterns import NM, parse_pattern
+from sparsemerge.patterns import NM, Hierarchical, parse_pattern
 from sparsemerge.selection import DENSE, LayerPatterns
 
 
@@ -68,7 +68,7 @@ class PackConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     format: str = Field("nm", description="a registered format or pack layout (sparsemerge pack --help lists them)")
-    pattern: str = Field("2:4", description="N:M pattern of the nm format")
+    pattern: str = Field("2:4", description="N:M pattern of the nm format (hier:K:L@B/N:M: of hnm)")
     layer_patterns: dict[str, str] = Field(
         default_factory=dict,
         description="per-layer N:M patterns of a mixed model: regex on module name -> pattern or 'dense' "
@@ -117,8 +117,8 @@ class PackConfig(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _nm_pattern(cls, value: str) -> str:
-        if not isinstance(parse_pattern(value), NM):
-            raise ValueError(f"pack needs an N:M pattern such as 2:4, got {value!r}")
+        if not isinstance(parse_pattern(value), (NM, Hierarchical)):  # hierarchical: the hnm format
+            raise ValueError(f"pack needs an N:M pattern such as 2:4 (or hier:K:L@B/N:M for hnm), got {value!r}")
         return value
 
     @field_validator("layer_patterns")

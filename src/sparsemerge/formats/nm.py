@@ -45,7 +45,7 @@ class NMPacked(SparseFormat):
     name = "nm"
     help = "N:M packed values + position metadata (--pattern, --metadata)"
     options = (
-        FormatOption("pattern", "2:4", "N:M pattern of the nm format (default 2:4)"),
+        FormatOption("pattern", "2:4", "N:M pattern of the nm format (default 2:4); hier:K:L@B/N:M for hnm"),
         FormatOption("metadata", "entropy", "nm position coding: " + ", ".join(c + " (default)" * (c == "entropy") for c in CODINGS)),
     )
     plan_order = 50
