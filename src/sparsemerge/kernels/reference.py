@@ -14,6 +14,10 @@ from sparsemerge.kernels.layout import BlockedNM, dequantized_values, positions_
 
 def reference_matmul(layer: BlockedNM, x: torch.Tensor) -> torch.Tensor:
     """``x (B, cols)`` float32 -> ``(B, rows)`` float32, computed from the packed values."""
+    if getattr(layer, "kind", "nm") == "hier":  # hierarchical N:M (kernels/hier.py)
+        from sparsemerge.kernels.hier import hier_reference_matmul
+
+        return hier_reference_matmul(layer, x)
     vals = dequantized_values(layer).to(x.device)  # (rows, G, n)
     pos = positions_of(layer).to(x.device)  # (rows, G, n)
     g = layer.groups
