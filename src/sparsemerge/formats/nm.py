@@ -54,7 +54,8 @@ class NMPacked(SparseFormat):
     def pack_params(cls, shape: tuple[int, ...], config: PackOptions) -> tuple[dict[str, Any], Optional[str]]:
         pattern = parse_pattern(config.option("pattern"))
         if not isinstance(pattern, NM):
-            raise SparsemergeError(f"the nm format needs an N:M pattern such as 2:4, got {pattern}")
+            hint = "; hierarchical patterns pack with --format hnm" if str(pattern).startswith("hier:") else ""
+            raise SparsemergeError(f"the nm format needs an N:M pattern such as 2:4, got {pattern}{hint}")
         if shape[1] % pattern.m:
             return {}, f"input dimension {shape[1]} not divisible by M={pattern.m}"
         return {"n": pattern.n, "m": pattern.m, "metadata": config.option("metadata")}, None
