@@ -12,6 +12,7 @@ A :class:`~sparsemerge.formats.hnm.HNMPacked` weight (pattern ``hier:K:L@RxB/N:M
 with slot ``j = (kb*B/M + g)*N + s`` at input column ``blocks[i//R, kb]*B + g*M + index[i, j]``.
 Float16/bfloat16 values are widened to float32 on load; codebook values are decoded.
 
+The pure-torch reference product is ``kernels/reference.py``'s ``hier_reference_matmul``.
 ``HierLinear`` asks the kernel registry (``kernels/backends.py``) for its row like
 ``SparseLinear`` does: ``numba-hier`` (``kernels/cpu_hier.py``) on the CPU, ``reference``
 when forced, ``cuda`` (the decoded dense weight) on a GPU. It is not a ``SparseLinear``: the
@@ -104,19 +105,6 @@ class HierLayout:
         per_block = p.block // p.m * p.n  # slots per kept block
         starts = self.blocks.long().repeat_interleave(p.rows, 0) * p.block  # (rows, KB)
         return starts[:, j // per_block] + (j % per_block // p.n * p.m) + self.index.long()
-
-
-def hier_reference_matmul(layout: HierLayout, x: torch.Tensor) -> torch.Tensor:
-    """Pure torch: ``x (batch, cols)`` -> ``(batch, rows)`` float32 from the stored slots only,
-    ``y[b, i] = sum_j w[i, j] x[b, col[i, j]]`` (no dense weight is built)."""
-    vals = layout.weights().to(x.device)
-    cols = layout.columns().to(x.device)
-    out = torch.empty(x.shape[0], layout.rows, dtype=torch.float32, device=x.device)
-    chunk = max(1, (1 << 22) // max(1, vals.numel()))  # bound the gathered size
-    for start in range(0, x.shape[0], chunk):
-        xb = x[start : start + chunk].float()
-        out[start : start + chunk] = (xb[:, cols] * vals).sum(dim=-1)
-    return out
 
 
 def hier_to_dense(layout: HierLayout) -> torch.Tensor:
