@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.patterns import NM, Block, Pattern, Unstructured, parse_pattern
+from sparsemerge.patterns import NM, Block, Hierarchical, Pattern, Unstructured, parse_pattern
 
 # Up to this M a group's ranks come from pairwise comparisons (O(M^2) elementwise ops on
 # contiguous views), which beats torch.topk + scatter; above it we fall back to topk.
@@ -105,6 +105,29 @@ def block_mask(scores: torch.Tensor, rows: int, cols: int, sparsity: float) -> t
     return keep_blocks.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
 
 
+def hier_mask(scores: torch.Tensor, pattern: "Hierarchical | str") -> torch.Tensor:
+    """Hierarchical N:M keep-mask (chapter 10.2.5): fine ``n:m`` first, then per row tile
+    (``rows`` x ``block``) the ``k`` of every ``l`` blocks with the largest summed *kept* score.
+
+    ``F = nm_mask(S)``; ``T[t, b] = sum_{i in tile t, j in block b} S_ij F_ij``;
+    ``C = nm_mask(T, k, l)`` (ties towards the lower block); ``M = F & C`` expanded.
+    """
+    pattern = parse_pattern(pattern)
+    if not isinstance(pattern, Hierarchical):
+        raise SparsemergeError(f"hier_mask needs a hierarchical pattern such as hier:1:4@16/2:4, got {pattern}")
+    _check_scores(scores)
+    reason = pattern_applicable(tuple(scores.shape), pattern)
+    if reason is not None:
+        raise SparsemergeError(f"pattern {pattern} cannot apply: {reason}; exclude this tensor or choose another pattern")
+    out_f, in_f = scores.shape
+    R, B = pattern.rows, pattern.block
+    fine = nm_mask(scores, pattern.n, pattern.m)
+    kept = torch.where(fine, scores, torch.zeros((), dtype=scores.dtype, device=scores.device)).float()
+    tiles = kept.reshape(out_f // R, R, in_f // B, B).sum(dim=(1, 3))  # (tiles, blocks per row)
+    coarse = nm_mask(tiles, pattern.k, pattern.l)
+    return fine & coarse.repeat_interleave(R, 0).repeat_interleave(B, 1)
+
+
 def unstructured_mask(scores: torch.Tensor, sparsity: float, per_row: bool = False) -> torch.Tensor:
     """Zero the ``round(sparsity * numel)`` smallest scores (per row when ``per_row``)."""
     Unstructured(sparsity)  # validates the fraction
@@ -150,6 +173,8 @@ def mask_for(scores: torch.Tensor, pattern: "Pattern | str") -> torch.Tensor:
         return nm_mask(scores, pattern.n, pattern.m)
     if isinstance(pattern, Block):
         return block_mask(scores, pattern.rows, pattern.cols, pattern.sparsity)
+    if isinstance(pattern, Hierarchical):
+        return hier_mask(scores, pattern)
     return unstructured_mask(scores, pattern.sparsity)
 
 
@@ -162,6 +187,11 @@ def pattern_applicable(shape: tuple[int, ...], pattern: "Pattern | str") -> "str
         return f"input dimension {shape[1]} not divisible by M={pattern.m}"
     if isinstance(pattern, Block) and (shape[0] % pattern.rows or shape[1] % pattern.cols):
         return f"shape {shape[0]}x{shape[1]} not divisible by block {pattern.rows}x{pattern.cols}"
+    if isinstance(pattern, Hierarchical):
+        if shape[1] % pattern.span:
+            return f"input dimension {shape[1]} not divisible by B*L = {pattern.block}*{pattern.l} = {pattern.span}"
+        if shape[0] % pattern.rows:
+            return f"output dimension {shape[0]} not divisible by the row tile R={pattern.rows}"
     return None
 
 
@@ -173,6 +203,8 @@ class ConformanceReport:
     sparsity: float  # fraction of exact zeros
     violations: int  # N:M: groups with more than N nonzeros; block/unstructured: zeros missing
     units: int  # N:M: number of groups; block: number of blocks; unstructured: numel
+    # hierarchical: violations and units are fine + coarse; each level's (violations, units) here
+    levels: "dict[str, tuple[int, int]] | None" = None
 
     @property
     def ok(self) -> bool:
@@ -185,6 +217,8 @@ def check_pattern(weight: torch.Tensor, pattern: "Pattern | str") -> Conformance
     N:M: every group of M along the input dimension must hold at most N nonzeros.
     Block: at least ``round(S * #blocks)`` blocks must be all zero.
     Unstructured: at least ``round(S * numel)`` weights must be zero.
+    Hierarchical: every group of M at most N nonzeros (fine) and, per row tile, every run of
+    L blocks at most K blocks holding a nonzero (coarse); violations counted at both levels.
     """
     pattern = parse_pattern(pattern)
     reason = pattern_applicable(tuple(weight.shape), pattern)
@@ -201,6 +235,15 @@ def check_pattern(weight: torch.Tensor, pattern: "Pattern | str") -> Conformance
         need = int(round(pattern.sparsity * blocks.numel()))
         zero_blocks = int((~blocks).sum())
         return ConformanceReport(tuple(weight.shape), sparsity, max(0, need - zero_blocks), blocks.numel())
+    if isinstance(pattern, Hierarchical):
+        out_f, in_f = weight.shape
+        per_group = nonzero.reshape(-1, pattern.m).sum(dim=1)
+        fine = (int((per_group > pattern.n).sum()), per_group.numel())
+        used = nonzero.reshape(out_f // pattern.rows, pattern.rows, in_f // pattern.block, pattern.block).any(dim=(1, 3))
+        per_run = used.reshape(-1, pattern.l).sum(dim=1)
+        coarse = (int((per_run > pattern.k).sum()), per_run.numel())
+        return ConformanceReport(tuple(weight.shape), sparsity, fine[0] + coarse[0], fine[1] + coarse[1],
+                                 {"fine": fine, "coarse": coarse})
     need = int(round(pattern.sparsity * weight.numel()))
     zeros = weight.numel() - int(nonzero.sum())
     return ConformanceReport(tuple(weight.shape), sparsity, max(0, need - zeros), weight.numel())

@@ -9,6 +9,12 @@ Syntax (documented in the README, parsed by :func:`parse_pattern`):
 ``blockRxC:S``             R x C blocks (rows x input columns)
 ``unstructured:S``         a fraction S of the weights zeroed in each layer
 ``unstructured-global:S``  a fraction S zeroed over all targeted layers together
+``hier:K:L@B/N:M``         hierarchical N:M (10.2.5): each row's inputs in blocks of B; in every
+                           L consecutive blocks K are kept (chosen once per B x B tile: all
+                           B rows of a tile keep the same blocks), then N:M inside the kept
+                           blocks; density ``K/L * N/M``, e.g. ``hier:1:4@16/2:4`` (the
+                           chapter's 1:4 of 16x16 blocks, then 2:4: 87.5% sparse)
+``hier:K:L@RxB/N:M``       the same with tiles of R rows x B inputs (``@1xB``: per row)
 =========================  ===================================================================
 
 S is always the *sparsity* (fraction of zeros), 0 <= S < 1; ``pattern.density`` is ``1 - S``.
@@ -59,6 +65,67 @@ class NM:
 
 
 @dataclass(frozen=True)
+class Hierarchical:
+    """Two-level N:M (chapter 10.2.5): coarse ``k:l`` over blocks, fine ``n:m`` inside them.
+
+    A weight ``(out, in)`` is cut into tiles of ``rows`` output rows x ``block`` consecutive
+    inputs. Along the input dimension, in every ``l`` consecutive tiles of a row tile exactly
+    ``k`` are kept (the same for all ``rows`` rows, so a kernel skips a dropped tile for the
+    whole row tile); inside a kept tile every group of ``m`` inputs keeps ``n``.
+    Total sparsity ``1 - prod_i N_i/M_i = 1 - (k/l) * (n/m)``.
+    """
+
+    k: int
+    l: int  # noqa: E741 - the chapter's name for the coarse group size
+    block: int
+    n: int
+    m: int
+    rows: int
+
+    def __post_init__(self) -> None:
+        values = (self.k, self.l, self.block, self.n, self.m, self.rows)
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise SparsemergeError(f"hierarchical pattern needs integers, got K:L@RxB/N:M = {values!r}")
+        try:
+            NM(self.n, self.m)  # 0 < N < M
+        except SparsemergeError as exc:
+            raise SparsemergeError(f"hierarchical pattern, fine level: {exc}") from None
+        if not 0 < self.k < self.l:
+            raise SparsemergeError(
+                f"hierarchical pattern needs 0 < K < L for the coarse level, got {self.k}:{self.l}; "
+                "K of every L blocks are kept (K = L would be plain N:M)"
+            )
+        if self.block <= 0 or self.block % self.m:
+            raise SparsemergeError(
+                f"hierarchical pattern needs the block size B to be a positive multiple of M={self.m}, got B={self.block}; "
+                f"e.g. hier:{self.k}:{self.l}@{4 * self.m}/{self.n}:{self.m}"
+            )
+        if self.rows <= 0:
+            raise SparsemergeError(f"hierarchical pattern needs a row tile R >= 1, got {self.rows}")
+
+    @property
+    def density(self) -> float:
+        return (self.k / self.l) * (self.n / self.m)
+
+    @property
+    def sparsity(self) -> float:
+        return 1.0 - self.density
+
+    @property
+    def fine(self) -> NM:
+        return NM(self.n, self.m)
+
+    @property
+    def span(self) -> int:
+        """Inputs per coarse group (``l`` blocks): the input dimension must divide by it."""
+        return self.block * self.l
+
+    def __str__(self) -> str:
+        tile = str(self.block) if self.rows == self.block else f"{self.rows}x{self.block}"
+        return f"hier:{self.k}:{self.l}@{tile}/{self.n}:{self.m}"
+
+
+@dataclass(frozen=True)
 class Block:
     """``rows x cols`` blocks that are kept or zeroed whole; ``sparsity`` of them zeroed."""
 
@@ -101,7 +168,7 @@ class Unstructured:
         return f"{name}:{self.sparsity:g}"
 
 
-Pattern = Union[NM, Block, Unstructured]
+Pattern = Union[NM, Block, Unstructured, Hierarchical]
 
 
 def _check_sparsity(value: float, what: str) -> None:
@@ -114,18 +181,21 @@ def _check_sparsity(value: float, what: str) -> None:
 
 _NM_RE = re.compile(r"^\s*(-?\d+)\s*:\s*(-?\d+)\s*$")
 _BLOCK_RE = re.compile(r"^\s*block\s*(\d+)(?:x(\d+))?\s*:\s*([0-9.eE+-]+)\s*$", re.I)
+_HIER_RE = re.compile(r"^\s*hier\s*:\s*(-?\d+)\s*:\s*(-?\d+)\s*@\s*(\d+)(?:\s*x\s*(\d+))?\s*/\s*(-?\d+)\s*:\s*(-?\d+)\s*$", re.I)
 _UNSTRUCTURED_RE = re.compile(r"^\s*unstructured(-global)?\s*:\s*([0-9.eE+-]+)\s*$", re.I)
 
 PATTERN_SYNTAX_HELP = (
     "expected one of: 'N:M' (e.g. 2:4, 1:4, 4:8, 16:32), 'blockB:S' or 'blockRxC:S' "
     "(e.g. block16:0.5), 'unstructured:S' or 'unstructured-global:S' (e.g. unstructured:0.6), "
+    "'hier:K:L@B/N:M' or 'hier:K:L@RxB/N:M' (hierarchical: K of every L blocks of R rows x B inputs, "
+    "R = B when omitted, then N:M inside, e.g. hier:1:4@16/2:4), "
     "where S is the fraction of weights set to zero"
 )
 
 
 def parse_pattern(text: "str | Pattern") -> Pattern:
     """Parse the pattern syntax in the module docstring; pattern values pass through."""
-    if isinstance(text, (NM, Block, Unstructured)):
+    if isinstance(text, (NM, Block, Unstructured, Hierarchical)):
         return text
     if not isinstance(text, str):
         raise SparsemergeError(f"a pattern must be a string, got {type(text).__name__}; {PATTERN_SYNTAX_HELP}")
@@ -135,6 +205,12 @@ def parse_pattern(text: "str | Pattern") -> Pattern:
         rows = int(match.group(1))
         cols = int(match.group(2)) if match.group(2) else rows
         return Block(rows, cols, _float(match.group(3), text))
+    if match := _HIER_RE.match(text):
+        k, l, first, second, n, m = match.groups()
+        rows, block = (int(first), int(second)) if second else (int(first), int(first))
+        return Hierarchical(int(k), int(l), block, int(n), int(m), rows)
+    if text.strip().lower().startswith("hier"):
+        raise SparsemergeError(f"bad hierarchical pattern {text!r}; {PATTERN_SYNTAX_HELP}")
     if match := _UNSTRUCTURED_RE.match(text):
         scope = "global" if match.group(1) else "layer"
         return Unstructured(_float(match.group(2), text), scope)

@@ -40,6 +40,19 @@ LAYERS = [("none", None, "float32", 2, 4), ("none", None, "bfloat16", 2, 4), ("i
           ("int8", None, "float32", 4, 8)]
 
 
+def hier_layouts(rows_: int, cols: int) -> list:
+    """Hierarchical N:M layouts (kernels/hier.py; per-row blocks, as 197 rows take no tile)."""
+    from sparsemerge.formats.base import CodecSpec
+    from sparsemerge.formats.hnm import HNMPacked
+    from sparsemerge.kernels.hier import HierLayout
+    from sparsemerge.masks import hier_mask
+
+    w = torch.randn(rows_, cols, generator=torch.Generator().manual_seed(rows_))
+    w = w * hier_mask(w.abs(), "hier:1:2@1x16/2:4")
+    return [HierLayout.from_packed(HNMPacked.from_dense(w, "hier:1:2@1x16/2:4").with_codec(CodecSpec(codec, 32)))
+            for codec in ("none", "int8", "int4")]
+
+
 @pytest.mark.parametrize("name", CPU_ROWS)
 @pytest.mark.parametrize("rows_,cols", [(197, 576), (5, 1536)])
 def test_every_cpu_row_forced_by_name_matches_the_reference(name, rows_, cols):
@@ -48,8 +61,8 @@ def test_every_cpu_row_forced_by_name_matches_the_reference(name, rows_, cols):
     if missing:
         pytest.skip(f"CPU lacks {missing}")
     ran = 0
-    for codec, gs, dtype, n, m in LAYERS:
-        layout = pack_blocked(nm_weight(rows_, cols, n, m, seed=rows_), n, m, codec, gs, dtype)
+    layouts = [pack_blocked(nm_weight(rows_, cols, n, m, seed=rows_), n, m, codec, gs, dtype) for codec, gs, dtype, n, m in LAYERS]
+    for layout in layouts + hier_layouts(rows_, cols):
         for act_quant in ("none", "int8"):
             for batch in (1, 3):
                 x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(batch))

@@ -7,6 +7,8 @@ for storage, ``from_fields`` to rebuild), registered in :data:`FORMATS`:
 ===========  ==========================================================================
 ``nm``       :class:`NMPacked` - N:M packed values ``(rows, cols*N/M)`` + position
              metadata coded ``bits2`` | ``index`` | ``entropy`` (:mod:`.nm_coding`)
+``hnm``      :class:`HNMPacked` - hierarchical N:M (``hier:K:L@RxB/N:M``): kept-block
+             bitmap per row tile + the N:M packed values/positions of the kept blocks
 ``bitmask``  :class:`Bitmask` - 1 bit per element + nonzero values
 ``coo``      :class:`COO` - row, column, value per nonzero
 ``csr``      :class:`CSR` - row pointers, column indices, values
@@ -45,6 +47,7 @@ from sparsemerge.formats.codebook import Codebook, fit_codebook
 from sparsemerge.formats.coo import COO
 from sparsemerge.formats.csr import CSR
 from sparsemerge.formats.dense import Dense
+from sparsemerge.formats.hnm import HNMPacked
 from sparsemerge.formats.nm import NMPacked
 from sparsemerge.formats.quant import QuantizedValues, dequantize, quantize
 
@@ -61,6 +64,7 @@ __all__ = [
     "CSR",
     "Dense",
     "NMPacked",
+    "HNMPacked",
     "Codebook",
     "fit_codebook",
     "QuantizedValues",

@@ -55,8 +55,11 @@ from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, STORED_DTYPES, VER
 from sparsemerge.formats.nm_coding import CODINGS
 from sparsemerge.io.checksum import fields_digest
 from sparsemerge.io.writer import ShardedWriter
-from sparsemerge.patterns import NM, parse_pattern
+from sparsemerge.patterns import NM, Hierarchical, parse_pattern
 from sparsemerge.selection import DENSE, LayerPatterns
+
+
+_NM_FAMILY = {False: "nm", True: "hnm"}  # by "is the pattern hierarchical"
 
 
 class PackConfig(BaseModel):
@@ -68,7 +71,7 @@ class PackConfig(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     format: str = Field("nm", description="a registered format or pack layout (sparsemerge pack --help lists them)")
-    pattern: str = Field("2:4", description="N:M pattern of the nm format")
+    pattern: str = Field("2:4", description="N:M pattern of the nm format (hier:K:L@B/N:M: of hnm)")
     layer_patterns: dict[str, str] = Field(
         default_factory=dict,
         description="per-layer N:M patterns of a mixed model: regex on module name -> pattern or 'dense' "
@@ -117,16 +120,16 @@ class PackConfig(BaseModel):
     @field_validator("pattern")
     @classmethod
     def _nm_pattern(cls, value: str) -> str:
-        if not isinstance(parse_pattern(value), NM):
-            raise ValueError(f"pack needs an N:M pattern such as 2:4, got {value!r}")
+        if not isinstance(parse_pattern(value), (NM, Hierarchical)):  # hierarchical: the hnm format
+            raise ValueError(f"pack needs an N:M pattern such as 2:4 (or hier:K:L@B/N:M for hnm), got {value!r}")
         return value
 
     @field_validator("layer_patterns")
     @classmethod
     def _nm_layer_patterns(cls, value: dict[str, str]) -> dict[str, str]:
         for regex, pattern in value.items():
-            if pattern != DENSE and not isinstance(parse_pattern(pattern), NM):
-                raise ValueError(f"layer_patterns[{regex!r}]: pack needs an N:M pattern or 'dense', got {pattern!r}")
+            if pattern != DENSE and not isinstance(parse_pattern(pattern), (NM, Hierarchical)):
+                raise ValueError(f"layer_patterns[{regex!r}]: pack needs an N:M (or hier:...) pattern or 'dense', got {pattern!r}")
         return value
 
     def manifest_options(self) -> dict[str, Any]:
@@ -138,13 +141,18 @@ class PackConfig(BaseModel):
 
     def for_layer(self, patterns: LayerPatterns, tensor_name: str) -> "tuple[PackConfig, Optional[str]]":
         """``(config, why dense)`` for one targeted tensor: its own pattern under a mixed
-        allocation, or - 'dense' in layer_patterns - the dense format with the targeted layers'
+        allocation (with format nm or hnm, in the format of that pattern: hierarchical -> hnm,
+        N:M -> nm), or - 'dense' in layer_patterns - the dense format with the targeted layers'
         value codec (--quant), and the reason."""
         module = tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
         pattern = patterns(module)
         if pattern == DENSE:
             return self.model_copy(update={"format": "dense"}), "dense by recipe (layer_patterns)"
-        return (self if pattern == self.pattern else self.model_copy(update={"pattern": pattern})), None
+        update = {} if pattern == self.pattern else {"pattern": pattern}
+        if self.format in _NM_FAMILY.values():  # each layer in its pattern's format: hierarchical -> hnm, N:M -> nm
+            fmt = _NM_FAMILY[isinstance(parse_pattern(pattern), Hierarchical)]
+            update.update({"format": fmt} if fmt != self.format else {})
+        return (self.model_copy(update=update) if update else self), None
 
     def codec(self) -> CodecSpec:
         if self.codebook is not None and self.quant != "none":

@@ -45,7 +45,7 @@ class NMPacked(SparseFormat):
     name = "nm"
     help = "N:M packed values + position metadata (--pattern, --metadata)"
     options = (
-        FormatOption("pattern", "2:4", "N:M pattern of the nm format (default 2:4)"),
+        FormatOption("pattern", "2:4", "N:M pattern of the nm format (default 2:4); hier:K:L@B/N:M for hnm"),
         FormatOption("metadata", "entropy", "nm position coding: " + ", ".join(c + " (default)" * (c == "entropy") for c in CODINGS)),
     )
     plan_order = 50
@@ -54,7 +54,8 @@ class NMPacked(SparseFormat):
     def pack_params(cls, shape: tuple[int, ...], config: PackOptions) -> tuple[dict[str, Any], Optional[str]]:
         pattern = parse_pattern(config.option("pattern"))
         if not isinstance(pattern, NM):
-            raise SparsemergeError(f"the nm format needs an N:M pattern such as 2:4, got {pattern}")
+            hint = "; hierarchical patterns pack with --format hnm" if str(pattern).startswith("hier:") else ""
+            raise SparsemergeError(f"the nm format needs an N:M pattern such as 2:4, got {pattern}{hint}")
         if shape[1] % pattern.m:
             return {}, f"input dimension {shape[1]} not divisible by M={pattern.m}"
         return {"n": pattern.n, "m": pattern.m, "metadata": config.option("metadata")}, None

@@ -22,6 +22,8 @@ neon-f32              24        2:4 float32, batch 1 (``kernels/cpu_neon.py``; A
 numba-gemv24          30        2:4, any codec, batch 1 (``kernels/cpu_blocked.py``)
 numba-gemm24          31        2:4, any codec and batch
 numba-general         32        any N:M, codec and batch (``kernels/cpu_general.py``)
+numba-hier            40        hierarchical N:M (``hier:...``), any codec and batch
+                                (``kernels/cpu_hier.py``; the only CPU row for that layout)
 reference             100       always (pure torch, ``kernels/reference.py``; slow)
 ====================  ========  ============================================================
 
@@ -53,8 +55,12 @@ class Handles:
     value_dtypes: Optional[tuple[str, ...]] = None  # of codec "none": float32 / float16 / bfloat16
     batch1: bool = False  # batch 1 only
     act_quant: Optional[str] = None  # "int8": only layers with INT8 activations
+    layouts: tuple[str, ...] = ("nm",)  # layout kinds: "nm" (BlockedNM), "hier" (kernels/hier.py)
 
     def reason(self, layout, act_quant: str, batch: int) -> Optional[str]:
+        kind = getattr(layout, "kind", "nm")
+        if kind not in self.layouts:
+            return f"a {kind} layout, not {'/'.join(self.layouts)}"
         if self.act_quant is not None and act_quant != self.act_quant:
             return f"needs act_quant={self.act_quant!r}, the layer has {act_quant!r}"
         if self.batch1 and batch != 1:
@@ -70,7 +76,8 @@ class Handles:
         return None
 
     def describe(self) -> str:
-        parts = [("N:M" if self.patterns is None else "/".join(self.patterns))]
+        kinds = "hierarchical N:M" if self.layouts == ("hier",) else "N:M"
+        parts = [(kinds if self.patterns is None else "/".join(self.patterns))]
         parts.append("any codec" if self.codecs is None else "/".join(self.codecs))
         if self.value_dtypes is not None:
             parts.append("/".join(self.value_dtypes) + " values")
@@ -303,6 +310,12 @@ def _numba(path: str):
     return run
 
 
+def _hier_run(layer, x: torch.Tensor) -> torch.Tensor:
+    from sparsemerge.kernels.cpu_hier import hier_matmul
+
+    return hier_matmul(layout_of(layer), as_f32(x))
+
+
 # ---------------------------------------------------------------- reference
 def _reference_supports(layer, x: torch.Tensor) -> Optional[str]:
     return None
@@ -339,6 +352,7 @@ register_kernel(cpu_row("numba-gemv24", 30, _numba("gemv24"), Handles(patterns=(
                         source="kernels/cpu_blocked.py"))
 register_kernel(cpu_row("numba-gemm24", 31, _numba("gemm24"), Handles(patterns=("2:4",)), source="kernels/cpu_blocked.py"))
 register_kernel(cpu_row("numba-general", 32, _numba("general"), Handles(), source="kernels/cpu_general.py"))
+register_kernel(cpu_row("numba-hier", 40, _hier_run, Handles(layouts=("hier",)), source="kernels/cpu_hier.py"))
 register_kernel(Kernel("reference", 100, _reference_supports, _reference_run, "any", source="kernels/reference.py"))
 register_kernel(group("cpu", tuple(n for n in KERNELS.names() if KERNELS.get(n).device == "cpu")))
 

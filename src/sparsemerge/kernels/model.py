@@ -55,13 +55,16 @@ def model_bytes(model: nn.Module) -> int:
 
 
 def load_packed(path: "str | os.PathLike[str]", dense: bool = False, verify: bool = True) -> SparseModel:
-    """A packed checkpoint as a model: N:M tensors become SparseLinear (``dense=True``:
+    """A packed checkpoint as a model: N:M tensors become SparseLinear, hierarchical N:M
+    (hnm) ones HierLinear (``dense=True``:
     every tensor decoded to a plain dense model, the baseline of ``bench``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparsemerge.formats.model import read_packed
+    from sparsemerge.formats.hnm import HNMPacked
     from sparsemerge.formats.nm import NMPacked
     from sparsemerge.io.sources import _load_tokenizer
+    from sparsemerge.kernels.hier import HierLinear
 
     start = time.perf_counter()
     folder = Path(path)
@@ -82,6 +85,9 @@ def load_packed(path: "str | os.PathLike[str]", dense: bool = False, verify: boo
             codes = None if dense else _int8_codes(obj)
             if not dense and isinstance(obj, NMPacked) and isinstance(module, nn.Linear):
                 _replace(model, module_name, SparseLinear.from_packed(obj, _bias(ckpt, module, module_name, verify)))
+                swapped.append(module_name)
+            elif not dense and isinstance(obj, HNMPacked) and isinstance(module, nn.Linear):  # hierarchical N:M
+                _replace(model, module_name, HierLinear.from_packed(obj, _bias(ckpt, module, module_name, verify)))
                 swapped.append(module_name)
             elif codes is not None and isinstance(module, nn.Embedding):  # INT8 table: kept as codes
                 _replace(model, module_name, Int8Embedding(*codes, padding_idx=module.padding_idx))

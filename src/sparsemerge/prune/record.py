@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.patterns import NM, parse_pattern
+from sparsemerge.patterns import NM, Hierarchical, parse_pattern
 from sparsemerge.selection import DENSE
 
 PRUNE_RECORD = "sparsemerge_prune.json"
@@ -34,7 +34,7 @@ def read_prune_record(model: "str | Path") -> Optional[dict[str, Any]]:
 
 def recorded_patterns(record: dict[str, Any], nm_only: bool = False) -> dict[str, str]:
     """``{module name: pattern}`` of every pruned layer, plus ``"dense"`` for layers the
-    recipe kept dense. ``nm_only``: leave out layers whose pattern is not N:M."""
+    recipe kept dense. ``nm_only``: leave out layers whose pattern is not N:M (or hierarchical N:M)."""
     out: dict[str, str] = {}
     for layer in record.get("layers", []):
         try:
@@ -42,7 +42,7 @@ def recorded_patterns(record: dict[str, Any], nm_only: bool = False) -> dict[str
             parsed = parse_pattern(pattern)
         except (KeyError, TypeError, SparsemergeError) as exc:
             raise SparsemergeError(f"pruning record: bad layer entry {layer!r} ({exc})") from None
-        if nm_only and not isinstance(parsed, NM):
+        if nm_only and not isinstance(parsed, (NM, Hierarchical)):  # hierarchical N:M packs too (hnm)
             continue
         out[name] = pattern
     for entry in record.get("skipped", []):

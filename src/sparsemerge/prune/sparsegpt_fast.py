@@ -67,7 +67,7 @@ def _outranks(rank, sb, sa, ties_count):  # pragma: no cover - jitted
 @njit(fastmath=True, cache=True)
 def _set_mask(dst, rank, n):  # pragma: no cover - jitted
     for r in range(dst.shape[0]):
-        dst[r] = rank[r] >= n
+        dst[r] = dst[r] or rank[r] >= n  # OR: entries fixed up front (hierarchical: dropped blocks) stay pruned
 
 
 @njit(cache=True)

@@ -4,7 +4,8 @@ Score ``S_ij = |W_ij| * ||X_j||_2`` where ``X_j`` is input feature ``j`` over al
 tokens. Scores are compared within each output row (Wanda's per-output comparison group):
 N:M keeps the N best of every M consecutive weights of a row, ``unstructured:S`` zeroes the
 ``round(S * in_features)`` lowest scores of each row, ``blockRxC:S`` zeroes the blocks with
-the lowest summed score. No weight update. Calibration runs block by block
+the lowest summed score, ``hier:...`` keeps N:M per row and the blocks with the largest
+summed kept score per row tile. No weight update. Calibration runs block by block
 (:mod:`sparsemerge.prune.calibration`); by default one-shot (``sequential="off"``: norms from
 the dense model's activations); ``"block"``/``"layer"`` take them from the pruned prefix.
 """
@@ -13,8 +14,8 @@ from __future__ import annotations
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.masks import block_mask, nm_mask
-from sparsemerge.patterns import NM, Block, Pattern, Unstructured, parse_pattern
+from sparsemerge.masks import block_mask, hier_mask, nm_mask
+from sparsemerge.patterns import NM, Block, Hierarchical, Pattern, Unstructured, parse_pattern
 from sparsemerge.prune.base import METHODS, Target
 from sparsemerge.prune.calibration import CalibratedMethod
 from sparsemerge.prune.config import PruneConfig
@@ -52,6 +53,8 @@ def wanda_mask(scores: torch.Tensor, pattern: "Pattern | str") -> torch.Tensor:
         return nm_mask(scores, pattern.n, pattern.m)
     if isinstance(pattern, Block):
         return block_mask(scores, pattern.rows, pattern.cols, pattern.sparsity)
+    if isinstance(pattern, Hierarchical):  # N:M per row, blocks by summed score per row tile
+        return hier_mask(scores, pattern)
     if isinstance(pattern, Unstructured) and pattern.scope == "layer":
         return per_row_mask(scores, pattern.sparsity)
     raise SparsemergeError(f"wanda cannot apply pattern {pattern}: it compares weights within a layer's rows")
