@@ -1,0 +1,270 @@
+"""``sparsemerge tune``: search pruning methods x allocations x value codecs, keep the Pareto
+frontier of (perplexity, packed MB, decode tokens/s) and choose one candidate under a constraint.
+
+A candidate is plain data (picklable, JSON-able): a prune recipe (:class:`PruneConfig` keys,
+or None for an unpruned model) and pack options (:class:`~sparsemerge.formats.model.PackConfig`
+keys). The families searched (chapter 10.2.3-10.2.4, exercise 5):
+
+* the dense model as stored (the reference), and quantization only: every targeted weight
+  INT8 / INT4 (``pack --format dense --quant ...``);
+* for each method x codec: one N:M pattern for every layer (uniform), and one pattern per
+  layer chosen by :func:`sparsemerge.prune.allocate.allocate` from a sensitivity report under a
+  global-sparsity budget (mixed).
+
+Evaluation and execution (sequential, local processes, Ray) live in :mod:`.tune_exec`; the
+report (table, plot) in :mod:`.tune_report`.
+"""
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from functools import reduce
+from typing import Any, Optional, Sequence
+
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.patterns import NM, parse_pattern
+from sparsemerge.selection import DEFAULT_EXCLUDE
+
+CODECS = ("none", "int8", "int4")
+CONSTRAINTS = ("max_ppl", "max_mb", "min_speedup")
+MB = 1e6  # packed sizes are reported in MB = 10^6 bytes
+
+
+@dataclass
+class Candidate:
+    """One point of the search (plain data: it crosses process and Ray boundaries)."""
+
+    label: str
+    method: str  # a pruning method, or "none" (not pruned)
+    allocation: str  # "dense", "uniform 2:4", "mixed 0.50"
+    codec: str  # value codec of the targeted weights: none, int8, int4
+    recipe: Optional[dict[str, Any]]  # PruneConfig keys; None: not pruned
+    pack: dict[str, Any]  # PackConfig keys
+    target_sparsity: Optional[float] = None  # the allocation's budget (share of prunable weights zeroed)
+    layer_patterns: dict[str, str] = field(default_factory=dict)  # module name -> pattern ("dense" too), mixed only
+    note: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- candidates
+def dense_quant_for(codec: str) -> str:
+    """Codec of the 2-D tensors a candidate keeps dense (embeddings, tied head): INT8 whenever
+    the targeted weights are quantized (INT4 embeddings cost much quality for few bytes)."""
+    return "none" if codec == "none" else "int8"
+
+
+def container_pattern(patterns: Sequence[str]) -> str:
+    """The densest single N:M that every given N:M pattern conforms to: M = lcm of the M's,
+    N = max n_i * M / m_i (a group of M holds M/m_i groups of m_i, each with <= n_i nonzeros).
+    E.g. {2:4, 1:4, 2:8, 4:8} -> 4:8; {2:4, 1:4} -> 2:4."""
+    nms = [parse_pattern(p) for p in patterns]
+    if not nms or not all(isinstance(p, NM) for p in nms):
+        raise SparsemergeError(f"container_pattern needs N:M patterns, got {list(patterns)}")
+    m = reduce(math.lcm, (p.m for p in nms))
+    n = max(p.n * (m // p.m) for p in nms)
+    return f"{n}:{m}"
+
+
+def exact_regex(name: str) -> str:
+    """A regex matching exactly the module ``name`` (recipes' layer_patterns keys)."""
+    return f"^{re.escape(name)}$"
+
+
+def _pack_supports_layer_patterns() -> bool:
+    from sparsemerge.formats.model import PackConfig
+
+    return "layer_patterns" in PackConfig.model_fields
+
+
+def _prune_accepts_dense() -> bool:
+    from sparsemerge.prune.config import PruneConfig
+
+    try:
+        PruneConfig(layer_patterns={"^$": "dense"})
+    except Exception:  # noqa: BLE001 - pydantic.ValidationError / SparsemergeError: not (yet) a layer pattern
+        return False
+    return True
+
+
+def normalize_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """``recipe`` as the installed :class:`PruneConfig` takes it: layers kept "dense" become
+    exclude regexes when layer_patterns does not accept "dense"."""
+    patterns = dict(recipe.get("layer_patterns") or {})
+    dense = [rx for rx, p in patterns.items() if p == "dense"]
+    if not dense or _prune_accepts_dense():
+        return recipe
+    out = dict(recipe)
+    out["layer_patterns"] = {rx: p for rx, p in patterns.items() if p != "dense"}
+    out["exclude"] = list(recipe.get("exclude") or DEFAULT_EXCLUDE) + dense
+    return out
+
+
+def mixed_pack(layer_patterns: dict[str, str], base: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """Pack options for a model pruned with one pattern per layer: layers kept dense are
+    excluded from the sparse format; the others go to per-layer patterns when
+    :class:`PackConfig` has ``layer_patterns``, else into their container N:M (bytes of the
+    sparser layers are then overstated; the note says so)."""
+    sparse = sorted({p for p in layer_patterns.values() if p != "dense"})
+    dense = [exact_regex(n) for n, p in sorted(layer_patterns.items()) if p == "dense"]
+    out = dict(base)
+    if dense:
+        out["exclude"] = list(base.get("exclude") or DEFAULT_EXCLUDE) + dense
+    if not sparse:
+        return {**out, "format": "dense"}, ""
+    if _pack_supports_layer_patterns():
+        out["pattern"] = sparse[0]
+        out["layer_patterns"] = {exact_regex(n): p for n, p in sorted(layer_patterns.items()) if p != "dense"}
+        return out, ""
+    out["pattern"] = container_pattern(sparse)
+    note = "" if len(sparse) == 1 else f"stored as {out['pattern']} (pack has no per-layer patterns): MB overstated"
+    return out, note
+
+
+def build_candidates(
+    methods: Sequence[str],
+    codecs: Sequence[str],
+    patterns: Sequence[str],
+    allocations: Sequence[tuple[float, dict[str, str], dict[str, Any]]] = (),
+    prune_settings: Optional[dict[str, Any]] = None,
+    dtype: str = "keep",
+    group_size: int = 128,
+) -> list[Candidate]:
+    """Every candidate of the search, the dense reference first.
+
+    ``allocations``: ``(budget sparsity, {module: pattern}, recipe)`` from the allocator (the
+    recipe's method is replaced per candidate); ``prune_settings``: PruneConfig keys every recipe
+    shares (calibration text, nsamples, seqlen, seed)."""
+    bad = [c for c in codecs if c not in CODECS]
+    if bad:
+        raise SparsemergeError(f"unknown codec(s) {bad}; choose from {', '.join(CODECS)}")
+    for p in patterns:
+        if not isinstance(parse_pattern(p), NM):
+            raise SparsemergeError(f"candidate patterns must be N:M (e.g. 2:4), got {p!r}")
+    settings = {k: v for k, v in (prune_settings or {}).items() if k != "progress"}
+
+    def pack(fmt: str, codec: str, pattern: str = "2:4") -> dict[str, Any]:
+        return {"format": fmt, "pattern": pattern, "quant": codec, "group_size": group_size,
+                "dense_quant": dense_quant_for(codec), "dtype": dtype}
+
+    out = [Candidate("dense", "none", "dense", "none", None, pack("dense", "none"))]
+    out += [Candidate(f"dense {c}", "none", "dense", c, None, pack("dense", c)) for c in codecs if c != "none"]
+    for method in methods:
+        for codec in codecs:
+            suffix = "" if codec == "none" else f" {codec}"
+            for p in patterns:
+                recipe = {**settings, "method": method, "pattern": p}
+                out.append(Candidate(f"{method} {p}{suffix}", method, f"uniform {p}", codec, recipe, pack("nm", codec, p),
+                                     target_sparsity=1 - parse_pattern(p).density))
+            for sparsity, layer_patterns, recipe in allocations:
+                recipe = normalize_recipe({**recipe, **settings, "method": method})
+                options, note = mixed_pack(layer_patterns, pack("nm", codec))
+                out.append(Candidate(f"{method} mixed {sparsity:.2f}{suffix}", method, f"mixed {sparsity:.2f}", codec, recipe,
+                                     options, target_sparsity=sparsity, layer_patterns=dict(layer_patterns), note=note))
+    return out
+
+
+# ----------------------------------------------------------------------------- frontier and choice
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+def pareto_front(points: Sequence[Optional[tuple[float, float, float]]]) -> list[bool]:
+    """``points[i] = (ppl, mb, tokens_per_s)`` (None or non-finite: a failed candidate);
+    returns whether each is on the Pareto frontier of minimising ppl and MB and maximising
+    tokens/s. Point a dominates b when a is no worse on all three and better on one; equal
+    points do not dominate each other. Failed points are never on it and dominate nothing."""
+    ok = [p is not None and len(p) == 3 and all(_finite(v) for v in p) for p in points]
+    keys = [(p[0], p[1], -p[2]) if good else None for p, good in zip(points, ok)]  # all minimised
+
+    def dominates(a: tuple, b: tuple) -> bool:
+        return all(x <= y for x, y in zip(a, b)) and any(x < y for x, y in zip(a, b))
+
+    return [good and not any(o is not None and dominates(o, keys[i]) for o in keys) for i, good in enumerate(ok)]
+
+
+def row_point(row: dict[str, Any]) -> Optional[tuple[float, float, float]]:
+    if row.get("error"):
+        return None
+    return (row.get("ppl"), row.get("mb"), row.get("tok_s"))  # type: ignore[return-value]
+
+
+def mark_frontier(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    for row, on in zip(rows, pareto_front([row_point(r) for r in rows])):
+        row["frontier"] = on
+    return rows
+
+
+@dataclass
+class Constraint:
+    """``--max-ppl X``, ``--max-mb X`` or ``--min-speedup X``."""
+
+    kind: str  # one of CONSTRAINTS
+    value: float
+
+    def __post_init__(self) -> None:
+        if self.kind not in CONSTRAINTS:
+            raise SparsemergeError(f"constraint must be one of {', '.join(CONSTRAINTS)}, got {self.kind!r}")
+        if not _finite(self.value) or self.value <= 0:
+            raise SparsemergeError(f"--{self.kind.replace('_', '-')} must be a positive number, got {self.value}")
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.kind.replace("_", "-")
+
+    def measured(self, row: dict[str, Any]) -> Optional[float]:
+        value = row.get({"max_ppl": "ppl", "max_mb": "mb", "min_speedup": "speedup"}[self.kind])
+        return value if (not row.get("error") and _finite(value)) else None
+
+    def excess(self, row: dict[str, Any]) -> float:
+        """How far ``row`` is from meeting it, as a ratio (<= 1: met; inf: not measured)."""
+        value = self.measured(row)
+        if value is None:
+            return math.inf
+        if self.kind == "min_speedup":
+            return self.value / value if value > 0 else math.inf
+        return value / self.value
+
+
+def choose(rows: Sequence[dict[str, Any]], constraint: Constraint) -> tuple[Optional[int], Optional[int]]:
+    """``(chosen index, closest index)``. Under --max-mb / --min-speedup the lowest-perplexity
+    row meeting it (ties: fewer MB); under --max-ppl the smallest (ties: lower perplexity).
+    When none meets it, chosen is None and closest the row with the smallest excess ratio."""
+    measured = [i for i, r in enumerate(rows) if constraint.measured(r) is not None and _finite(r.get("ppl")) and _finite(r.get("mb"))]
+    meeting = [i for i in measured if constraint.excess(rows[i]) <= 1.0]
+    if meeting:
+        if constraint.kind == "max_ppl":
+            best = min(meeting, key=lambda i: (rows[i]["mb"], rows[i]["ppl"], i))
+        else:
+            best = min(meeting, key=lambda i: (rows[i]["ppl"], rows[i]["mb"], i))
+        return best, best
+    closest = min(measured, key=lambda i: (constraint.excess(rows[i]), i)) if measured else None
+    return None, closest
+
+
+# ----------------------------------------------------------------------------- allocations
+def compute_allocations(model: Any, tokenizer: Any, patterns: Sequence[str], sparsities: Sequence[float],
+                        prune_settings: dict[str, Any], criterion: str = "taylor") -> list[tuple[float, dict[str, str], dict[str, Any]]]:
+    """One sensitivity report of ``model`` (the cheap ``criterion``, on the calibration text of
+    ``prune_settings``), then one allocation per global-sparsity budget:
+    ``[(sparsity, {module: pattern}, recipe), ...]`` (:mod:`sparsemerge.prune.allocate`)."""
+    try:
+        from sparsemerge.prune.allocate import Budget, allocate
+        from sparsemerge.prune.sensitivity import SensitivityConfig, layer_sensitivity
+    except ImportError as exc:
+        raise SparsemergeError(f"mixed allocations need sparsemerge.prune.sensitivity and .allocate ({exc}); "
+                               "pass --no-allocations to search uniform patterns only") from None
+    for s in sparsities:
+        if not 0.0 < s < 1.0:
+            raise SparsemergeError(f"--sparsities must lie strictly between 0 and 1, got {s}")
+    keys = ("calib", "nsamples", "seqlen", "seed")
+    config = SensitivityConfig(candidates=list(patterns), criteria=[criterion],
+                               **{k: prune_settings[k] for k in keys if k in prune_settings})
+    report = layer_sensitivity(model, tokenizer, config)
+    out = []
+    for s in sparsities:
+        allocation = allocate(report, Budget("sparsity", float(s)), criterion=criterion)
+        out.append((float(s), dict(allocation.patterns), allocation.to_recipe(method="magnitude")))
+    return out
