@@ -91,6 +91,13 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def run_tune(args: argparse.Namespace) -> int:
+    from sparsemerge.prune.tune_exec import quiet_transformers
+
+    with quiet_transformers():
+        return _run_tune(args)
+
+
+def _run_tune(args: argparse.Namespace) -> int:
     from sparsemerge.eval.data import eval_windows
     from sparsemerge.io import ensure_writable, load_model, write_json_atomic
     from sparsemerge.prune.tune import build_candidates, choose, compute_allocations, mark_frontier

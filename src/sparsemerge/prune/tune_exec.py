@@ -181,8 +181,10 @@ def evaluate_candidate(model: str, candidate: dict[str, Any], settings: dict[str
 
 # ----------------------------------------------------------------------------- execution
 def _init_worker(threads: int) -> None:
-    """Process-pool initializer: the thread environment before torch and numba load."""
-    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+    """Process-pool initializer: the thread environment before torch loads (numba's count
+    follows torch's in the kernels; NUMBA_NUM_THREADS is left alone: numba refuses a change
+    of it once its pool started)."""
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
