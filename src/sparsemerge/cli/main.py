@@ -17,6 +17,7 @@ from sparsemerge.errors import SparsemergeError
 COMMAND_MODULES = [
     "sparsemerge.cli.prune",  # prune, check
     "sparsemerge.cli.eval",  # eval ppl
+    "sparsemerge.cli.sensitivity",  # sensitivity, allocate      (mixed N:M)
     "sparsemerge.cli.train",  # recover                         (recovery fine-tuning)
     "sparsemerge.cli.demo",  # demo
     "sparsemerge.cli.pack",  # pack, unpack, inspect           (storage)
