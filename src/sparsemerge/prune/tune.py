@@ -260,11 +260,13 @@ def compute_allocations(model: Any, tokenizer: Any, patterns: Sequence[str], spa
         if not 0.0 < s < 1.0:
             raise SparsemergeError(f"--sparsities must lie strictly between 0 and 1, got {s}")
     keys = ("calib", "nsamples", "seqlen", "seed")
-    config = SensitivityConfig(candidates=list(patterns), criteria=[criterion],
+    # "dense" is a candidate too (it scores 0): the allocator may keep the most sensitive layers whole
+    config = SensitivityConfig(patterns=[*patterns, "dense"], criteria=[criterion], progress=False,
                                **{k: prune_settings[k] for k in keys if k in prune_settings})
     report = layer_sensitivity(model, tokenizer, config)
     out = []
     for s in sparsities:
         allocation = allocate(report, Budget("sparsity", float(s)), criterion=criterion)
-        out.append((float(s), dict(allocation.patterns), allocation.to_recipe(method="magnitude")))
+        recipe = allocation.to_recipe(method="magnitude")
+        out.append((float(s), dict(allocation.patterns), dict(recipe.get("prune", recipe))))
     return out

@@ -41,15 +41,28 @@ def torch_threads(n: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
-    """No transformers progress bars (loading / writing shards) per candidate."""
+    """No transformers progress bars or deprecation notes, and no per-model "transformers
+    path" warning of the speed bench (the row's ``ppl_path`` / ``speed_path`` say it), while
+    many candidates are built and timed."""
+    import logging
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
-    was = hf_logging.is_progress_bar_enabled()
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    speed_log = logging.getLogger("sparsemerge.eval.speed")
+    level = speed_log.level
     hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    speed_log.setLevel(logging.ERROR)
     try:
-        yield
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
     finally:
-        if was:
+        speed_log.setLevel(level)
+        hf_logging.set_verbosity(verbosity)
+        if bars:
             hf_logging.enable_progress_bar()
 
 
