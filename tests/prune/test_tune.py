@@ -83,6 +83,22 @@ def test_choose_under_each_constraint():
         Constraint("max_size", 1)
 
 
+def test_sparsity_verdict_says_where_pruning_adds_to_quantization():
+    from sparsemerge.prune.tune_report import sparsity_verdict
+
+    def row(label, method, codec, ppl, mb, tok):
+        return {"label": label, "method": method, "codec": codec, "ppl": ppl, "mb": mb, "tok_s": tok}
+
+    rows = [row("dense", "none", "none", 10.0, 100.0, 10.0), row("dense int4", "none", "int4", 11.0, 30.0, 20.0),
+            row("sparsegpt 2:4 int4", "sparsegpt", "int4", 14.0, 20.0, 25.0),  # smaller and faster: on the frontier
+            row("dense int8", "none", "int8", 10.2, 50.0, 15.0),
+            row("sparsegpt 2:4 int8", "sparsegpt", "int8", 14.5, 35.0, 14.0)]  # dominated by dense int4
+    lines = sparsity_verdict(mark_frontier(rows))
+    assert len(lines) == 2
+    assert lines[0].startswith("INT4: sparsity adds") and "sparsegpt 2:4 int4" in lines[0] and "beside dense int4" in lines[0]
+    assert lines[1].startswith("INT8: sparsity does not add") and "beside dense int8" in lines[1]
+
+
 def test_container_pattern():
     assert container_pattern(["2:4", "1:4", "2:8", "4:8"]) == "4:8"
     assert container_pattern(["2:4", "1:4"]) == "2:4"
@@ -162,8 +178,9 @@ def _args(tiny: Path, *extra: str) -> list[str]:
 def sequential(tiny):
     """4 candidates in this process: dense, dense int8, magnitude 2:4, magnitude 2:4 int8."""
     out = tiny / "seq"
+    (tiny / "extra.json").write_text(json.dumps([{"label": "llama.cpp Q4_1", "mb": 0.3, "ppl": 380.0, "tok_s": 9000.0}]))
     assert main(_args(tiny, "--codecs", "none,int8", "--max-mb", "1.0", "--out", str(out), "--json", str(tiny / "seq.json"),
-                      "--plot", str(tiny / "seq.png"))) == 0
+                      "--plot", str(tiny / "seq.png"), "--extra-points", str(tiny / "extra.json"))) == 0
     return out, json.loads((tiny / "seq.json").read_text())
 
 
@@ -190,6 +207,8 @@ def test_sweep_rows_and_choice(tiny, sequential):
     fits = [r for r in rows if r["mb"] <= 1.0]
     assert record["chosen"] == min(fits, key=lambda r: (r["ppl"], r["mb"]))["index"]
     assert (tiny / "seq.png").stat().st_size > 1000 and (out / "frontier.png").is_file()
+    assert record["extra_points"][0]["label"] == "llama.cpp Q4_1"  # drawn, never chosen
+    assert record["verdict"] and all(line.split(":")[0] in ("no quantization", "INT8") for line in record["verdict"])
 
 
 def test_chosen_model_and_recipe_match_its_row(tiny, sequential):
@@ -234,10 +253,22 @@ def test_constraint_not_met_says_the_closest_and_writes_no_model(tiny, capsys):
     assert record["closest"] == best["index"] and f"{best['label']!r}" in err
 
 
-def test_existing_out_is_refused_before_any_work(tiny, capsys):
+def test_bad_options_are_refused_before_any_work(tiny, capsys):
     (tiny / "exists").mkdir(exist_ok=True)
     assert main(_args(tiny, "--codecs", "none", "--max-ppl", "1e6", "--out", str(tiny / "exists"))) == 2
     assert "already exists" in capsys.readouterr().err
+    for extra, message in ((["--codecs", "int3"], "--codecs takes none, int8, int4"),
+                           (["--methods", "magnitude,nope"], "unknown pruning method(s) ['nope']"),
+                           (["--candidates", "unstructured:0.5"], "--candidates takes N:M"),
+                           (["--sparsities", "0.5,1.2"], "strictly between 0 and 1"),
+                           (["--workers", "0"], "--workers must be >= 1")):
+        args = _args(tiny, "--max-ppl", "1e6", "--out", str(tiny / "never"))
+        i = args.index(extra[0]) if extra[0] in args else None
+        if i is not None:
+            del args[i:i + 2]
+        assert main(args + extra) == 2, extra
+        assert message in capsys.readouterr().err
+        assert not (tiny / "never").exists()
 
 
 def test_mixed_allocation_prunes_each_layer_to_its_pattern(tiny, tmp_path):

@@ -86,6 +86,19 @@ def _check(args: argparse.Namespace) -> None:
     unknown = [m for m in args.methods if m not in METHODS.names()]
     if unknown:
         raise SparsemergeError(f"unknown pruning method(s) {unknown}; known: {', '.join(METHODS.names())}")
+    from sparsemerge.patterns import NM, parse_pattern
+    from sparsemerge.prune.tune import CODECS
+
+    bad = [c for c in args.codecs if c not in CODECS]
+    if bad or not args.codecs:
+        raise SparsemergeError(f"--codecs takes {', '.join(CODECS)}; got {','.join(args.codecs) or 'nothing'}")
+    if not args.candidates:
+        raise SparsemergeError("--candidates is empty; give N:M patterns such as 4:8,2:4,2:8,1:4")
+    for p in args.candidates:
+        if not isinstance(parse_pattern(p), NM):
+            raise SparsemergeError(f"--candidates takes N:M patterns (e.g. 2:4), got {p!r}")
+    if any(not 0.0 < s < 1.0 for s in args.sparsities):
+        raise SparsemergeError(f"--sparsities must lie strictly between 0 and 1, got {args.sparsities}")
     if args.dtype not in ("source", "float32", "float16", "bfloat16"):
         raise SparsemergeError(f"--dtype must be source, float32, float16 or bfloat16, got {args.dtype!r}")
 
@@ -102,7 +115,7 @@ def _run_tune(args: argparse.Namespace) -> int:
     from sparsemerge.io import ensure_writable, load_model, write_json_atomic
     from sparsemerge.prune.tune import build_candidates, choose, compute_allocations, mark_frontier
     from sparsemerge.prune.tune_exec import run_candidates, source_dtype, torch_threads
-    from sparsemerge.prune.tune_report import TABLE_HEADERS, load_extra_points, plot_frontier, table_rows
+    from sparsemerge.prune.tune_report import TABLE_HEADERS, load_extra_points, plot_frontier, sparsity_verdict, table_rows
 
     constraint = _constraint(args)
     _check(args)
@@ -141,16 +154,19 @@ def _run_tune(args: argparse.Namespace) -> int:
     print(format_table(TABLE_HEADERS, table_rows(rows, chosen)))
     front = [r["label"] for r in rows if r.get("frontier")]
     print(f"Pareto frontier (min ppl, min MB, max tok/s): {', '.join(front) if front else 'none'}")
+    verdict = sparsity_verdict(rows)
+    for line in verdict:
+        print(line)
     record: dict[str, Any] = {
         "model": str(args.model), "text": args.text, "constraint": {"kind": constraint.kind, "value": constraint.value},
         "settings": {k: v for k, v in settings.items() if k != "windows"} | {"seqlen": args.seqlen, "windows": int(windows.shape[0]), "dtype": dtype},
-        "chosen": chosen, "closest": closest, "rows": rows, "candidates": [c.to_json() for c in candidates], "extra_points": extra_points,
+        "chosen": chosen, "closest": closest, "verdict": verdict, "rows": rows, "candidates": [c.to_json() for c in candidates], "extra_points": extra_points,
     }
     title = f"{Path(str(args.model)).name}: {windows.shape[0]}x{args.seqlen} held-out tokens of {args.text}"
     if args.json:
         write_json_atomic(args.json, record)
     if args.plot and any(not r.get("error") for r in rows):
-        plot_frontier(args.plot, rows, extra_points, chosen, title)
+        plot_frontier(args.plot, rows, extra_points, chosen, title, verdict)
     if chosen is None:
         if closest is None:
             raise SparsemergeError(f"no candidate was evaluated successfully, so none meets {constraint.flag} {constraint.value:g}; "
@@ -193,4 +209,4 @@ def _write_choice(args: argparse.Namespace, candidate: Any, row: dict[str, Any],
         body["pack"] = candidate.pack
         (tmp / "recipe.yaml").write_text(head + yaml.safe_dump(body, sort_keys=False))
         (tmp / "tune.json").write_text(json.dumps(record, indent=1) + "\n")
-        plot_frontier(tmp / "frontier.png", record["rows"], extra_points, row["index"], title)
+        plot_frontier(tmp / "frontier.png", record["rows"], extra_points, row["index"], title, record["verdict"])

@@ -56,10 +56,10 @@ def _ok(r: dict[str, Any]) -> bool:
 
 
 def plot_frontier(path: "str | Path", rows: Sequence[dict[str, Any]], extra: Sequence[dict[str, Any]] = (),
-                  chosen: Optional[int] = None, title: str = "") -> None:
+                  chosen: Optional[int] = None, title: str = "", notes: Sequence[str] = ()) -> None:
     """Two panels: perplexity vs MB (colour: tokens/s) and perplexity vs tokens/s; the
     frontier's points ringed, joined and labelled; the chosen one starred; external points as
-    black diamonds. Written atomically (Agg backend)."""
+    black diamonds; ``notes`` printed under the panels. Written atomically (Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,9 +108,38 @@ def plot_frontier(path: "str | Path", rows: Sequence[dict[str, Any]], extra: Seq
     left.set_xlabel("packed size (MB)")
     right.set_xlabel("decode tokens/s (colour: MB)")
     fig.suptitle(title or "sparsemerge tune: perplexity vs size vs speed")
-    fig.tight_layout()
+    if notes:  # e.g. where sparsity adds to quantization (sparsity_verdict)
+        fig.text(0.01, 0.01, "\n".join(notes), fontsize=7, va="bottom", ha="left", family="monospace")
+    fig.tight_layout(rect=(0, 0.035 * len(notes), 1, 1))
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower() or "png"
     with atomic_output(path, overwrite=True, is_dir=False) as tmp:
         fig.savefig(tmp, format=fmt, dpi=120)
     plt.close(fig)
+
+
+def _brief(r: dict[str, Any]) -> str:
+    return f"{r['label']} ({r['mb']:.4g} MB, ppl {r['ppl']:.4g}, {r['tok_s']:.4g} tok/s)"
+
+
+def sparsity_verdict(rows: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per codec: whether pruning adds to that codec, i.e. whether some pruned
+    candidate of the codec is on the Pareto frontier (after :func:`~.tune.mark_frontier`), set
+    beside the unpruned point of the same codec (the dense model, or quantization only)."""
+    lines = []
+    good = [r for r in rows if _ok(r)]
+    for codec in dict.fromkeys(r.get("codec") for r in good):
+        base = next((r for r in good if r.get("codec") == codec and r.get("method") == "none"), None)
+        pruned = [r for r in good if r.get("codec") == codec and r.get("method") != "none"]
+        if not pruned:
+            continue
+        name = "no quantization" if codec == "none" else codec.upper()
+        beside = f" beside {_brief(base)}" if base else ""
+        front = [r for r in pruned if r.get("frontier")]
+        if front:
+            best = min(front, key=lambda r: r["ppl"])
+            lines.append(f"{name}: sparsity adds - {len(front)} pruned candidate(s) on the frontier, e.g. {_brief(best)}{beside}")
+        else:
+            best = min(pruned, key=lambda r: r["ppl"])
+            lines.append(f"{name}: sparsity does not add - every pruned candidate is dominated (best {_brief(best)}){beside}")
+    return lines
