@@ -257,16 +257,14 @@ def test_bad_options_are_refused_before_any_work(tiny, capsys):
     (tiny / "exists").mkdir(exist_ok=True)
     assert main(_args(tiny, "--codecs", "none", "--max-ppl", "1e6", "--out", str(tiny / "exists"))) == 2
     assert "already exists" in capsys.readouterr().err
+    base = ["tune", str(tiny / "hf"), "--text", str(tiny / "text.txt"), "--max-ppl", "1e6", "--out", str(tiny / "never")]
     for extra, message in ((["--codecs", "int3"], "--codecs takes none, int8, int4"),
                            (["--methods", "magnitude,nope"], "unknown pruning method(s) ['nope']"),
                            (["--candidates", "unstructured:0.5"], "--candidates takes N:M"),
                            (["--sparsities", "0.5,1.2"], "strictly between 0 and 1"),
-                           (["--workers", "0"], "--workers must be >= 1")):
-        args = _args(tiny, "--max-ppl", "1e6", "--out", str(tiny / "never"))
-        i = args.index(extra[0]) if extra[0] in args else None
-        if i is not None:
-            del args[i:i + 2]
-        assert main(args + extra) == 2, extra
+                           (["--workers", "0"], "--workers must be >= 1"),
+                           (["--criterion", "hunch"], "--criterion must be one of taylor, fisher, obs, measured")):
+        assert main(base + extra) == 2, extra
         assert message in capsys.readouterr().err
         assert not (tiny / "never").exists()
 

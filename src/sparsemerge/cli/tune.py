@@ -99,6 +99,13 @@ def _check(args: argparse.Namespace) -> None:
             raise SparsemergeError(f"--candidates takes N:M patterns (e.g. 2:4), got {p!r}")
     if any(not 0.0 < s < 1.0 for s in args.sparsities):
         raise SparsemergeError(f"--sparsities must lie strictly between 0 and 1, got {args.sparsities}")
+    if not args.no_allocations and args.sparsities:
+        try:
+            from sparsemerge.prune.sensitivity import CRITERIA
+        except ImportError:  # reported by the allocation step
+            CRITERIA = (args.criterion,)
+        if args.criterion not in CRITERIA:
+            raise SparsemergeError(f"--criterion must be one of {', '.join(CRITERIA)}, got {args.criterion!r}")
     if args.dtype not in ("source", "float32", "float16", "bfloat16"):
         raise SparsemergeError(f"--dtype must be source, float32, float16 or bfloat16, got {args.dtype!r}")
 
@@ -198,7 +205,10 @@ def _write_choice(args: argparse.Namespace, candidate: Any, row: dict[str, Any],
 
     with atomic_output(args.out, overwrite=args.overwrite) as tmp, tempfile.TemporaryDirectory(prefix="sparsemerge-tune-", dir=args.scratch) as work:
         with torch_threads(args.threads):
-            build_candidate(args.model, candidate.to_json(), tmp / "model", work)
+            info = build_candidate(args.model, candidate.to_json(), tmp / "model", work)
+        if info["bytes"] != row["bytes"]:  # pruning is deterministic at a fixed thread count; say so if it was not
+            print(f"warning: the chosen candidate rebuilt to {info['bytes']:,} bytes, not the {row['bytes']:,} it was measured "
+                  "with (nondeterministic pruning?)", file=sys.stderr)
         head = (f"# sparsemerge tune: #{row['index']} {row['label']} - ppl {row['ppl']:.4f}, {row['mb']:.3f} MB, "
                 f"{row['tok_s']:.1f} tok/s ({row['speedup']:.2f}x dense)\n")
         body: dict[str, Any] = {}

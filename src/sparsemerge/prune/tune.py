@@ -261,8 +261,13 @@ def compute_allocations(model: Any, tokenizer: Any, patterns: Sequence[str], spa
             raise SparsemergeError(f"--sparsities must lie strictly between 0 and 1, got {s}")
     keys = ("calib", "nsamples", "seqlen", "seed")
     # "dense" is a candidate too (it scores 0): the allocator may keep the most sensitive layers whole
-    config = SensitivityConfig(patterns=[*patterns, "dense"], criteria=[criterion], progress=False,
-                               **{k: prune_settings[k] for k in keys if k in prune_settings})
+    try:
+        config = SensitivityConfig(patterns=[*patterns, "dense"], criteria=[criterion], progress=False,
+                                   **{k: prune_settings[k] for k in keys if k in prune_settings})
+    except SparsemergeError:
+        raise
+    except Exception as exc:  # pydantic.ValidationError: e.g. an unknown criterion
+        raise SparsemergeError(f"invalid sensitivity options for the allocations: {exc}") from None
     report = layer_sensitivity(model, tokenizer, config)
     out = []
     for s in sparsities:
