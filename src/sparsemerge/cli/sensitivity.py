@@ -71,7 +71,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_sensitivity(args: argparse.Namespace) -> int:
     from sparsemerge.io import ensure_writable, load_model
-    from sparsemerge.prune.sensitivity import SensitivityConfig, format_report, layer_sensitivity, plot_report
+    from sparsemerge.prune.sensitivity import SensitivityConfig, layer_sensitivity
+    from sparsemerge.prune.sensitivity_plot import format_report, plot_report
 
     values = {
         "criteria": _csv(args.criteria), "patterns": _csv(args.patterns), "calib": args.text, "data": args.text,

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import math
 import re
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from typing import Any, Literal, Optional
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.patterns import NM, parse_pattern
+from sparsemerge.prune.latency import measure_latency_table  # noqa: F401  (re-exported)
 from sparsemerge.prune.sensitivity import DENSE, SensitivityReport
 
 KINDS = ("sparsity", "bytes", "latency")
@@ -105,62 +105,6 @@ def layer_nbytes(shape: tuple[int, int], pattern: str, codec: str = "none", valu
     return bitmask_nbytes(rows, cols, kept_weights(shape, pattern), value_bytes)
 
 
-_LATENCY_CACHE: dict[tuple, float] = {}
-
-
-def measure_latency_table(shapes: "list[tuple[int, int]]", patterns: list[str], codec: str = "none", group_size: int = 128,
-                          min_seconds: float = 0.05, progress: bool = False) -> dict[str, dict[str, float]]:
-    """``{"ROWSxCOLS": {pattern: ms}}``: median batch-1 time of ``y = x W^T`` with the
-    project's kernels on this CPU - N:M through :class:`~sparsemerge.kernels.SparseLinear`
-    (the dispatcher's best row for the pattern and codec), dense through torch's float32
-    Linear. Each distinct (shape, pattern, codec) is timed once per process (cached)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from sparsemerge.kernels.sparse_linear import SparseLinear
-
-    out: dict[str, dict[str, float]] = {}
-    work = sorted({(int(r), int(c)) for r, c in shapes})
-    for rows, cols in tqdm(work, desc="latency", disable=not progress, leave=False):
-        row = out.setdefault(f"{rows}x{cols}", {})
-        for pattern in patterns:
-            key = (rows, cols, pattern, codec, group_size, torch.get_num_threads())
-            if key not in _LATENCY_CACHE:
-                gen = torch.Generator().manual_seed(0)
-                weight = torch.randn(rows, cols, generator=gen)
-                x = torch.randn(1, cols, generator=gen)
-                if pattern == DENSE:
-                    layer: Any = torch.nn.Linear(cols, rows, bias=False)
-                    layer.weight.data.copy_(weight)
-                else:
-                    p = parse_pattern(pattern)
-                    if not isinstance(p, NM):
-                        raise SparsemergeError(f"latency is measured for N:M and dense layers, not {pattern}")
-                    layer = SparseLinear.from_dense(weight, None, p.n, p.m, codec=codec,
-                                                    group_size=group_size if codec != "none" else None, prune=True)
-                _LATENCY_CACHE[key] = _time_ms(layer, x, min_seconds)
-            row[pattern] = _LATENCY_CACHE[key]
-    return out
-
-
-def _time_ms(layer: Any, x: Any, min_seconds: float) -> float:
-    import torch
-
-    with torch.no_grad():
-        for _ in range(3):  # compile / warm caches
-            layer(x)
-        samples: list[float] = []
-        spent = 0.0
-        while len(samples) < 5 or (spent < min_seconds and len(samples) < 1000):
-            start = time.perf_counter()
-            layer(x)
-            dt = time.perf_counter() - start
-            samples.append(dt)
-            spent += dt
-    samples.sort()
-    return 1e3 * samples[len(samples) // 2]
-
-
 # ---------------------------------------------------------------------- solvers
 @dataclass
 class Solution:
@@ -218,7 +162,7 @@ def solve_lagrangian(losses: list[list[float]], costs: list[list[float]], cap: f
             bound = max(bound, _total(losses, _pick(losses, costs, lam)) + lam * (_total(costs, _pick(losses, costs, lam)) - cap))
     else:
         bound = _total(losses, choice)  # unconstrained optimum fits: optimal
-    choice = _greedy_fill(losses, costs, cap, choice)
+    choice = _pair_search(losses, costs, cap, _greedy_fill(losses, costs, cap, choice))
     return Solution(choice, _total(losses, choice), _total(costs, choice), bound)
 
 
@@ -241,6 +185,36 @@ def _greedy_fill(losses: list[list[float]], costs: list[list[float]], cap: float
         if best is None:
             return choice
         choice[best[0]] = best[1]
+
+
+def _pair_search(losses: list[list[float]], costs: list[list[float]], cap: float, choice: list[int],
+                 max_rounds: int = 10_000) -> list[int]:
+    """Local search after the fill: apply the best pair of switches in two different layers
+    (typically one upgrade paid for by one downgrade) that stays within the budget and lowers
+    the loss, then fill again; each round is one vectorised pass over all pairs of moves."""
+    import numpy as np
+
+    choice = list(choice)
+    tol = 1e-9 * max(1.0, abs(cap))
+    for _ in range(max_rounds):
+        slack = cap - _total(costs, choice)
+        moves = [(i, j, c[j] - c[choice[i]], s[j] - s[choice[i]])
+                 for i, (s, c) in enumerate(zip(losses, costs)) for j in range(len(s)) if j != choice[i]]
+        if len(moves) < 2:
+            return choice
+        layer = np.array([m[0] for m in moves])
+        dc = np.array([m[2] for m in moves], dtype=np.float64)
+        dl = np.array([m[3] for m in moves], dtype=np.float64)
+        gain = -(dl[:, None] + dl[None, :])
+        ok = (dc[:, None] + dc[None, :] <= slack + tol) & (layer[:, None] != layer[None, :])
+        gain = np.where(ok, gain, -np.inf)
+        best = int(np.argmax(gain))
+        a, b = divmod(best, len(moves))
+        if not gain[a, b] > 1e-12 * max(1.0, abs(_total(losses, choice))):
+            return choice
+        choice[moves[a][0]], choice[moves[b][0]] = moves[a][1], moves[b][1]
+        choice = _greedy_fill(losses, costs, cap, choice)
+    return choice
 
 
 def solve_exact(losses: list[list[float]], costs: list[list[float]], cap: float, max_states: int = 200_000) -> Solution:
@@ -318,11 +292,18 @@ class Allocation:
         }
 
 
-def _table_for(cost: dict, name: str, shape: tuple[int, int]) -> dict[str, float]:
+def _table_costs(cost: dict, name: str, shape: tuple[int, int], candidates: list[str]) -> list[float]:
+    """The row of ``cost`` for a layer (by name, else by ``"ROWSxCOLS"``), one value per candidate."""
     row = cost.get(name) or cost.get(f"{shape[0]}x{shape[1]}")
-    if row is None:
+    if not isinstance(row, dict):
         raise SparsemergeError(f"the cost table has no entry for layer {name} (or shape {shape[0]}x{shape[1]})")
-    return row
+    missing = [p for p in candidates if p not in row]
+    if missing:
+        raise SparsemergeError(f"the cost table has no {', '.join(missing)} for layer {name}; it has {', '.join(row)}")
+    try:
+        return [float(row[p]) for p in candidates]
+    except (TypeError, ValueError):
+        raise SparsemergeError(f"the cost table's entry for layer {name} is not numbers: {row}") from None
 
 
 def allocate(
@@ -361,10 +342,10 @@ def allocate(
     nbytes = [[layer_nbytes(shapes[n], p, codec, vb, group_size) for p in candidates] for n in names]
     if budget.kind == "sparsity":
         costs, cap = kept, total - math.ceil(budget.value * total - 1e-9)
-    elif budget.kind == "bytes":
-        costs, cap = (nbytes if cost is None else [[_table_for(cost, n, shapes[n])[p] for p in candidates] for n in names]), budget.value
+    elif cost is None:  # bytes from the size calculator
+        costs, cap = nbytes, budget.value
     else:
-        costs, cap = [[_table_for(cost, n, shapes[n])[p] for p in candidates] for n in names], budget.value  # type: ignore[arg-type]
+        costs, cap = [_table_costs(cost, n, shapes[n], candidates) for n in names], budget.value
     solve = solve_exact if solver == "exact" else solve_lagrangian
     sol = solve(losses, [[float(x) for x in c] for c in costs], float(cap))
     latency = None

@@ -26,7 +26,6 @@ For ``taylor`` and ``fisher`` the removed set ``R`` is the complement of the MAG
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,61 +394,3 @@ def layer_sensitivity(
         "heldout_tokens": None if heldout is None or not measure else int(heldout.numel()),
     }
     return SensitivityReport(layers, list(patterns), list(criteria), base_loss, meta)
-
-
-# ------------------------------------------------------------------------ output
-def format_report(report: SensitivityReport) -> str:
-    """One table per criterion: layer, shape, then one column per candidate."""
-    from sparsemerge.eval.report import format_table
-
-    parts = []
-    for c in report.criteria:
-        rows = [
-            [lay.name, "x".join(map(str, lay.shape))] + [lay.scores[c][p] for p in report.candidates]
-            for lay in report.layers if c in lay.scores
-        ]
-        rows = [[r[0], r[1]] + [_num(v) for v in r[2:]] for r in rows]
-        parts.append(f"{c} ({UNITS[c]})\n" + format_table(["layer", "shape"] + report.candidates, rows))
-    if report.base_loss is not None:
-        parts.append(f"dense held-out loss {report.base_loss:.4f} nats/token (perplexity {math.exp(report.base_loss):.2f})")
-    return "\n\n".join(parts)
-
-
-UNITS = {
-    "taylor": "first-order predicted loss increase, nats",
-    "fisher": "diagonal-Fisher predicted loss increase, nats",
-    "obs": "SparseGPT layer error ||(W-W')X^T||^2/n",
-    "measured": "held-out loss increase, nats/token",
-}
-
-
-def _num(v: float) -> str:
-    return "0" if v == 0 else f"{v:.4g}"
-
-
-def plot_report(report: SensitivityReport, path: "str | Path", overwrite: bool = False) -> Path:
-    """Lines per candidate pattern against layer index (log scale), one panel per criterion."""
-    from sparsemerge.eval.report import _pyplot
-    from sparsemerge.io.atomic import atomic_output
-
-    plt = _pyplot()
-    n = len(report.criteria)
-    fig, axes = plt.subplots(n, 1, figsize=(max(6.0, min(16.0, 0.06 * len(report.layers) + 5)), 2.8 * n), squeeze=False)
-    for ax, c in zip(axes[:, 0], report.criteria):
-        idx = [i for i, lay in enumerate(report.layers) if c in lay.scores]
-        for p in report.candidates:
-            if p == DENSE:
-                continue
-            values = [max(report.layers[i].scores[c][p], 1e-12) for i in idx]
-            ax.plot(idx, values, ".-", label=p, linewidth=1, markersize=3)
-        ax.set_yscale("log")
-        ax.set_title(f"{c}: {UNITS[c]}", fontsize=9)
-        ax.set_xlabel("layer index (targeted Linear layers in model order)", fontsize=8)
-        ax.legend(fontsize=7, ncol=len(report.candidates))
-    fig.tight_layout()
-    try:
-        with atomic_output(path, overwrite=overwrite, is_dir=False) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return Path(path)
