@@ -127,6 +127,9 @@ def test_build_candidates_families():
     assert m.recipe["method"] == "wanda" and m.target_sparsity == 0.5
     # the dense layer is kept out of the sparse format
     assert "^model\\.layers\\.0\\.mlp\\.down_proj$" in m.pack["exclude"]
+    assert "dense layer" not in m.note  # codec none: dense layers stay float like the embeddings
+    m4 = next(c for c in cands if c.label == "wanda mixed 0.50 int4")
+    assert "1 dense layer(s) stored int8" in m4.note
     from sparsemerge.formats.model import PackConfig
     from sparsemerge.prune.config import PruneConfig
 

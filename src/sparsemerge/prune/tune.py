@@ -104,23 +104,28 @@ def normalize_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
 
 def mixed_pack(layer_patterns: dict[str, str], base: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """Pack options for a model pruned with one pattern per layer: layers kept dense are
-    excluded from the sparse format; the others go to per-layer patterns when
-    :class:`PackConfig` has ``layer_patterns``, else into their container N:M (bytes of the
-    sparser layers are then overstated; the note says so)."""
+    excluded from the sparse format (so they take ``dense_quant``, the codec of embeddings); the
+    others go to per-layer patterns when :class:`PackConfig` has ``layer_patterns``, else into
+    their container N:M (bytes of the sparser layers are then overstated). The note says both."""
     sparse = sorted({p for p in layer_patterns.values() if p != "dense"})
     dense = [exact_regex(n) for n, p in sorted(layer_patterns.items()) if p == "dense"]
     out = dict(base)
+    notes = []
     if dense:
         out["exclude"] = list(base.get("exclude") or DEFAULT_EXCLUDE) + dense
+        if base.get("dense_quant", "none") != base.get("quant", "none"):
+            # excluded layers take the codec of untargeted tensors (embeddings), not the targeted one
+            notes.append(f"{len(dense)} dense layer(s) stored {base.get('dense_quant', 'none')}")
     if not sparse:
-        return {**out, "format": "dense"}, ""
+        return {**out, "format": "dense"}, "; ".join(notes)
     if _pack_supports_layer_patterns():
         out["pattern"] = sparse[0]
         out["layer_patterns"] = {exact_regex(n): p for n, p in sorted(layer_patterns.items()) if p != "dense"}
-        return out, ""
-    out["pattern"] = container_pattern(sparse)
-    note = "" if len(sparse) == 1 else f"stored as {out['pattern']} (pack has no per-layer patterns): MB overstated"
-    return out, note
+    else:
+        out["pattern"] = container_pattern(sparse)
+        if len(sparse) > 1:
+            notes.append(f"stored as {out['pattern']} (pack has no per-layer patterns): MB overstated")
+    return out, "; ".join(notes)
 
 
 def build_candidates(
