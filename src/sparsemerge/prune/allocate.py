@@ -135,7 +135,11 @@ def _total(values: list[list[float]], choice: list[int]) -> float:
 
 
 def solve_lagrangian(losses: list[list[float]], costs: list[list[float]], cap: float, iterations: int = 200) -> Solution:
-    """Lagrangian relaxation with bisection on the multiplier, then a greedy fill of the slack."""
+    """Lagrangian relaxation with bisection on the multiplier, then a greedy fill of the slack
+    and a pairwise local search. ``lower_bound`` is the best dual value ``L(lambda)`` found, so
+    ``loss - lower_bound`` bounds the distance to the optimum; with one layer "fractional" at
+    the optimal multiplier it is at most the largest loss range of one layer (checked against
+    brute force in tests/prune/test_allocate.py, where the result is also optimal >= 95% of the time)."""
     _check_problem(losses, costs, cap)
     fits = lambda ch: _total(costs, ch) <= cap + 1e-9 * max(1.0, abs(cap))  # noqa: E731
     bound = -math.inf
