@@ -86,3 +86,29 @@ def replace_module(model: nn.Module, dotted_name: str, new: nn.Module) -> nn.Mod
         raise SparsemergeError(f"replace_module: {type(model).__name__} has no submodule {dotted_name!r}")
     setattr(parent, child, new)
     return old
+
+
+DENSE = "dense"  # a per-layer pattern value: keep the layer dense
+
+
+class LayerPatterns:
+    """Module name -> its pattern string (or ``"dense"``): the first override regex that
+    matches (``re.search``), else ``default``. The per-layer patterns of a mixed allocation
+    (recipe ``layer_patterns``, or the pattern each layer was pruned to) for ``check`` and ``pack``."""
+
+    def __init__(self, default: str, overrides: Optional[dict[str, str]] = None) -> None:
+        self.default = default
+        overrides = overrides or {}
+        self.overrides = list(zip(compile_regexes(overrides, "layer_patterns"), overrides.values()))
+
+    @classmethod
+    def exact(cls, default: str, patterns: dict[str, str]) -> "LayerPatterns":
+        """Overrides keyed by exact module names (anchored, escaped)."""
+        return cls(default, {f"^{re.escape(name)}$": p for name, p in patterns.items()})
+
+    def __call__(self, module_name: str) -> str:
+        return next((p for rx, p in self.overrides if rx.search(module_name)), self.default)
+
+    @property
+    def mixed(self) -> bool:
+        return any(p != self.default for _, p in self.overrides)

@@ -140,8 +140,10 @@ def test_every_pattern_with_both_methods(method, pattern, calib):
     assert report.sparsity == pytest.approx(expected, abs=1e-3)
 
 
-@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("method", ["magnitude", "gradient", "taylor", "wanda", "sparsegpt"])
 def test_sparsity_per_layer(method, calib):
+    """Every method honours one sparsity per block (issue 13: magnitude, gradient and taylor
+    used to ignore it and prune 0.5 everywhere)."""
     model = make_tiny_llama()
     report = prune_(
         model, {"method": method, "sparsity_per_layer": [0.25, 0.75], "progress": False}, calibration=calib[:4]
@@ -149,6 +151,12 @@ def test_sparsity_per_layer(method, calib):
     by_block = {r.name.split(".")[2]: r for r in report.layers}
     assert by_block["0"].pattern == "unstructured:0.25" and by_block["0"].sparsity == pytest.approx(0.25, abs=1e-3)
     assert by_block["1"].pattern == "unstructured:0.75" and by_block["1"].sparsity == pytest.approx(0.75, abs=1e-3)
+    for r in report.layers:  # measured on the weights themselves, per layer
+        weight = model.get_submodule(r.name).weight
+        expected = 0.25 if r.name.split(".")[2] == "0" else 0.75
+        assert float((weight == 0).float().mean()) == pytest.approx(expected, abs=1e-2)
+    with pytest.raises(SparsemergeError, match=r"\[0, 1\)"):
+        prune_(make_tiny_llama(), {"method": method, "sparsity_per_layer": [0.5, 1.5], "progress": False}, calibration=calib)
     with pytest.raises(SparsemergeError, match="one sparsity per block"):
         prune_(make_tiny_llama(), {"method": method, "sparsity_per_layer": [0.5], "progress": False}, calibration=calib)
 

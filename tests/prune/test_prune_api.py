@@ -63,6 +63,20 @@ def test_layer_overrides_and_include_exclude():
     assert "model.layers.0.self_attn.v_proj" not in patterns
 
 
+def test_dense_layer_pattern_keeps_the_layer_untouched():
+    model = make_tiny_llama()
+    before = model.model.layers[1].mlp.down_proj.weight.detach().clone()
+    config = {"pattern": "2:4", "layer_patterns": {r"^model\.layers\.1\.mlp\.down_proj$": "dense", r"q_proj": "1:4"}}
+    report = prune_(model, config)
+    names = {r.name for r in report.layers}
+    assert "model.layers.1.mlp.down_proj" not in names and "model.layers.0.mlp.down_proj" in names
+    assert ("model.layers.1.mlp.down_proj", "dense by recipe (layer_patterns)") in report.skipped
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, before)
+    assert check_pattern(model.model.layers[0].self_attn.q_proj.weight, "1:4").ok
+    with pytest.raises(Exception, match="unknown sparsity pattern"):
+        PruneConfig(layer_patterns={"x": "sparse"})
+
+
 def test_indivisible_input_dimension_is_skipped_and_reported():
     model = make_tiny_llama(hidden=64, intermediate=96)  # down_proj input 96: 96 % 64 != 0
     report = prune_(model, {"pattern": "16:64"})

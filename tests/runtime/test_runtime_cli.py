@@ -36,11 +36,19 @@ def test_plan_prints_a_kernel_per_product_and_writes_json(tmp_path, tiny_tokeniz
     assert json.loads((tmp_path / "plan.json").read_text())["supported"]
 
 
-def test_plan_of_an_unsupported_pattern_says_what_falls_back(tmp_path, tiny_tokenizer, capsys):
+def test_plan_runs_other_patterns_on_the_general_kernel(tmp_path, tiny_tokenizer, capsys):
     hf = _pruned_dir(tmp_path, tiny_tokenizer)
     assert main(["plan", str(hf), "--pattern", "1:4", "--prune"]) == 0
     out = capsys.readouterr().out
-    assert "not used" in out and "1:4" in out and "transformers path" in out
+    assert "numba-general" in out and "1:4" in out and "not used" not in out
+
+
+def test_plan_says_what_falls_back_when_no_decode_kernel_can_run_a_layer(tmp_path, tiny_tokenizer, capsys, monkeypatch):
+    hf = _pruned_dir(tmp_path, tiny_tokenizer)
+    monkeypatch.setenv("SPARSEMERGE_KERNEL", "reference")  # a row the compiled step cannot call
+    assert main(["plan", str(hf), "--pattern", "2:4", "--prune"]) == 0
+    out = capsys.readouterr().out
+    assert "not used" in out and "reference" in out and "transformers path" in out
 
 
 def test_run_streams_with_sampling_and_stops(tmp_path, tiny_tokenizer, capsys):

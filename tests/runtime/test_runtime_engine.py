@@ -14,7 +14,7 @@ from sparsemerge.kernels.sparse_linear import SparseLinear
 from sparsemerge.kernels.features import cpu_level, missing_reason
 from sparsemerge.runtime import UnsupportedModel, build_plan
 from sparsemerge.runtime.engine import DecodeEngine
-from sparsemerge.runtime.step import KIND_A8, KIND_BF, KIND_BQ, KIND_F32
+from sparsemerge.runtime.step import KIND_A8, KIND_BF, KIND_BG, KIND_BQ, KIND_F32
 
 IDS = [1, 5, 9, 3, 7, 11, 2, 40, 41, 8]
 
@@ -130,8 +130,11 @@ def test_unsupported_architecture_and_pattern_say_why():
         DecodeEngine(gpt2)
     model = make_tiny_llama(hidden=128, intermediate=256)
     sparsify_(model, SparsifyConfig(pattern="1:4", prune=True))
-    plan = build_plan(model)
-    assert not plan.supported and "1:4" in plan.reason and "q_proj" in plan.reason
+    from sparsemerge.kernels.dispatch import force_kernel
+
+    with force_kernel("reference"):  # a registry row the compiled step cannot call
+        plan = build_plan(model)
+    assert not plan.supported and "1:4" in plan.reason and "q_proj" in plan.reason and "reference" in plan.reason
     assert "transformers path" in plan.format_table()
 
 
@@ -199,6 +202,37 @@ def test_capped_cpu_levels_plan_and_match(level, f32_row, a8_row):
         np.testing.assert_allclose(got, ref, atol=2e-4, rtol=1e-3)
         if a8_row != "numba-gemv24":
             assert "passed over avx512-vnni-a8" in engine.plan.layers[0].why or missing_reason(("avx512vnni",))
+
+
+@pytest.mark.parametrize("pattern,quant,group_size,value_dtype", [
+    ("1:4", "none", None, "float32"), ("4:8", "int8", None, "float32"), ("2:8", "int4", 128, "float32"),
+    ("3:8", "int4", None, "float32"), ("1:4", "none", None, "bfloat16"), ("4:8", "none", None, "float16")])
+def test_other_nm_patterns_run_on_the_general_kernel(pattern, quant, group_size, value_dtype):
+    """Patterns besides 2:4 (the layers of a mixed allocation) run in the compiled step too."""
+    model = make_tiny_llama(hidden=256, intermediate=512)
+    sparsify_(model, SparsifyConfig(pattern=pattern, quant=quant, prune=True, group_size=group_size,
+                                    value_dtype=value_dtype))
+    engine = DecodeEngine(model, max_seq=32)
+    sparse = [p for p in engine.plan.layers if p.pattern != "dense"]
+    assert sparse and {p.kernel for p in sparse} == {"numba-general"} and {p.kind for p in sparse} == {KIND_BG}
+    assert all(p.pattern == pattern for p in sparse)
+    np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=2e-5, rtol=1e-4)
+
+
+def test_mixed_patterns_run_each_with_its_own_kernel():
+    model = make_tiny_llama(hidden=256, intermediate=512)
+    sparsify_(model, SparsifyConfig(pattern="1:4", quant="int4", group_size=128, prune=True, include=[r"q_proj$", r"down_proj$"]))
+    sparsify_(model, SparsifyConfig(pattern="4:8", quant="int4", group_size=128, prune=True, include=[r"k_proj$"]))
+    sparsify_(model, SparsifyConfig(pattern="2:4", quant="int4", group_size=128, prune=True, exclude=[r"o_proj$", "norm"]))
+    engine = DecodeEngine(model, max_seq=32)
+    by_name = {p.name: p for p in engine.plan.layers}
+    assert by_name["model.layers.0.self_attn.q_proj"].kernel == "numba-general"
+    assert by_name["model.layers.0.self_attn.k_proj"].pattern == "4:8"
+    assert by_name["model.layers.0.self_attn.v_proj"].pattern == "2:4" and by_name["model.layers.0.self_attn.v_proj"].kernel != "numba-general"
+    assert by_name["model.layers.0.self_attn.o_proj"].pattern == "dense"
+    assert by_name["model.layers.0.mlp.gate_proj+up_proj"].pattern == "2:4"
+    assert by_name["model.layers.0.mlp.down_proj"].pattern == "1:4"
+    np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=2e-5, rtol=1e-4)
 
 
 def test_mixed_storage_in_one_layer_runs_unfused_with_a_kernel_each():

@@ -108,3 +108,33 @@ def test_cli_recover_writes_a_pruned_folder_and_reports_perplexity(tiny_llama_di
     assert main(["check", str(tmp_path / "rec"), "--pattern", "2:4", "--quiet"]) == 0
     assert main(args) == 2  # OUT exists: refused without --overwrite
     assert main(["recover", str(tiny_llama_dir), str(tmp_path / "x"), "--text", str(text), "--no-progress"]) == 2  # no record, no --teacher
+
+
+def test_cli_recover_finds_the_recorded_teacher_from_anywhere_and_refuses_a_changed_one(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """The record keeps the source's absolute path and checksum: a relative name run from
+    another directory still finds it, and a teacher whose weights changed is refused."""
+    import shutil
+
+    from sparsemerge.cli.main import main
+
+    text = tmp_path / "train.txt"
+    text.write_text(TINY_TEXT)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_llama_dir, work / "dense")
+    monkeypatch.chdir(work)
+    assert main(["prune", "dense", str(tmp_path / "pruned"), "--pattern", "2:4", "--no-progress"]) == 0
+    other = tmp_path / "elsewhere"
+    other.mkdir()
+    make_tiny_llama(seed=7).save_pretrained(other / "dense")  # a different model under the same relative name
+    monkeypatch.chdir(other)
+    args = ["recover", str(tmp_path / "pruned"), str(tmp_path / "rec"), "--text", str(text), "--eval", "none",
+            "--steps", "1", "--batch-size", "1", "--seqlen", "16", "--no-progress"]
+    assert main(args) == 0
+    record = json.loads((tmp_path / "rec" / "sparsemerge_recover.json").read_text())
+    assert record["teacher"] == str((work / "dense").resolve())
+    # the recorded teacher's weights change: refused, with what to do
+    make_tiny_llama(seed=8).save_pretrained(work / "dense")
+    capsys.readouterr()
+    assert main(args + ["--overwrite"]) == 2
+    assert "no longer has the recorded weights" in capsys.readouterr().err

@@ -99,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
         if not config.base_model:
             raise SparsemergeError("--task-vector-out needs a base_model in the config (the task vector is merge - base)")
-        ensure_writable(args.task_vector_out, args.overwrite)
+        ensure_writable(args.task_vector_out, args.overwrite, inputs=[args.out, *config.referenced_models()])
     keep_freed_memory()
     report = run_merge(
         config, args.out, overwrite=args.overwrite, keep_pattern=args.keep_pattern, keep_mask=args.keep_mask,

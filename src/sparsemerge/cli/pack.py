@@ -30,8 +30,8 @@ def _add_format_options(p: argparse.ArgumentParser) -> None:
     p.epilog = "formats (--format):\n" + "\n".join(f"  {name:<{width}}{text}" for name, text in formats.items())
     group = p.add_argument_group("format options (declared by the formats)")
     options = format_options()
-    for option in options.values():
-        group.add_argument(option.flag, dest=option.name, type=option.type, default=option.default, help=option.help)
+    for option in options.values():  # default None: run_pack tells a given value from the declared default
+        group.add_argument(option.flag, dest=option.name, type=option.type, default=None, help=option.help)
     p.set_defaults(format_options=list(options))
 
 
@@ -55,6 +55,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--include", action="append", help="regex on module names to pack sparse (repeatable)")
     p.add_argument("--exclude", action="append", help="regex on module names to keep dense (repeatable)")
     p.add_argument("--shard-size", default="2GB", help="maximum shard size (default 2GB)")
+    p.add_argument("--recipe", help="prune recipe YAML: pack each layer with its pattern / layer_patterns "
+                   "(without --pattern or --recipe, a model pruned by `sparsemerge prune` packs each layer with the "
+                   "N:M pattern its pruning record names)")
     p.add_argument("--no-progress", action="store_true")
     add_overwrite(p)
     p.set_defaults(func=run_pack)
@@ -88,13 +91,48 @@ def register(sub: argparse._SubParsersAction) -> None:
     i.set_defaults(func=run_inspect)
 
 
+def layer_patterns_for_pack(args: argparse.Namespace) -> "tuple[dict, str | None]":
+    """``({"pattern"?, "layer_patterns"?}, note)``: the per-layer patterns pack uses when
+    --pattern is not given - from --recipe, else from the source's pruning record."""
+    if getattr(args, "pattern", None) is not None:
+        if args.recipe:
+            raise SparsemergeError("give either --pattern (one pattern for every layer) or --recipe, not both")
+        return {}, None
+    if args.recipe:
+        from sparsemerge.cli.prune import read_recipe
+
+        recipe = read_recipe(args.recipe)
+        values = {k: recipe[k] for k in ("pattern", "layer_patterns") if k in recipe}
+        return values, f"layer patterns from {args.recipe}"
+    from sparsemerge.prune.record import PRUNE_RECORD, read_prune_record, recorded_patterns
+
+    record = read_prune_record(args.src)
+    if record is None:
+        return {}, None
+    patterns = recorded_patterns(record, nm_only=True)
+    if len(set(patterns.values())) <= 1:  # one pattern (or none): nothing mixed to carry
+        only = next(iter(patterns.values()), None)
+        return ({"pattern": only} if only not in (None, "dense") else {}), None
+    import re
+
+    counts: dict[str, int] = {}
+    for value in patterns.values():
+        counts[value] = counts.get(value, 0) + 1
+    summary = ", ".join(f"{n} x {p}" for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    default = max(counts, key=lambda p: (counts[p] if p != "dense" else -1))
+    overrides = {f"^{re.escape(name)}$": p for name, p in patterns.items() if p != default}
+    return {"pattern": default, "layer_patterns": overrides}, f"each layer's pattern from {PRUNE_RECORD} ({summary})"
+
+
 def run_pack(args: argparse.Namespace) -> int:
     from sparsemerge.formats.model import PackConfig, pack
 
+    patterns, note = layer_patterns_for_pack(args)
+    given = {name: getattr(args, name) for name in args.format_options if getattr(args, name) is not None}
     try:
         config = PackConfig(
             format=args.format,
-            **{name: getattr(args, name) for name in args.format_options},
+            **{**given, **patterns},
             quant=args.quant,
             group_size=args.group,
             symmetric=not args.asymmetric,
@@ -109,6 +147,8 @@ def run_pack(args: argparse.Namespace) -> int:
         raise
     except Exception as exc:  # pydantic.ValidationError
         raise SparsemergeError(f"invalid pack options: {exc}") from None
+    if note:
+        print(f"packing {note}", file=sys.stderr)
     report = pack(args.src, args.out, config, overwrite=args.overwrite, progress=not args.no_progress)
     for name, reason in report.kept_dense:
         print(f"kept dense {name}: {reason}", file=sys.stderr)

@@ -9,8 +9,6 @@ from pathlib import Path
 from sparsemerge.cli.common import add_overwrite, format_table
 from sparsemerge.errors import SparsemergeError
 
-PRUNE_RECORD = "sparsemerge_prune.json"
-
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -45,15 +43,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     c = sub.add_parser(
         "check",
-        help="verify a model's weights against a sparsity pattern",
-        description="Check every targeted tensor of MODEL against PATTERN; exit 1 on any violation.",
+        help="verify a model's weights against its sparsity pattern(s)",
+        description="Check every targeted tensor of MODEL against its pattern; exit 1 on any violation. "
+        "Each layer's pattern comes from --pattern (one for all), else from --recipe (its pattern and "
+        "layer_patterns), else from the pruning record that `sparsemerge prune` wrote beside the model "
+        "(each layer the pattern it was pruned to, so mixed allocations check layer by layer), else 2:4.",
     )
     c.add_argument("model", help="HF folder, .safetensors or .gguf file")
-    c.add_argument("--pattern", default="2:4")
+    c.add_argument("--pattern", help="one pattern for every layer (e.g. 2:4)")
+    c.add_argument("--recipe", help="prune recipe YAML: check each layer against its pattern / layer_patterns")
     c.add_argument("--include", action="append")
     c.add_argument("--exclude", action="append")
     c.add_argument("--quiet", action="store_true", help="print only the summary line")
     c.set_defaults(func=run_check)
+
+
+def read_recipe(path: str) -> dict:
+    """The PruneConfig keys of a recipe YAML (top level or under ``prune:``)."""
+    import yaml
+
+    try:
+        loaded = yaml.safe_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise SparsemergeError(f"could not read recipe {path!r}: {exc}") from exc
+    if not isinstance(loaded, dict):
+        raise SparsemergeError(f"recipe {path!r} must be a mapping of PruneConfig keys")
+    values = loaded.get("prune", loaded)
+    if not isinstance(values, dict):
+        raise SparsemergeError(f"recipe {path!r}: 'prune' must be a mapping of PruneConfig keys")
+    return dict(values)
 
 
 def config_from_args(args: argparse.Namespace):
@@ -61,15 +79,7 @@ def config_from_args(args: argparse.Namespace):
 
     values: dict = {}
     if args.recipe:
-        import yaml
-
-        try:
-            loaded = yaml.safe_load(Path(args.recipe).read_text())
-        except (OSError, yaml.YAMLError) as exc:
-            raise SparsemergeError(f"could not read recipe {args.recipe!r}: {exc}") from exc
-        if not isinstance(loaded, dict):
-            raise SparsemergeError(f"recipe {args.recipe!r} must be a mapping of PruneConfig keys")
-        values.update(loaded.get("prune", loaded))
+        values.update(read_recipe(args.recipe))
     for key in ("pattern", "method", "include", "exclude", "gamma", "calib", "nsamples", "seqlen", "seed", "dampening", "blocksize", "sequential"):
         value = getattr(args, key, None)
         if value is not None:
@@ -86,31 +96,62 @@ def config_from_args(args: argparse.Namespace):
 def run_prune(args: argparse.Namespace) -> int:
     from sparsemerge.io import ensure_writable, load_model, resolve_source, save_model
     from sparsemerge.prune.api import prune_
+    from sparsemerge.prune.record import PRUNE_RECORD
 
     config = config_from_args(args)
-    ensure_writable(args.out, args.overwrite)  # fail before any work
+    ensure_writable(args.out, args.overwrite, inputs=[args.src])  # fail before any work
     source = resolve_source(args.src)
     loaded = load_model(source)
     report = prune_(loaded.model, config, tokenizer=loaded.tokenizer)
     record = report.to_json()
-    record["source"] = {"name": args.src, "kind": source.kind, "sha256": source.checksum()}
-    save_model(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, records={PRUNE_RECORD: record})
+    record["source"] = {"name": args.src, "path": str(Path(source.path).resolve()), "kind": source.kind,
+                        "sha256": source.checksum()}
+    save_model(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, records={PRUNE_RECORD: record},
+               inputs=[args.src, source.path])
     for name, reason in report.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
+    counts: dict[str, int] = {}
+    for layer in report.layers:
+        counts[layer.pattern] = counts.get(layer.pattern, 0) + 1
+    dense = sum(1 for _, reason in report.skipped if reason.startswith("dense by recipe"))
+    if dense:
+        counts["dense"] = dense
+    patterns = config.pattern if len(counts) <= 1 else ", ".join(f"{n} x {p}" for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     print(
-        f"pruned {len(report.layers)} layers of {args.src} with {config.method} to {config.pattern}: "
+        f"pruned {len(report.layers)} layers of {args.src} with {config.method} to {patterns}: "
         f"sparsity {report.sparsity:.4f} of pruned weights, {report.seconds:.1f} s -> {args.out}"
     )
     return 0
+
+
+def check_patterns(args: argparse.Namespace):
+    """``(LayerPatterns, where they come from)`` for ``check`` (see its description)."""
+    from sparsemerge.prune.record import PRUNE_RECORD, read_prune_record, recorded_patterns
+    from sparsemerge.selection import LayerPatterns
+
+    if args.pattern:
+        return LayerPatterns(args.pattern), args.pattern
+    if args.recipe:
+        from sparsemerge.prune.config import PruneConfig
+
+        try:
+            config = PruneConfig(**{k: v for k, v in read_recipe(args.recipe).items() if k in ("pattern", "layer_patterns")})
+        except Exception as exc:  # pydantic.ValidationError
+            raise SparsemergeError(f"invalid recipe {args.recipe!r}: {exc}") from exc
+        return LayerPatterns(config.pattern, config.layer_patterns), f"the patterns of {args.recipe}"
+    record = read_prune_record(args.model)
+    if record is not None:
+        return LayerPatterns.exact("2:4", recorded_patterns(record)), f"each layer's pattern from {PRUNE_RECORD}"
+    return LayerPatterns("2:4"), "2:4"
 
 
 def run_check(args: argparse.Namespace) -> int:
     from sparsemerge.io import open_tensor_source
     from sparsemerge.masks import check_pattern, pattern_applicable
     from sparsemerge.patterns import parse_pattern
-    from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, LayerFilter
+    from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, DENSE, LayerFilter
 
-    pattern = parse_pattern(args.pattern)
+    patterns, source = check_patterns(args)
     selected = LayerFilter(args.include or DEFAULT_INCLUDE, args.exclude or DEFAULT_EXCLUDE)
     rows = []
     violations = 0
@@ -124,17 +165,24 @@ def run_check(args: argparse.Namespace) -> int:
             shape = tensors.shape(name)
             if len(shape) != 2:
                 continue
+            text = patterns(module)
+            dims = "x".join(map(str, shape))
+            if text == DENSE:
+                rows.append((module, dims, DENSE, "-", "-", "skipped: dense by recipe"))
+                continue
+            pattern = parse_pattern(text)
             reason = pattern_applicable(shape, pattern)
             if reason is not None:
-                rows.append((module, "x".join(map(str, shape)), "-", "-", f"skipped: {reason}"))
+                rows.append((module, dims, str(pattern), "-", "-", f"skipped: {reason}"))
                 continue
             report = check_pattern(tensors.get(name), pattern)
             violations += report.violations
-            rows.append((module, "x".join(map(str, shape)), f"{report.sparsity:.4f}", report.violations, "ok" if report.ok else "VIOLATES"))
+            rows.append((module, dims, str(pattern), f"{report.sparsity:.4f}", report.violations,
+                         "ok" if report.ok else "VIOLATES"))
     if not rows:
         raise SparsemergeError(f"no tensor of {args.model!r} matched the include/exclude regexes")
     if not args.quiet:
-        print(format_table(["tensor", "shape", "sparsity", "violations", "status"], rows))
-    checked = sum(1 for r in rows if not r[4].startswith("skipped"))
-    print(f"{checked} tensors checked against {pattern}: {violations} violations")
+        print(format_table(["tensor", "shape", "pattern", "sparsity", "violations", "status"], rows))
+    checked = sum(1 for r in rows if not r[5].startswith("skipped"))
+    print(f"{checked} tensors checked against {source}: {violations} violations")
     return 1 if violations else 0

@@ -41,17 +41,34 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _default_teacher(pruned: str) -> str:
-    from sparsemerge.cli.prune import PRUNE_RECORD
+    """The dense source that ``sparsemerge prune`` recorded beside ``pruned``: its absolute path
+    (or, in older records, its name), and only when its weights still have the recorded SHA-256
+    - run from another directory, or after the source changed, a relative name could point at a
+    different model."""
+    from sparsemerge.io import resolve_source
+    from sparsemerge.prune.record import PRUNE_RECORD
 
     record = Path(pruned) / PRUNE_RECORD
+    source: dict = {}
     if record.is_file():
         try:
-            name = json.loads(record.read_text())["source"]["name"]
+            source = json.loads(record.read_text())["source"]
         except (ValueError, KeyError, TypeError):
-            name = None
-        if name:
-            return name
-    raise SparsemergeError(f"{pruned!r} has no 'sparsemerge prune' record naming its dense source: pass --teacher")
+            source = {}
+    name = source.get("path") or source.get("name") if isinstance(source, dict) else None
+    if not name:
+        raise SparsemergeError(f"{pruned!r} has no 'sparsemerge prune' record naming its dense source: pass --teacher")
+    expected = source.get("sha256")
+    try:
+        actual = resolve_source(name).checksum()
+    except SparsemergeError as exc:
+        raise SparsemergeError(f"the teacher recorded in {record} ({name!r}) cannot be read ({exc}); pass --teacher") from None
+    if expected and actual != expected:
+        raise SparsemergeError(
+            f"the teacher recorded in {record} ({name!r}) no longer has the recorded weights (sha256 {actual[:12]}... "
+            f"instead of {expected[:12]}...); pass --teacher with the dense model {pruned!r} was pruned from"
+        )
+    return str(name)
 
 
 def run_recover(args: argparse.Namespace) -> int:
@@ -66,8 +83,8 @@ def run_recover(args: argparse.Namespace) -> int:
                                seed=args.seed, progress=not args.no_progress)
     except ValueError as exc:  # pydantic.ValidationError
         raise SparsemergeError(f"invalid recovery options: {exc}") from None
-    ensure_writable(args.out, args.overwrite)  # fail before any work
     teacher_name = args.teacher or _default_teacher(args.pruned)
+    ensure_writable(args.out, args.overwrite, inputs=[args.pruned, teacher_name])  # fail before any work
     student = load_model(args.pruned)
     teacher = load_model(teacher_name)
     if student.tokenizer is None:
@@ -87,7 +104,8 @@ def run_recover(args: argparse.Namespace) -> int:
         rows.append(("pruned, recovered", perplexity(student.model, windows, progress=not args.no_progress, desc="recovered perplexity")))
         record["perplexity"] = {name: value for name, value in rows}
         record["eval"] = {"text": args.eval, "windows": int(windows.shape[0]), "seqlen": int(windows.shape[1])}
-    save_model(student.model, student.tokenizer, args.out, overwrite=args.overwrite, records={RECOVER_RECORD: record})
+    save_model(student.model, student.tokenizer, args.out, overwrite=args.overwrite, records={RECOVER_RECORD: record},
+               inputs=[args.pruned, teacher_name])
     if rows:
         base = rows[0][1]
         print(format_table(["model", "perplexity", "x teacher"], [(n, v, v / base) for n, v in rows]))

@@ -102,7 +102,7 @@ def write_ct(src: Any, out: "str | Path", config: "PackConfig", overwrite: bool 
 
     if config.quant != "none" or config.codebook is not None or config.dense_quant != "none":
         raise SparsemergeError("the sparse-24-bitmask layout stores unquantized values; drop --quant/--codebook/--dense-quant")
-    ensure_writable(out, overwrite)
+    ensure_writable(out, overwrite, inputs=[src])
     started = time.perf_counter()
     report = PackReport(Path(out))
     targeted = _targets(config)
@@ -110,7 +110,7 @@ def write_ct(src: Any, out: "str | Path", config: "PackConfig", overwrite: bool 
     targets: list[str] = []
     ignore: list[str] = []
     zeros = total = 0
-    with open_tensor_source(src) as source, atomic_output(out, overwrite=overwrite) as tmp:
+    with open_tensor_source(src) as source, atomic_output(out, overwrite=overwrite, inputs=[src]) as tmp:
         writer = ShardedWriter(tmp, config.shard_size, metadata={"format": "pt"})  # model.safetensors, or shards + index
         for name in _progress(source.names(), progress, "pack"):
             tensor = source.get(name)

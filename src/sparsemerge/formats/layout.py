@@ -2,6 +2,8 @@
 the compressed-tensors writer (:mod:`.ct`), so none of them imports another's internals."""
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shutil
 from dataclasses import dataclass, field
@@ -10,6 +12,8 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from sparsemerge.io.dtypes import DTYPE_NAMES
 from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, LayerFilter
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # formats/model.py imports this module
     from sparsemerge.formats.model import PackConfig
@@ -29,15 +33,29 @@ HF_SIDE_FILES = {
 
 def copy_side_files(folder: Path, dest: Path, only_known: bool = False) -> list[str]:
     """Copy config, tokenizer and other non-weight files (not sub-folders) of ``folder``;
-    ``only_known``: just the usual Hugging Face side files (for a bare safetensors source)."""
+    ``only_known``: just the usual Hugging Face side files (for a bare safetensors source).
+    A symlinked file is copied only when it points inside the folder (or, for a Hugging Face
+    cache snapshot, into that repository's ``blobs``): a link elsewhere is skipped with a
+    warning, so no file outside the model is ever copied into an output."""
     copied = []
     for path in sorted(Path(folder).iterdir()):
         if only_known and path.name not in HF_SIDE_FILES:
             continue
         if path.is_file() and not WEIGHT_FILE.search(path.name) and path.name not in SKIP_FILES and not path.name.startswith("."):
+            if path.is_symlink() and not _link_stays_inside(path, Path(folder)):
+                log.warning("not copying %s: it is a symlink to %s, outside the model folder", path, os.path.realpath(path))
+                continue
             shutil.copy2(path, dest / path.name)
             copied.append(path.name)
     return copied
+
+
+def _link_stays_inside(path: Path, folder: Path) -> bool:
+    target = path.resolve()
+    roots = [folder.resolve()]
+    if folder.resolve().parent.name == "snapshots":  # huggingface_hub cache: snapshots/<rev>/f -> ../../blobs/<hash>
+        roots.append(folder.resolve().parent.parent / "blobs")
+    return any(root == target.parent or root in target.parents for root in roots)
 
 
 def _progress(items: list[str], enabled: bool, desc: str) -> Iterator[str]:

@@ -56,6 +56,7 @@ from sparsemerge.formats.nm_coding import CODINGS
 from sparsemerge.io.checksum import fields_digest
 from sparsemerge.io.writer import ShardedWriter
 from sparsemerge.patterns import NM, parse_pattern
+from sparsemerge.selection import DENSE, LayerPatterns
 
 
 class PackConfig(BaseModel):
@@ -68,6 +69,11 @@ class PackConfig(BaseModel):
 
     format: str = Field("nm", description="a registered format or pack layout (sparsemerge pack --help lists them)")
     pattern: str = Field("2:4", description="N:M pattern of the nm format")
+    layer_patterns: dict[str, str] = Field(
+        default_factory=dict,
+        description="per-layer N:M patterns of a mixed model: regex on module name -> pattern or 'dense' "
+        "(first match wins; the rest take `pattern`)",
+    )
     metadata: Literal[CODINGS] = "entropy"  # type: ignore[valid-type]  # nm position codings, from their table
     quant: Literal["none", "int8", "int4"] = "none"
     group_size: int = Field(128, ge=0, description="quantization group of G stored values; 0 = per output channel")
@@ -114,6 +120,31 @@ class PackConfig(BaseModel):
         if not isinstance(parse_pattern(value), NM):
             raise ValueError(f"pack needs an N:M pattern such as 2:4, got {value!r}")
         return value
+
+    @field_validator("layer_patterns")
+    @classmethod
+    def _nm_layer_patterns(cls, value: dict[str, str]) -> dict[str, str]:
+        for regex, pattern in value.items():
+            if pattern != DENSE and not isinstance(parse_pattern(pattern), NM):
+                raise ValueError(f"layer_patterns[{regex!r}]: pack needs an N:M pattern or 'dense', got {pattern!r}")
+        return value
+
+    def manifest_options(self) -> dict[str, Any]:
+        """The options as the manifest records them (``layer_patterns`` only when a model is mixed)."""
+        options = self.model_dump()
+        if not options["layer_patterns"]:
+            del options["layer_patterns"]
+        return options
+
+    def for_layer(self, patterns: LayerPatterns, tensor_name: str) -> "tuple[PackConfig, Optional[str]]":
+        """``(config, why dense)`` for one targeted tensor: its own pattern under a mixed
+        allocation, or - 'dense' in layer_patterns - the dense format with the targeted layers'
+        value codec (--quant), and the reason."""
+        module = tensor_name[: -len(".weight")] if tensor_name.endswith(".weight") else tensor_name
+        pattern = patterns(module)
+        if pattern == DENSE:
+            return self.model_copy(update={"format": "dense"}), "dense by recipe (layer_patterns)"
+        return (self if pattern == self.pattern else self.model_copy(update={"pattern": pattern})), None
 
     def codec(self) -> CodecSpec:
         if self.codebook is not None and self.quant != "none":
@@ -163,18 +194,21 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
     if config.format in LAYOUTS:  # a layout of its own (compressed-tensors ...), not the packed folder
         return LAYOUTS.get(config.format).write(src, out, config, overwrite=overwrite, progress=progress)
     config.codec()  # validate the combination early
-    ensure_writable(out, overwrite)
+    ensure_writable(out, overwrite, inputs=[src])
     started = time.perf_counter()
     report = PackReport(Path(out))
     targeted = _targets(config)
-    with open_tensor_source(src) as source, atomic_output(out, overwrite=overwrite) as tmp:
+    patterns = LayerPatterns(config.pattern, config.layer_patterns)
+    with open_tensor_source(src) as source, atomic_output(out, overwrite=overwrite, inputs=[src]) as tmp:
         # fields of one tensor share a shard; no index (the manifest maps tensors to shards)
         writer = ShardedWriter(tmp, config.shard_size, prefix="packed", single_name=None, metadata={"format": LAYOUT}, index=False)
         records: dict[str, Any] = {}
         names = source.names()
         for name in _progress(names, progress, "pack"):
             tensor = source.get(name)
-            obj, reason = encode_tensor(name, tensor, config, targeted(name))
+            layer_config, dense_reason = config.for_layer(patterns, name) if targeted(name) else (config, None)
+            obj, reason = encode_tensor(name, tensor, layer_config, targeted(name))
+            reason = reason or dense_reason
             if reason is not None:
                 report.kept_dense.append((name, reason))
             elif obj.name != "dense":
@@ -195,7 +229,7 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
         manifest = {
             "layout": LAYOUT,
             "version": VERSION,
-            "options": config.model_dump(),
+            "options": config.manifest_options(),
             "source": {"name": str(src), "kind": source.source.kind},
             "files": files,
             "shards": shards,

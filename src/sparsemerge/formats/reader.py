@@ -147,9 +147,9 @@ def unpack(path: "str | Path", out: "str | Path", overwrite: bool = False, dtype
     from sparsemerge.io import atomic_output, ensure_writable
 
     target = None if dtype in (None, "keep") else dtype_from_name(str(dtype), "--dtype")
-    ensure_writable(out, overwrite)
+    ensure_writable(out, overwrite, inputs=[path])
     packed = read_packed(path)
-    with packed, atomic_output(out, overwrite=overwrite) as tmp:
+    with packed, atomic_output(out, overwrite=overwrite, inputs=[path]) as tmp:
         writer = ShardedWriter(tmp, shard_size, metadata={"format": "pt"})  # model.safetensors, or shards + index
         for name in _progress(packed.names(), progress, "unpack"):
             tensor = packed.get_dense(name)

@@ -8,14 +8,36 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator, Optional
 
 from sparsemerge.errors import SparsemergeError
 
 
-def ensure_writable(out: "str | Path", overwrite: bool) -> Path:
-    """Fail early (before any work) when ``out`` exists and ``overwrite`` is not set."""
+def check_not_an_input(out: "str | Path", inputs: Iterable[Any]) -> None:
+    """Refuse an output that is, or contains, one of ``inputs`` (paths; other values, e.g. a
+    bundled model's name, are ignored): replacing it would delete the input."""
+    out_resolved = Path(out).resolve()
+    for item in inputs:
+        if not isinstance(item, (str, os.PathLike)):
+            continue
+        path = Path(item)
+        if not path.exists():
+            continue
+        resolved = path.resolve()
+        if resolved == out_resolved or out_resolved in resolved.parents:
+            relation = "is" if resolved == out_resolved else "contains"
+            raise SparsemergeError(
+                f"output {str(out)!r} {relation} the input {str(item)!r}; writing it would destroy the input - "
+                "choose an output path outside the inputs"
+            )
+
+
+def ensure_writable(out: "str | Path", overwrite: bool, inputs: Optional[Iterable[Any]] = None) -> Path:
+    """Fail early (before any work) when ``out`` exists and ``overwrite`` is not set, or when
+    ``out`` is or contains one of ``inputs``."""
     out = Path(out)
+    if inputs is not None:
+        check_not_an_input(out, inputs)
     if out.exists() and not overwrite:
         raise SparsemergeError(
             f"output {str(out)!r} already exists; choose another path or pass --overwrite "
@@ -27,12 +49,15 @@ def ensure_writable(out: "str | Path", overwrite: bool) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output(out: "str | Path", overwrite: bool = False, is_dir: bool = True) -> Iterator[Path]:
+def atomic_output(out: "str | Path", overwrite: bool = False, is_dir: bool = True,
+                  inputs: Optional[Iterable[Any]] = None) -> Iterator[Path]:
     """Yield a temporary path next to ``out``; on success move it to ``out``.
 
     On any exception the temporary is removed and ``out`` (if it existed) is untouched.
+    ``inputs``: paths the output must not be or contain (checked before anything is written).
     """
-    out = ensure_writable(out, overwrite)
+    inputs = list(inputs) if inputs is not None else None
+    out = ensure_writable(out, overwrite, inputs)
     prefix = f".{out.name}.tmp-"
     if is_dir:
         tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
@@ -42,6 +67,8 @@ def atomic_output(out: "str | Path", overwrite: bool = False, is_dir: bool = Tru
         tmp = Path(name)
     try:
         yield tmp
+        if inputs:  # a symlink or rename while we worked must not turn the output into an input
+            check_not_an_input(out, inputs)
         _replace(tmp, out, overwrite)
     except BaseException:
         _remove(tmp)

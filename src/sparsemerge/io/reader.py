@@ -175,6 +175,33 @@ def load_safetensors(path: "str | os.PathLike[str]") -> dict[str, torch.Tensor]:
         return {name: f.get(name) for name in sorted(f.entries, key=lambda k: f.entries[k].offset)}
 
 
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def index_shards(folder: "str | os.PathLike[str]") -> "list[Path] | None":
+    """The shard files that ``folder``'s ``model.safetensors.index.json`` maps tensors to (None
+    without an index). Each must be a plain ``.safetensors`` file name inside the folder: an
+    index naming ``../other/...``, an absolute path or a pickle file is refused, never read."""
+    folder = Path(folder)
+    index = folder / INDEX_NAME
+    if not index.is_file():
+        return None
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise SparsemergeError(f"corrupt shard index {str(index)!r}: {exc}") from None
+    if not isinstance(weight_map, dict):
+        raise SparsemergeError(f"corrupt shard index {str(index)!r}: 'weight_map' is not a mapping")
+    for shard in set(weight_map.values()):
+        if (not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", "..")
+                or not shard.endswith(".safetensors")):
+            raise SparsemergeError(
+                f"shard index {str(index)!r} names {shard!r}: shards must be .safetensors files inside the "
+                "model folder; the index is corrupt or points elsewhere"
+            )
+    return sorted({folder / shard for shard in weight_map.values()})
+
+
 class ShardReader:
     """Shards of one folder opened lazily by file name; every failure names the shard and the
     tensors it holds (``holders``: shard -> tensor names, from a manifest or index)."""

@@ -118,8 +118,8 @@ def gguf_as_hf_folder(source: ResolvedSource, show_progress: bool = True) -> Pat
 
     log.info("dequantizing %s once into %s", source.path, target)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name)
-        model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name)
+        tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name, trust_remote_code=False)
     except Exception as exc:  # transformers/gguf raise many types for a corrupt file
         raise SparsemergeError(f"could not read GGUF file {str(source.path)!r}: {exc}") from exc
     _drop_gguf_quantization(model)
@@ -162,8 +162,8 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
                 )
             from sparsemerge.io.reader import load_safetensors
 
-            config = AutoConfig.from_pretrained(folder)
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
             state = load_safetensors(source.path)
             missing, unexpected = model.load_state_dict(state, strict=False)
             missing = [k for k in missing if not _is_tied(model, k)]
@@ -172,7 +172,10 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
                     f"{str(source.path)!r} does not match config.json: missing {missing[:5]}, unexpected {unexpected[:5]}"
                 )
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+            from sparsemerge.io.reader import index_shards
+
+            index_shards(folder)  # refuse an index that points outside the folder before transformers reads it
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
     except SparsemergeError:
         raise
     except Exception as exc:
@@ -189,7 +192,7 @@ def _load_tokenizer(folder: Path) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        return AutoTokenizer.from_pretrained(folder)
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:  # a weights-only folder is legitimate for tensor commands
         log.warning("no tokenizer in %s (%s)", folder, exc)
         return None
@@ -201,9 +204,11 @@ def save_model(
     out: "str | Path",
     overwrite: bool = False,
     records: "dict[str, Any] | None" = None,
+    inputs: "list[Any] | None" = None,
 ) -> Path:
-    """Write a Hugging Face folder atomically: weights, config, tokenizer and JSON records."""
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    """Write a Hugging Face folder atomically: weights, config, tokenizer and JSON records;
+    ``inputs``: the paths it was made from (``out`` must not be or contain one)."""
+    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)

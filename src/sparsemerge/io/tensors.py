@@ -15,7 +15,7 @@ import torch
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.io.dtypes import SAFETENSORS_DTYPES  # noqa: F401  (re-exported: the old home of the table)
-from sparsemerge.io.reader import SafetensorsFile
+from sparsemerge.io.reader import SafetensorsFile, index_shards
 from sparsemerge.io.sources import ResolvedSource, gguf_as_hf_folder, resolve_source
 
 
@@ -46,13 +46,9 @@ class TensorSource:
 
     @staticmethod
     def _folder_files(folder: Path) -> list[Path]:
-        index = folder / "model.safetensors.index.json"
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as exc:
-                raise SparsemergeError(f"corrupt shard index {str(index)!r}: {exc}") from exc
-            return sorted({folder / shard for shard in weight_map.values()})
+        shards = index_shards(folder)
+        if shards is not None:
+            return shards
         files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("pytorch_model*.bin"))
         if not files:
             raise SparsemergeError(f"no weight files (*.safetensors or pytorch_model*.bin) in {str(folder)!r}")

@@ -66,11 +66,11 @@ def load_packed(path: "str | os.PathLike[str]", dense: bool = False, verify: boo
     start = time.perf_counter()
     folder = Path(path)
     try:
-        config = AutoConfig.from_pretrained(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
     except Exception as exc:
         raise SparsemergeError(f"packed checkpoint {str(folder)!r} has no usable config.json ({exc}); repack it from an HF folder") from None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=False)
     swapped: list[str] = []
     int8_tables: list[str] = []
     state: dict[str, torch.Tensor] = {}

@@ -121,7 +121,8 @@ def run_merge(
     updates = {k: v for k, v in (("keep_pattern", keep_pattern), ("keep_mask", keep_mask), ("lora_rank", lora_rank)) if v is not None}
     if updates:
         cfg = MergeConfig(**{**cfg.model_dump(), **updates})
-    ensure_writable(out, overwrite)
+    inputs = _input_paths(cfg)
+    ensure_writable(out, overwrite, inputs=inputs)
     workers = workers or min(4, os.cpu_count() or 1)
     spec = get_method(cfg.merge_method)
     start = time.perf_counter()
@@ -146,7 +147,7 @@ def run_merge(
         wd = work_dtype if (work_dtype and j.dtype.is_floating_point) else j.dtype
         od = out_dtype if (out_dtype and j.dtype.is_floating_point) else wd
         planned.append(PlannedTensor(j.out_name, j.shape, od))
-    with atomic_output(out, overwrite=overwrite) as tmp:
+    with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         metadata = {"format": "pt", "merged_by": "sparsemerge", "merge_method": spec.name}
         writer = None if lora_out else ShardedWriter(tmp, cfg.shard_bytes, plan=planned, metadata=metadata, layout="plan")
         lora_state: dict[str, torch.Tensor] = {}
@@ -285,3 +286,12 @@ def _copy_model_files(tmp: Path, cfg: MergeConfig, sources: dict[str, Source], j
             shutil.copyfile(tok_folder / name, tmp / name)
     if cfg.chat_template and len(cfg.chat_template) > 40:
         (tmp / "chat_template.jinja").write_text(cfg.chat_template)
+
+
+def _input_paths(cfg: MergeConfig) -> list[str]:
+    """Every path the config reads (a ``model+adapter`` reference names two)."""
+    out: list[str] = []
+    for ref in cfg.referenced_models():
+        out.append(ref)
+        out.extend(part for part in ref.split("+") if part)
+    return out

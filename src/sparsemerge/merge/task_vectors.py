@@ -38,7 +38,7 @@ def write_packed_task_vector(
     from sparsemerge.io import ensure_writable, open_tensor_source
     from sparsemerge.io.writer import PlannedTensor, ShardedWriter
 
-    ensure_writable(out, overwrite)
+    ensure_writable(out, overwrite, inputs=[merged, base])
     options = {**DEFAULT_PACK, **pack_options}
     with open_tensor_source(merged) as m, open_tensor_source(base) as b:
         missing = [n for n in m.names() if n not in b]
@@ -80,7 +80,7 @@ def apply_packed_task_vector(base: "str | Path", task_vector: "str | Path", out:
         missing = [n for n in tv.names() if n not in b]
         if missing:
             raise SparsemergeError(f"the task vector has tensors the base lacks: {missing[:8]}")
-        with atomic_output(out, overwrite=overwrite) as tmp:
+        with atomic_output(out, overwrite=overwrite, inputs=[base, task_vector]) as tmp:
             plan = [PlannedTensor(n, tuple(b.shape(n)), b.dtype(n)) for n in names]
             writer = ShardedWriter(tmp, 5 * 10**9, plan=plan, metadata={"format": "pt"}, layout="plan")
             for n in names:

@@ -108,22 +108,13 @@ def _block_output(out: Any) -> torch.Tensor:
 
 
 def resolve_block_patterns(targets: list[Target], block_of: dict[str, int], config: PruneConfig, n_blocks: int) -> None:
-    """Apply ``config.sparsity_per_layer`` (one unstructured sparsity per block) and reject
-    patterns a block-by-block walk cannot honour (a global threshold needs all layers at once)."""
-    per_layer = config.sparsity_per_layer
-    if per_layer is not None:
-        if len(per_layer) != n_blocks:
-            raise SparsemergeError(
-                f"sparsity_per_layer has {len(per_layer)} values but the model has {n_blocks} transformer blocks; "
-                "give one sparsity per block"
-            )
-        for t in targets:
-            t.pattern = Unstructured(float(per_layer[block_of[t.name]]))
+    """Reject patterns a block-by-block walk cannot honour (a global threshold needs all layers
+    at once). ``config.sparsity_per_layer`` was already applied by ``select_targets``."""
     for t in targets:
         if isinstance(t.pattern, Unstructured) and t.pattern.scope == "global":
             raise SparsemergeError(
                 f"pattern {t.pattern} needs one threshold over all layers, but calibrated methods prune block by "
-                "block; use unstructured:S (per layer) or sparsity_per_layer in the Python API"
+                "block; use unstructured:S (per layer) or sparsity_per_layer"
             )
 
 

@@ -6,9 +6,9 @@ from typing import Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from sparsemerge.patterns import parse_pattern
-from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE  # re-exported: the old home of the defaults
+from sparsemerge.selection import DEFAULT_EXCLUDE, DEFAULT_INCLUDE, DENSE  # re-exported: the old home of the defaults
 
-__all__ = ["PruneConfig", "DEFAULT_INCLUDE", "DEFAULT_EXCLUDE"]
+__all__ = ["PruneConfig", "DEFAULT_INCLUDE", "DEFAULT_EXCLUDE", "DENSE"]
 
 
 class PruneConfig(BaseModel):
@@ -19,7 +19,9 @@ class PruneConfig(BaseModel):
     include: list[str] = Field(default_factory=lambda: list(DEFAULT_INCLUDE), description="regexes on module names to prune")
     exclude: list[str] = Field(default_factory=lambda: list(DEFAULT_EXCLUDE), description="regexes on module names to keep dense")
     layer_patterns: dict[str, str] = Field(
-        default_factory=dict, description="per-layer overrides: regex on module name -> pattern (first match wins)"
+        default_factory=dict,
+        description="per-layer overrides: regex on module name -> pattern (first match wins); "
+        "'dense' keeps the matched layers dense (an allocation's recipe, sparsemerge allocate)",
     )
     # gradient-aware scores |W| + gamma * |grad W| (chapter 10.1.7)
     gamma: float = Field(0.1, ge=0.0, description="chosen by benchmarks/bench_gradient_gamma.py")
@@ -40,7 +42,7 @@ class PruneConfig(BaseModel):
     )
     progress: bool = Field(True, description="show progress bars")
     sparsity_per_layer: Optional[list[float]] = Field(
-        None, description="Python API: one unstructured sparsity per transformer block (overrides pattern's)"
+        None, description="one unstructured sparsity per transformer block (overrides the patterns of its layers)"
     )
 
     @field_validator("pattern")
@@ -53,5 +55,6 @@ class PruneConfig(BaseModel):
     @classmethod
     def _valid_layer_patterns(cls, value: dict[str, str]) -> dict[str, str]:
         for pattern in value.values():
-            parse_pattern(pattern)
+            if pattern != DENSE:
+                parse_pattern(pattern)
         return value

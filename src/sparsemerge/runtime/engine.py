@@ -88,8 +88,12 @@ class DecodeEngine:
             "df_w": _list(f32_2d), "dq_codes": _list(types.int8[:, ::1]), "dq_scale": _list(f32_2d),
             "biases": _list(f32_1d),
             "bh_vals": _list(types.uint16[:, :, :, ::1]), "bh_meta": _list(types.uint32[:, :, ::1]),
+            "bg_float32": _list(types.float32[:, :, :, ::1]), "bg_int8": _list(types.int8[:, :, :, ::1]),
+            "bg_uint8": _list(types.uint8[:, :, :, ::1]), "bg_uint16": _list(types.uint16[:, :, :, ::1]),
+            "bg_index": _list(types.uint8[:, :, :, ::1]), "bg_scale": _list(f32_3d), "bg_zero": _list(f32_3d),
         }
         a8_par, f32_par, bq_par, dq_par, bh_par = [], [], [], [], []
+        self._bg_par: list = []
         self._keep: list = []  # arrays the typed lists view
         L = c["layers"]
         ops = np.full((L, S.SLOTS, S.OP_FIELDS), -1, np.int64)
@@ -125,7 +129,10 @@ class DecodeEngine:
                    np.array(bq_par, np.int64).reshape(-1, 4), kw["bq_codes8"], kw["bq_codes4"], kw["bq_meta"],
                    kw["bq_scale"], kw["bq_zero"], kw["bf_vals"], kw["bf_meta"], kw["df_w"],
                    np.array(dq_par, np.int64).reshape(-1, 1), kw["dq_codes"], kw["dq_scale"], kw["biases"],
-                   np.array(bh_par, np.int64).reshape(-1, 1), kw["bh_vals"], kw["bh_meta"])
+                   np.array(bh_par, np.int64).reshape(-1, 1), kw["bh_vals"], kw["bh_meta"],
+                   np.array(self._bg_par, np.int64).reshape(-1, S.BG_FIELDS), kw["bg_float32"], kw["bg_int8"],
+                   kw["bg_uint8"], kw["bg_uint16"], kw["bg_index"], kw["bg_scale"], kw["bg_zero"],
+                   np.zeros((self.threads, S.R), np.float32), np.zeros((self.threads, S.R), np.uint32))
         # norms, embedding, rope
         norms = [t for layer in decoder.layers for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
         norms.append(decoder.norm.weight)
@@ -184,7 +191,7 @@ class DecodeEngine:
             a8_par.append((plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"],
                            dense_a8.address(p.kernel[len("dense-a8-"):])))
             return len(a8_par) - 1
-        if p.kind in (S.KIND_A8, S.KIND_F32, S.KIND_BQ, S.KIND_BF, S.KIND_BH):
+        if p.kind in (S.KIND_A8, S.KIND_F32, S.KIND_BQ, S.KIND_BF, S.KIND_BH, S.KIND_BG):
             layouts = [m.layout for m in p.modules]
             layout = layouts[0] if len(layouts) == 1 else concat_rows(layouts)
         if p.kind in (S.KIND_A8, S.KIND_F32):
@@ -222,6 +229,8 @@ class DecodeEngine:
             kw["bh_meta"].append(layout.meta.numpy().view(np.uint32))
             bh_par.append((BF16 if layout.values.dtype == torch.bfloat16 else F16,))
             return len(bh_par) - 1
+        if p.kind == S.KIND_BG:
+            return self._add_general(layout, kw)
         if p.kind == S.KIND_BF:
             kw["bf_vals"].append(layout.values.numpy())
             kw["bf_meta"].append(layout.meta.numpy().view(np.uint32))
@@ -235,6 +244,31 @@ class DecodeEngine:
             return len(dq_par) - 1
         kw["df_w"].append(module.weight.detach().contiguous().numpy())  # tied heads share the table
         return len(kw["df_w"]) - 1
+
+    def _add_general(self, layout, kw) -> int:
+        """A general N:M layer (KIND_BG): its values go to the typed list of their dtype, the
+        other three lists get a one-element placeholder so one index addresses them all."""
+        from sparsemerge.kernels.cpu_general import BF16, F16, F32, Q4, Q8
+
+        if layout.codec == "int4":
+            vkind, values = Q4, layout.values.numpy()
+        elif layout.codec == "int8":
+            vkind, values = Q8, layout.values.numpy()
+        elif layout.values.dtype == torch.float32:
+            vkind, values = F32, layout.values.numpy()
+        else:  # float16 / bfloat16 bits, widened as they are read
+            vkind = BF16 if layout.values.dtype == torch.bfloat16 else F16
+            values = layout.values.contiguous().view(torch.int16).numpy().view(np.uint16)
+        which = S.BG_LISTS.index(str(values.dtype))
+        for i, name in enumerate(S.BG_LISTS):
+            kw[f"bg_{name}"].append(np.ascontiguousarray(values) if i == which else np.zeros((1, 1, 1, 1), name))
+        kw["bg_index"].append(np.ascontiguousarray(layout.index.numpy()))
+        dummy = np.zeros((1, 1, 1), np.float32)
+        scale = dummy if layout.scale is None else layout.scale.float().contiguous().numpy()
+        kw["bg_scale"].append(scale)
+        kw["bg_zero"].append(scale if layout.zero is None else layout.zero.float().contiguous().numpy())
+        self._bg_par.append((vkind, layout.n, layout.m, int(layout.zero is not None), layout.groups_per_scale, which))
+        return len(self._bg_par) - 1
 
     def _add_bias(self, p, kw) -> int:
         biases = [getattr(m, "bias", None) for m in p.modules]

@@ -5,8 +5,9 @@ with their own ``supports`` checks - CPU features (under the cap of ``kernels/fe
 so ``SPARSEMERGE_CPU_FEATURES=avx2`` plans an AVX2 machine's kernels), pattern, codec,
 activation quantization, column counts. The runtime can call the batch-1 rows below from its
 compiled step: the LLVM row kernels by address (``runtime/ffi.py``) on the plan their module
-prepares, the numba blocked kernel directly. Rows it cannot call at batch 1 (gemm, general
-N:M, reference, cuda) make the model fall back to the transformers path, with the reason.
+prepares, the numba blocked kernels (2:4, and general N:M for the other patterns of a mixed
+allocation) directly. Rows it cannot call at batch 1 (gemm, reference, cuda) are passed over;
+a layer no callable row handles makes the model fall back to the transformers path, with the reason.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from typing import Callable, Optional
 
 import torch
 
-from sparsemerge.runtime.step import KIND_A8, KIND_BF, KIND_BH, KIND_BQ, KIND_F32
+from sparsemerge.runtime.step import KIND_A8, KIND_BF, KIND_BG, KIND_BH, KIND_BQ, KIND_F32
 
 
 @dataclass(frozen=True)
@@ -82,6 +83,7 @@ DECODE_ROWS: dict[str, Callable[[], DecodeKernel]] = {
     "neon-dotprod-a8": _neon_a8,
     "neon-f32": _neon_f32,
     "numba-gemv24": lambda: DecodeKernel(-1, what="numba blocked kernel, any CPU"),
+    "numba-general": lambda: DecodeKernel(KIND_BG, what="numba general N:M kernel (x gathered by stored position), any CPU"),
 }
 
 

@@ -21,6 +21,8 @@ Kinds (the kernel the plan chose for the layer):
     BQ   2:4 INT8/INT4, float activations: numba kernel over the row-blocked layout
     BF   2:4 float32/any CPU: numba kernel over the row-blocked layout
     BH   2:4 float16 / bfloat16 values: the same, widening each value as it is read
+    BG   any other N:M (1:4, 4:8, 2:8 ... of a mixed allocation), any codec: numba kernel over
+         the row-blocked layout, x gathered by each slot's stored position
     DF   dense float32 (numba GEMV)          DQ   dense INT8 codes with row/group scales
 
 Nothing is allocated per token: every buffer lives in ``bufs`` (built by the engine).
@@ -31,10 +33,15 @@ import numpy as np
 from numba import njit, prange
 
 from sparsemerge.kernels.cpu_blocked import BITS, FP16_SCALE, R, _g24_f32_block, _g24_half_block, _g24_q_block
+from sparsemerge.kernels.cpu_general import _decode_run
 from sparsemerge.runtime.ffi import call_a8, call_f32
 
-KIND_A8, KIND_F32, KIND_BQ, KIND_BF, KIND_DF, KIND_DQ, KIND_BH = 0, 1, 2, 3, 4, 5, 6
-KIND_NAMES = ("A8", "F32", "BQ", "BF", "DF", "DQ", "BH")
+KIND_A8, KIND_F32, KIND_BQ, KIND_BF, KIND_DF, KIND_DQ, KIND_BH, KIND_BG = 0, 1, 2, 3, 4, 5, 6, 7
+KIND_NAMES = ("A8", "F32", "BQ", "BF", "DF", "DQ", "BH", "BG")
+# BG params: value kind (cpu_general F32/BF16/F16/Q8/Q4), n, m, has zero point, groups per scale,
+# index into the typed list of the values' dtype (BG_LISTS order)
+BG_FIELDS = 6
+BG_LISTS = ("float32", "int8", "uint8", "uint16")
 # op table fields
 F_KIND, F_IDX, F_OFF, F_ROWS, F_BIAS = 0, 1, 2, 3, 4
 OP_FIELDS = 5
@@ -88,6 +95,42 @@ def _bh_par(vals, kind, meta, x, out, tasks):  # pragma: no cover - jitted
     step = (nb + tasks - 1) // tasks
     for t in prange(tasks):
         _bh_blocks(vals, kind, meta, x, out, t * step, min(nb, (t + 1) * step))
+
+
+@njit(error_model="numpy", cache=True)
+def _bg_blocks(vals, vkind, n, m, index, scale, zero, has_zero, gps, x, out, b0, b1, w, tmp):  # pragma: no cover - jitted
+    """General N:M at batch 1: ``out[blk*R + r] = sum_g sum_s w[blk,g,s,r] x[g*m + index[blk,g,s,r]]``
+    for the 64-row blocks b0..b1; each (group, slot) run of R values is decoded once into ``w``
+    (dequantized / widened as in kernels/cpu_general.py), then applied to R rows."""
+    G = index.shape[1]
+    for blk in range(b0, b1):
+        base = blk * R
+        for r in range(R):
+            out[base + r] = 0.0
+        for g in range(G):
+            col = g * m
+            for s in range(n):
+                _decode_run(vals, vkind, blk, g, s, scale, zero, has_zero, gps, w, tmp, FP16_SCALE)
+                ix = index[blk, g, s]
+                for r in range(R):
+                    out[base + r] += w[r] * x[col + ix[r]]
+
+
+@njit(parallel=True, error_model="numpy", cache=True)
+def _bg_par(vals, vkind, n, m, index, scale, zero, has_zero, gps, x, out, tasks, w, tmp):  # pragma: no cover - jitted
+    nb = index.shape[0]
+    step = (nb + tasks - 1) // tasks
+    for t in prange(tasks):
+        _bg_blocks(vals, vkind, n, m, index, scale, zero, has_zero, gps, x, out, t * step, min(nb, (t + 1) * step),
+                   w[t], tmp[t])
+
+
+@njit(error_model="numpy", cache=True)
+def _bg_run(vals, p, index, scale, zero, x, out, tasks, w, tmp):  # pragma: no cover - jitted
+    if tasks > 1:
+        _bg_par(vals, p[0], p[1], p[2], index, scale, zero, p[3] != 0, p[4], x, out, tasks, w, tmp)
+    else:
+        _bg_blocks(vals, p[0], p[1], p[2], index, scale, zero, p[3] != 0, p[4], x, out, 0, index.shape[0], w[0], tmp[0])
 
 
 # Parallel twins: rows (or 64-row blocks, or row quads) split into ``tasks`` ranges. A parallel
@@ -192,7 +235,8 @@ def run_op(op, x, xu, xs, dst, tmp, threads, kw):  # pragma: no cover - jitted
     ``dst`` has slack behind ``off + rows``: kernels may write whole row quads / blocks."""
     (a8_par, a8_stream, a8_scale, a8_corr, f32_par, f32_vals, f32_meta,
      bq_par, bq_codes8, bq_codes4, bq_meta, bq_scale, bq_zero, bf_vals, bf_meta,
-     df_w, dq_par, dq_codes, dq_scale, biases, bh_par, bh_vals, bh_meta) = kw
+     df_w, dq_par, dq_codes, dq_scale, biases, bh_par, bh_vals, bh_meta,
+     bg_par, bg_f32, bg_i8, bg_u8, bg_u16, bg_index, bg_scale, bg_zero, bg_w, bg_tmp) = kw
     kind, idx, off, rows, bias = op[F_KIND], op[F_IDX], op[F_OFF], op[F_ROWS], op[F_BIAS]
     # the kernel writes straight into the destination (every buffer has slack for the padded
     # rows some kernels write); with a bias it writes to tmp and the sum is stored
@@ -231,6 +275,17 @@ def run_op(op, x, xu, xs, dst, tmp, threads, kw):  # pragma: no cover - jitted
             _bh_par(bh_vals[idx], bh_par[idx, 0], bh_meta[idx], x, out, tasks)
         else:
             _bh_blocks(bh_vals[idx], bh_par[idx, 0], bh_meta[idx], x, out, 0, bh_vals[idx].shape[0])
+    elif kind == KIND_BG:
+        p = bg_par[idx]
+        t = min(tasks, bg_w.shape[0])
+        if p[5] == 0:
+            _bg_run(bg_f32[idx], p, bg_index[idx], bg_scale[idx], bg_zero[idx], x, out, t, bg_w, bg_tmp)
+        elif p[5] == 1:
+            _bg_run(bg_i8[idx], p, bg_index[idx], bg_scale[idx], bg_zero[idx], x, out, t, bg_w, bg_tmp)
+        elif p[5] == 2:
+            _bg_run(bg_u8[idx], p, bg_index[idx], bg_scale[idx], bg_zero[idx], x, out, t, bg_w, bg_tmp)
+        else:
+            _bg_run(bg_u16[idx], p, bg_index[idx], bg_scale[idx], bg_zero[idx], x, out, t, bg_w, bg_tmp)
     elif kind == KIND_DF:
         if tasks > 1:
             _df_par(df_w[idx], x, out, tasks)
