@@ -22,10 +22,8 @@ from sparsemerge.prune.tune import (
     Constraint,
     build_candidates,
     choose,
-    container_pattern,
     mark_frontier,
     mixed_pack,
-    normalize_recipe,
     pareto_front,
 )
 
@@ -99,19 +97,10 @@ def test_sparsity_verdict_says_where_pruning_adds_to_quantization():
     assert lines[1].startswith("INT8: sparsity does not add") and "beside dense int8" in lines[1]
 
 
-def test_container_pattern():
-    assert container_pattern(["2:4", "1:4", "2:8", "4:8"]) == "4:8"
-    assert container_pattern(["2:4", "1:4"]) == "2:4"
-    assert container_pattern(["1:4"]) == "1:4"
-    assert container_pattern(["1:4", "1:3"]) == "4:12"  # lcm 12: 3 groups of 4 (<= 3) or 4 groups of 3 (<= 4)
-    with pytest.raises(ValueError):
-        container_pattern(["unstructured:0.5"])
-
-
 def test_build_candidates_families():
-    alloc = (0.5, {"model.layers.0.mlp.up_proj": "1:4", "model.layers.0.mlp.down_proj": "dense", "model.layers.1.mlp.up_proj": "2:4"},
-             {"method": "magnitude", "pattern": "2:4", "layer_patterns": {"^model\\.layers\\.0\\.mlp\\.up_proj$": "1:4",
-                                                                           "^model\\.layers\\.0\\.mlp\\.down_proj$": "dense"}})
+    up0, down0, up1, down1 = (f"model.layers.{i}.mlp.{p}_proj" for i in (0, 1) for p in ("up", "down"))
+    alloc = (0.5, {up0: "1:4", down0: "dense", up1: "2:4", down1: "2:4"},
+             {"method": "magnitude", "pattern": "2:4", "layer_patterns": {f"^{up0}$": "1:4", f"^{down0}$": "dense"}})
     settings = {"calib": "bbc", "nsamples": 4, "seqlen": 64, "seed": 0, "progress": True}
     cands = build_candidates(["magnitude", "wanda"], ["none", "int4"], ["2:4", "1:4"], [alloc], settings, dtype="bfloat16")
     labels = [c.label for c in cands]
@@ -125,16 +114,14 @@ def test_build_candidates_families():
     assert u.pack["pattern"] == "1:4" and u.pack["dtype"] == "bfloat16" and u.target_sparsity == 0.75
     m = next(c for c in cands if c.label == "wanda mixed 0.50")
     assert m.recipe["method"] == "wanda" and m.target_sparsity == 0.5
-    # the dense layer is kept out of the sparse format
-    assert "^model\\.layers\\.0\\.mlp\\.down_proj$" in m.pack["exclude"]
-    assert "dense layer" not in m.note  # codec none: dense layers stay float like the embeddings
-    m4 = next(c for c in cands if c.label == "wanda mixed 0.50 int4")
-    assert "1 dense layer(s) stored int8" in m4.note
+    # the pack stores each layer with its own pattern: the most common as the default, the rest by exact regexes
+    assert m.pack["pattern"] == "2:4" and m.layer_patterns == alloc[1]
+    assert m.pack["layer_patterns"] == {"^model\\.layers\\.0\\.mlp\\.down_proj$": "dense", "^model\\.layers\\.0\\.mlp\\.up_proj$": "1:4"}
     from sparsemerge.formats.model import PackConfig
     from sparsemerge.prune.config import PruneConfig
 
     PackConfig(**m.pack)
-    PruneConfig(**m.recipe)  # valid for the installed PruneConfig ("dense" or its exclude fallback)
+    PruneConfig(**m.recipe)
     with pytest.raises(ValueError, match="unknown codec"):
         build_candidates(["magnitude"], ["int3"], ["2:4"])
     with pytest.raises(ValueError, match="N:M"):
@@ -142,21 +129,8 @@ def test_build_candidates_families():
 
 
 def test_mixed_pack_of_all_dense_layers_is_a_dense_pack():
-    options, note = mixed_pack({"a.layers.0.x": "dense"}, {"format": "nm", "pattern": "2:4"})
-    assert options["format"] == "dense" and note == ""
-
-
-def test_normalize_recipe_keeps_dense_layers_dense(tmp_path):
-    """A layer the allocation keeps "dense" is not pruned, whichever way PruneConfig takes it."""
-    from sparsemerge.prune.api import prune_
-
-    model = make_tiny_llama()
-    name = "model.layers.0.mlp.down_proj"
-    before = model.get_submodule(name).weight.detach().clone()
-    recipe = normalize_recipe({"method": "magnitude", "pattern": "2:4", "layer_patterns": {f"^{name.replace('.', chr(92) + '.')}$": "dense"}})
-    prune_(model, {**recipe, "progress": False})
-    assert torch.equal(model.get_submodule(name).weight, before)
-    assert float((model.get_submodule("model.layers.0.mlp.up_proj").weight == 0).float().mean()) == 0.5
+    assert mixed_pack({"a.layers.0.x": "dense"}, {"format": "nm", "pattern": "2:4", "quant": "int4"}) == {
+        "format": "dense", "pattern": "2:4", "quant": "int4"}
 
 
 # ----------------------------------------------------------------------------- sweeps
@@ -229,8 +203,14 @@ def test_chosen_model_and_recipe_match_its_row(tiny, sequential):
     recipe = yaml.safe_load((out / "recipe.yaml").read_text())
     candidate = record["candidates"][record["chosen"]]
     assert recipe["pack"] == candidate["pack"] and PackConfig(**recipe["pack"])
-    if candidate["recipe"] is not None:
-        assert PruneConfig(**recipe["prune"]).method == "magnitude"
+    assert candidate["recipe"] is not None and PruneConfig(**recipe["prune"]).method == "magnitude"
+    # the recipe reproduces the model with the ordinary commands
+    pack = recipe["pack"]
+    assert main(["prune", str(tiny / "hf"), str(tiny / "again"), "--recipe", str(out / "recipe.yaml"), "--no-progress"]) == 0
+    assert main(["pack", str(tiny / "again"), str(tiny / "again-packed"), "--quant", pack["quant"], "--group", str(pack["group_size"]),
+                 "--dense-quant", pack["dense_quant"], "--dtype", pack["dtype"], "--recipe", str(out / "recipe.yaml"), "--no-progress"]) == 0
+    again = json.loads((tiny / "again-packed" / "sparsemerge_packed.json").read_text())
+    assert again["totals"]["nbytes"] == row["bytes"]
     assert json.loads((out / "tune.json").read_text())["chosen"] == record["chosen"]
 
 
@@ -304,6 +284,46 @@ def test_mixed_allocation_prunes_each_layer_to_its_pattern(tiny, tmp_path):
     row = evaluate_candidate(str(tiny / "hf"), mixed, {"windows": _windows(tiny).tolist(), "tokens": 2, "repeats": 1}, 5)
     assert row["error"] is None and row["index"] == 5 and row["sparsity"] == pytest.approx(info["sparsity"])
     assert row["ppl"] == pytest.approx(packed_perplexity(tmp_path / "packed", _windows(tiny))[0], rel=1e-6)
+
+
+def test_mixed_candidate_is_pruned_and_packed_layer_by_layer(tiny, tmp_path):
+    """A hand allocation (2:4, 1:4, 4:8 and dense layers) under INT8: each layer pruned to its
+    own pattern, stored with it (the dense layer dense, in the targeted codec), run on the runtime."""
+    from sparsemerge.formats.model import read_packed
+    from sparsemerge.io import load_model
+    from sparsemerge.masks import check_pattern
+    from sparsemerge.patterns import parse_pattern
+    from sparsemerge.prune.tune_exec import build_candidate, evaluate_candidate
+
+    names = [f"model.layers.{i}.{p}" for i in (0, 1) for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                                               "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")]
+    patterns = {n: "2:4" for n in names} | {names[5]: "1:4", names[6]: "dense", names[13]: "4:8"}
+    recipe = {"method": "magnitude", "pattern": "2:4", "layer_patterns": {f"^{n}$": p for n, p in patterns.items() if p != "2:4"}}
+    cand = next(c for c in build_candidates(["magnitude"], ["int8"], ["2:4"], [(0.5, patterns, recipe)], dtype="float32")
+                if c.allocation == "mixed 0.50").to_json()
+    info = build_candidate(str(tiny / "hf"), cand, tmp_path / "packed", tmp_path)
+    pruned, original = load_model(tmp_path / "pruned").model, load_model(tiny / "hf").model
+    zeros = total = 0
+    for name, pattern in patterns.items():
+        w = pruned.get_submodule(name).weight.detach()
+        total += w.numel()
+        if pattern == "dense":
+            assert torch.equal(w, original.get_submodule(name).weight.detach())
+            continue
+        sparsity = 1 - parse_pattern(pattern).density
+        assert check_pattern(w, parse_pattern(pattern)).ok and float((w == 0).float().mean()) == sparsity
+        zeros += w.numel() * sparsity
+    assert info["sparsity"] == pytest.approx(zeros / total)
+    with read_packed(tmp_path / "packed") as ckpt:
+        stored = {n: ckpt.get_format(n + ".weight") for n in names}
+    for name, pattern in patterns.items():
+        obj = stored[name]
+        if pattern == "dense":
+            assert obj.name == "dense" and obj.values.kind == "int8"  # the targeted codec
+        else:
+            assert obj.name == "nm" and f"{obj.n}:{obj.m}" == pattern
+    row = evaluate_candidate(str(tiny / "hf"), cand, {"windows": _windows(tiny).tolist(), "tokens": 2, "repeats": 1})
+    assert row["error"] is None and row["ppl_path"] == "runtime" and row["speed_path"] == "runtime"
 
 
 def test_a_failing_candidate_becomes_an_error_row(tiny):

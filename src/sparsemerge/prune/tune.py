@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
-from functools import reduce
 from typing import Any, Optional, Sequence
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.patterns import NM, parse_pattern
-from sparsemerge.selection import DEFAULT_EXCLUDE
+from sparsemerge.selection import DENSE
 
 CODECS = ("none", "int8", "int4")
 CONSTRAINTS = ("max_ppl", "max_mb", "min_speedup")
@@ -43,7 +43,6 @@ class Candidate:
     pack: dict[str, Any]  # PackConfig keys
     target_sparsity: Optional[float] = None  # the allocation's budget (share of prunable weights zeroed)
     layer_patterns: dict[str, str] = field(default_factory=dict)  # module name -> pattern ("dense" too), mixed only
-    note: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -56,76 +55,21 @@ def dense_quant_for(codec: str) -> str:
     return "none" if codec == "none" else "int8"
 
 
-def container_pattern(patterns: Sequence[str]) -> str:
-    """The densest single N:M that every given N:M pattern conforms to: M = lcm of the M's,
-    N = max n_i * M / m_i (a group of M holds M/m_i groups of m_i, each with <= n_i nonzeros).
-    E.g. {2:4, 1:4, 2:8, 4:8} -> 4:8; {2:4, 1:4} -> 2:4."""
-    nms = [parse_pattern(p) for p in patterns]
-    if not nms or not all(isinstance(p, NM) for p in nms):
-        raise SparsemergeError(f"container_pattern needs N:M patterns, got {list(patterns)}")
-    m = reduce(math.lcm, (p.m for p in nms))
-    n = max(p.n * (m // p.m) for p in nms)
-    return f"{n}:{m}"
-
-
 def exact_regex(name: str) -> str:
     """A regex matching exactly the module ``name`` (recipes' layer_patterns keys)."""
     return f"^{re.escape(name)}$"
 
 
-def _pack_supports_layer_patterns() -> bool:
-    from sparsemerge.formats.model import PackConfig
-
-    return "layer_patterns" in PackConfig.model_fields
-
-
-def _prune_accepts_dense() -> bool:
-    from sparsemerge.prune.config import PruneConfig
-
-    try:
-        PruneConfig(layer_patterns={"^$": "dense"})
-    except Exception:  # noqa: BLE001 - pydantic.ValidationError / SparsemergeError: not (yet) a layer pattern
-        return False
-    return True
-
-
-def normalize_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
-    """``recipe`` as the installed :class:`PruneConfig` takes it: layers kept "dense" become
-    exclude regexes when layer_patterns does not accept "dense"."""
-    patterns = dict(recipe.get("layer_patterns") or {})
-    dense = [rx for rx, p in patterns.items() if p == "dense"]
-    if not dense or _prune_accepts_dense():
-        return recipe
-    out = dict(recipe)
-    out["layer_patterns"] = {rx: p for rx, p in patterns.items() if p != "dense"}
-    out["exclude"] = list(recipe.get("exclude") or DEFAULT_EXCLUDE) + dense
-    return out
-
-
-def mixed_pack(layer_patterns: dict[str, str], base: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """Pack options for a model pruned with one pattern per layer: layers kept dense are
-    excluded from the sparse format (so they take ``dense_quant``, the codec of embeddings); the
-    others go to per-layer patterns when :class:`PackConfig` has ``layer_patterns``, else into
-    their container N:M (bytes of the sparser layers are then overstated). The note says both."""
-    sparse = sorted({p for p in layer_patterns.values() if p != "dense"})
-    dense = [exact_regex(n) for n, p in sorted(layer_patterns.items()) if p == "dense"]
-    out = dict(base)
-    notes = []
-    if dense:
-        out["exclude"] = list(base.get("exclude") or DEFAULT_EXCLUDE) + dense
-        if base.get("dense_quant", "none") != base.get("quant", "none"):
-            # excluded layers take the codec of untargeted tensors (embeddings), not the targeted one
-            notes.append(f"{len(dense)} dense layer(s) stored {base.get('dense_quant', 'none')}")
-    if not sparse:
-        return {**out, "format": "dense"}, "; ".join(notes)
-    if _pack_supports_layer_patterns():
-        out["pattern"] = sparse[0]
-        out["layer_patterns"] = {exact_regex(n): p for n, p in sorted(layer_patterns.items()) if p != "dense"}
-    else:
-        out["pattern"] = container_pattern(sparse)
-        if len(sparse) > 1:
-            notes.append(f"stored as {out['pattern']} (pack has no per-layer patterns): MB overstated")
-    return out, "; ".join(notes)
+def mixed_pack(layer_patterns: dict[str, str], base: dict[str, Any]) -> dict[str, Any]:
+    """Pack options for a model pruned with one pattern per layer: the most common N:M as
+    ``pattern``, every other layer by an exact regex in ``layer_patterns`` ("dense" layers are
+    stored dense with the targeted layers' codec); all layers dense: the dense format."""
+    counts = Counter(p for p in layer_patterns.values() if p != DENSE)
+    if not counts:
+        return {**base, "format": "dense"}
+    default = counts.most_common(1)[0][0]
+    overrides = {exact_regex(n): p for n, p in sorted(layer_patterns.items()) if p != default}
+    return {**base, "pattern": default, "layer_patterns": overrides}
 
 
 def build_candidates(
@@ -164,10 +108,10 @@ def build_candidates(
                 out.append(Candidate(f"{method} {p}{suffix}", method, f"uniform {p}", codec, recipe, pack("nm", codec, p),
                                      target_sparsity=1 - parse_pattern(p).density))
             for sparsity, layer_patterns, recipe in allocations:
-                recipe = normalize_recipe({**recipe, **settings, "method": method})
-                options, note = mixed_pack(layer_patterns, pack("nm", codec))
+                recipe = {**recipe, **settings, "method": method}
                 out.append(Candidate(f"{method} mixed {sparsity:.2f}{suffix}", method, f"mixed {sparsity:.2f}", codec, recipe,
-                                     options, target_sparsity=sparsity, layer_patterns=dict(layer_patterns), note=note))
+                                     mixed_pack(layer_patterns, pack("nm", codec)), target_sparsity=sparsity,
+                                     layer_patterns=dict(layer_patterns)))
     return out
 
 

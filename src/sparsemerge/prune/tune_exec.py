@@ -23,7 +23,7 @@ from sparsemerge.errors import SparsemergeError
 
 PRUNE_RECORD = "sparsemerge_prune.json"  # as written by ``sparsemerge prune``
 ROW_KEYS = ("index", "label", "method", "allocation", "codec", "target_sparsity", "sparsity", "bytes", "mb", "ppl",
-            "ppl_path", "tok_s", "dense_tok_s", "speedup", "speed_path", "seconds", "note", "error")
+            "ppl_path", "tok_s", "dense_tok_s", "speedup", "speed_path", "seconds", "error")
 
 
 @contextlib.contextmanager
@@ -160,7 +160,7 @@ def packed_speed(packed: "str | Path", settings: dict[str, Any]) -> dict[str, An
 
 def _row(candidate: dict[str, Any], index: int) -> dict[str, Any]:
     row: dict[str, Any] = {k: None for k in ROW_KEYS}
-    row.update({k: candidate.get(k) for k in ("label", "method", "allocation", "codec", "target_sparsity", "note")})
+    row.update({k: candidate.get(k) for k in ("label", "method", "allocation", "codec", "target_sparsity")})
     row["index"] = index
     return row
 

@@ -20,9 +20,9 @@ def _num(value: Any) -> Any:
 def table_rows(rows: Sequence[dict[str, Any]], chosen: Optional[int] = None) -> list[tuple]:
     out = []
     for r in rows:
-        note = f"error: {r['error']}" if r.get("error") else (r.get("note") or "")
+        note = f"error: {r['error']}" if r.get("error") else ""
         if r.get("index") == chosen and chosen is not None:
-            note = ("CHOSEN; " + note).rstrip("; ")
+            note = "CHOSEN"
         mark = "*" if r.get("frontier") else ""
         out.append((r.get("index"), r.get("label"), r.get("method"), r.get("allocation"), r.get("codec"), _num(r.get("sparsity")),
                     _num(r.get("mb")), _num(r.get("ppl")), _num(r.get("tok_s")), _num(r.get("speedup")), mark, note[:90]))
