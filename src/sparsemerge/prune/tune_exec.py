@@ -6,8 +6,7 @@ in this process, in local worker processes (``spawn``), or as Ray tasks on a clu
 pickles by reference into a worker process or a Ray task; a failure becomes the row's
 ``error`` and never stops the sweep. Each evaluation runs on ``settings["threads"]`` CPU
 threads (1 by default: parallel workers then do not fight over cores, and every mode measures
-the same single-thread speed). This module imports torch lazily so a worker can set its
-thread environment before torch and numba start.
+the same single-thread speed).
 """
 from __future__ import annotations
 
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.prune.tune import MB
 
 PRUNE_RECORD = "sparsemerge_prune.json"  # as written by ``sparsemerge prune``
 ROW_KEYS = ("index", "label", "method", "allocation", "codec", "target_sparsity", "sparsity", "bytes", "mb", "ppl",
@@ -181,7 +181,7 @@ def evaluate_candidate(model: str, candidate: dict[str, Any], settings: dict[str
             info = build_candidate(model, candidate, packed, tmp)
             row["sparsity"] = info["sparsity"]
             row["bytes"] = info["bytes"]
-            row["mb"] = info["bytes"] / 1e6
+            row["mb"] = info["bytes"] / MB
             row["ppl"], row["ppl_path"] = packed_perplexity(packed, settings["windows"])
             row.update(packed_speed(packed, settings))
     except Exception as exc:  # noqa: BLE001 - one failed candidate must not stop the sweep
@@ -194,9 +194,9 @@ def evaluate_candidate(model: str, candidate: dict[str, Any], settings: dict[str
 
 # ----------------------------------------------------------------------------- execution
 def _init_worker(threads: int) -> None:
-    """Process-pool initializer: the thread environment before torch loads (numba's count
-    follows torch's in the kernels; NUMBA_NUM_THREADS is left alone: numba refuses a change
-    of it once its pool started)."""
+    """Process-pool initializer: torch's thread count, and the OpenMP/MKL variables for pools
+    started later (numba's count follows torch's in the kernels; NUMBA_NUM_THREADS is left
+    alone: numba refuses a change of it once its pool started)."""
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
