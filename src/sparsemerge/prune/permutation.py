@@ -31,6 +31,7 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.patterns import NM
@@ -128,7 +129,7 @@ def permute_channels_(
     if config is None or isinstance(config, dict):
         config = PruneConfig(**{**(config or {}), **options})
     elif options:
-        config = config.model_copy(update=options)
+        config = PruneConfig(**{**config.model_dump(), **options})
     start = time.perf_counter()
     core, lm_head = _check_architecture(model)
     if targets is None:
@@ -179,7 +180,7 @@ def permute_channels_(
         if perm is not None:
             plan.append(("hidden", None, perm))
     prefix = _layers_prefix(model, layers)
-    for i, layer in enumerate(layers):
+    for i, layer in enumerate(tqdm(layers, desc="permute channels", disable=not config.progress)):
         if "mlp" in scopes:
             down = layer.mlp.down_proj
             perm = search(f"{prefix}.{i}.mlp", down.in_features, [block_of(down)])
