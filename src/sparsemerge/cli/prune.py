@@ -37,6 +37,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "per block, each layer pruned as its input arrives), block (dense statistics pass, then a pruned pass), "
         "off (one-shot: statistics of the dense model)",
     )
+    p.add_argument(
+        "--permute",
+        action="store_true",
+        help="permute channels first (MLP, attention values, hidden; the model computes the same function) "
+        "so the N:M masks keep more weight (NVIDIA ASP's channel permutation)",
+    )
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_overwrite(p)
     p.set_defaults(func=run_prune)
@@ -85,6 +91,8 @@ def config_from_args(args: argparse.Namespace):
         if value is not None:
             values[key] = value
     values["progress"] = not args.no_progress
+    if getattr(args, "permute", False):
+        values["permute"] = True
     try:
         return PruneConfig(**values)
     except SparsemergeError:
@@ -117,6 +125,12 @@ def run_prune(args: argparse.Namespace) -> int:
     if dense:
         counts["dense"] = dense
     patterns = config.pattern if len(counts) <= 1 else ", ".join(f"{n} x {p}" for p, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    if report.permutation is not None:
+        perm = report.permutation
+        print(
+            f"permuted {perm['permuted']} of {len(perm['spaces'])} channel spaces: N:M-kept {perm['score']} score "
+            f"{perm['kept_before']:.6g} -> {perm['kept_after']:.6g} (+{100 * perm['gain']:.2f}%)"
+        )
     print(
         f"pruned {len(report.layers)} layers of {args.src} with {config.method} to {patterns}: "
         f"sparsity {report.sparsity:.4f} of pruned weights, {report.seconds:.1f} s -> {args.out}"

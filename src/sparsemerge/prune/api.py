@@ -34,6 +34,7 @@ class PruneReport:
     skipped: list[tuple[str, str]]
     seconds: float
     config: dict[str, Any] = field(default_factory=dict)
+    permutation: Optional[dict[str, Any]] = None  # PermutationReport.to_json() when config.permute
 
     @property
     def sparsity(self) -> float:
@@ -50,6 +51,7 @@ class PruneReport:
             "config": self.config,
             "layers": [asdict(r) for r in self.layers],
             "skipped": [{"name": n, "reason": r} for n, r in self.skipped],
+            **({"permutation": self.permutation} if self.permutation is not None else {}),
         }
 
 
@@ -97,6 +99,12 @@ def prune_(
         from sparsemerge.eval.data import calibration_windows
 
         calibration = calibration_windows(tokenizer, config.calib, config.nsamples, config.seqlen, config.seed)
+    permutation = None
+    if config.permute:  # same function, N:M masks keep more: scores |W|, or |W|*||X_j|| for calibrated methods
+        from sparsemerge.prune.permutation import collect_input_norms, permute_channels_
+
+        norms = collect_input_norms(model, targets, calibration) if method.needs_calibration else None
+        permutation = permute_channels_(model, config, targets=targets, input_norms=norms).to_json()
     method.prune(model, targets, config, calibration)
     layers = []
     for t in targets:
@@ -122,4 +130,5 @@ def prune_(
         skipped=skipped,
         seconds=time.perf_counter() - start,
         config=config.model_dump(),
+        permutation=permutation,
     )

@@ -41,6 +41,10 @@ class PruneConfig(BaseModel):
         "block; 'off' = one-shot, every layer sees the dense model's activations (True/False = block/off)",
     )
     progress: bool = Field(True, description="show progress bars")
+    # channel permutation before pruning (sparsemerge.prune.permutation; NVIDIA ASP, Pool & Yu 2021)
+    permute: bool = Field(False, description="permute channels (same function) so N:M masks keep more score")
+    permute_scope: list[Literal["mlp", "attn", "hidden"]] = Field(default_factory=lambda: ["mlp", "attn", "hidden"])
+    permute_iters: int = Field(100, ge=0, description="channel-swap rounds per permuted space")
     sparsity_per_layer: Optional[list[float]] = Field(
         None, description="one unstructured sparsity per transformer block (overrides the patterns of its layers)"
     )
