@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from sparsemerge.masks import check_pattern
+
 from conftest import make_tiny_llama
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.prune.api import prune_
@@ -58,10 +60,10 @@ def test_block_sequential_sees_pruned_blocks(calib):
     assert not torch.allclose(seq.model.layers[1].mlp.down_proj.weight, one.model.layers[1].mlp.down_proj.weight)
 
 
-def layer_by_layer_reference(model, method: str, pattern: str, calibration: torch.Tensor) -> None:
+def layer_by_layer_reference(model, method: str, pattern: str, calibration: torch.Tensor, **options) -> None:
     """True-sequential pruning the slow, obvious way: for each target in call order, one full
     forward of the (partly pruned) model collects that layer's input, then it is pruned."""
-    config = PruneConfig(method=method, pattern=pattern, progress=False)
+    config = PruneConfig(method=method, pattern=pattern, progress=False, **options)
     targets, _ = select_targets(model, config)
     impl = METHODS.get(method)()
     for t in targets:  # named_modules order = call order in a Llama block (q,k,v,o,gate,up,down)
@@ -81,6 +83,25 @@ def test_layer_sequential_equals_layer_by_layer_reference(method, calib):
     for (name, a), (_, b) in zip(walked.named_parameters(), direct.named_parameters()):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
         assert float(((a == 0) != (b == 0)).float().mean()) < 0.01, name
+
+
+@pytest.mark.parametrize("first_block_dense", [True, False])
+def test_layer_sequential_with_per_layer_patterns_and_dense_siblings(first_block_dense, calib):
+    """A mixed allocation: k_proj dense in one block (fewer siblings share q's input there),
+    q_proj 1:4 in another (its siblings no longer stack): the one-pass walk still equals the
+    layer-by-layer reference, whichever block comes first."""
+    dense_block, sparse_q_block = (0, 1) if first_block_dense else (1, 0)
+    patterns = {rf"^model\.layers\.{dense_block}\.self_attn\.k_proj$": "dense",
+                rf"^model\.layers\.{sparse_q_block}\.self_attn\.q_proj$": "1:4", r"up_proj$": "4:8"}
+    walked, direct = make_tiny_llama(seed=6), make_tiny_llama(seed=6)
+    prune_(walked, {"method": "sparsegpt", "pattern": "2:4", "sequential": "layer", "layer_patterns": patterns,
+                    "progress": False}, calibration=calib)
+    layer_by_layer_reference(direct, "sparsegpt", "2:4", calib, layer_patterns=patterns)
+    for (name, a), (_, b) in zip(walked.named_parameters(), direct.named_parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+    k = walked.model.layers[dense_block].self_attn.k_proj.weight
+    assert torch.equal(k, make_tiny_llama(seed=6).model.layers[dense_block].self_attn.k_proj.weight)
+    assert check_pattern(walked.model.layers[sparse_q_block].self_attn.q_proj.weight, "1:4").ok
 
 
 def test_layer_sequential_differs_from_block_within_a_block(calib):

@@ -218,8 +218,9 @@ def _prune_in_pass(
     pruned by a pre-hook just before it computes; returns the pruned block's output.
 
     Layers reading the same tensor share one statistics object. ``groups`` (relative names,
-    learned from the first block and filled in here) lets later blocks prune such siblings
-    together in one ``prune_block`` call (SparseGPT stacks them: one Cholesky, one OBS pass)."""
+    learned from the blocks so far and filled in here) lets later blocks prune such siblings
+    together in one ``prune_block`` call (SparseGPT stacks them: one Cholesky, one OBS pass).
+    A mixed allocation may target fewer (or more) siblings in one block than in another."""
     hidden, rest, kwargs = batch
     by_relative = {_relative(t.name): t for t in targets}
     pruned: set[str] = set()
@@ -256,9 +257,16 @@ def _prune_in_pass(
         raise SparsemergeError(f"layers {missing} received no input during the block's forward pass")
     for _, _, names in seen:
         for rel in names:
-            if groups.setdefault(rel, names) != names:  # a block wired unlike the first: grouping was wrong
-                raise RuntimeError(f"layers sharing inputs differ between blocks ({groups[rel]} vs {names}); "
-                                   "use sequential='block' for this model")
+            known = groups.setdefault(rel, names)
+            if set(names) <= set(known):  # the same siblings, or fewer targeted here (a layer kept dense)
+                continue
+            if set(known) <= set(names):  # more siblings targeted here than where first seen
+                for other in names:
+                    groups[other] = names
+                continue
+            # a block wired unlike the earlier ones: grouping siblings ahead of time would be wrong
+            raise RuntimeError(f"layers sharing inputs differ between blocks ({known} vs {names}); "
+                               "use sequential='block' for this model")
     return output
 
 
