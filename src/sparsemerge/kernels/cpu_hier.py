@@ -19,6 +19,16 @@ from sparsemerge.kernels.threads import sync_threads
 PARALLEL_MIN_WORK = 1 << 16  # stored values x batch below which one thread is faster
 
 
+@njit(fastmath=True, cache=True, inline="always")
+def _value(vals, scale, zero, quant, has_zero, gsz, r, j):  # pragma: no cover - jitted
+    """Stored value j of row r as float32, dequantized when the layer holds codes."""
+    w = np.float32(vals[r, j])
+    if quant:
+        q = j // gsz
+        w = (w - zero[r, q]) * scale[r, q] if has_zero else w * scale[r, q]
+    return w
+
+
 @njit(fastmath=True, cache=True)
 def _row(blocks, vals, index, scale, zero, quant, has_zero, gsz, R, B, M, N, xt, out, r):  # pragma: no cover - jitted
     nbat = xt.shape[1]
@@ -26,21 +36,14 @@ def _row(blocks, vals, index, scale, zero, quant, has_zero, gsz, R, B, M, N, xt,
     KB = blocks.shape[1]
     gpb = B // M
     j = 0
-    if nbat == 1:
+    if nbat == 1:  # batch 1: a scalar accumulator
         acc = np.float32(0.0)
         for kb in range(KB):
             c0 = blocks[t, kb] * B
             for g in range(gpb):
                 base = c0 + g * M
                 for s in range(N):
-                    w = np.float32(vals[r, j])
-                    if quant:
-                        q = j // gsz
-                        if has_zero:
-                            w = (w - zero[r, q]) * scale[r, q]
-                        else:
-                            w = w * scale[r, q]
-                    acc += w * xt[base + index[r, j], 0]
+                    acc += _value(vals, scale, zero, quant, has_zero, gsz, r, j) * xt[base + index[r, j], 0]
                     j += 1
         out[0, r] = acc
         return
@@ -50,13 +53,7 @@ def _row(blocks, vals, index, scale, zero, quant, has_zero, gsz, R, B, M, N, xt,
         for g in range(gpb):
             base = c0 + g * M
             for s in range(N):
-                w = np.float32(vals[r, j])
-                if quant:
-                    q = j // gsz
-                    if has_zero:
-                        w = (w - zero[r, q]) * scale[r, q]
-                    else:
-                        w = w * scale[r, q]
+                w = _value(vals, scale, zero, quant, has_zero, gsz, r, j)
                 xi = base + index[r, j]
                 for b in range(nbat):
                     accs[b] += w * xt[xi, b]
