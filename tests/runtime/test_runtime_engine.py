@@ -206,7 +206,8 @@ def test_capped_cpu_levels_plan_and_match(level, f32_row, a8_row):
 
 @pytest.mark.parametrize("pattern,quant,group_size,value_dtype", [
     ("1:4", "none", None, "float32"), ("4:8", "int8", None, "float32"), ("2:8", "int4", 128, "float32"),
-    ("3:8", "int4", None, "float32"), ("1:4", "none", None, "bfloat16"), ("4:8", "none", None, "float16")])
+    ("3:8", "int4", None, "float32"), ("1:4", "none", None, "bfloat16"), ("4:8", "none", None, "float16"),
+    ("4:16", "int8", 128, "float32"), ("3:4", "int4", 96, "float32")])  # 4:16 takes the gather path; 3:4 int4 pads its odd slot
 def test_other_nm_patterns_run_on_the_general_kernel(pattern, quant, group_size, value_dtype):
     """Patterns besides 2:4 (the layers of a mixed allocation) run in the compiled step too."""
     model = make_tiny_llama(hidden=256, intermediate=512)

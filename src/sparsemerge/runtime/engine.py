@@ -132,7 +132,7 @@ class DecodeEngine:
                    np.array(bh_par, np.int64).reshape(-1, 1), kw["bh_vals"], kw["bh_meta"],
                    np.array(self._bg_par, np.int64).reshape(-1, S.BG_FIELDS), kw["bg_float32"], kw["bg_int8"],
                    kw["bg_uint8"], kw["bg_uint16"], kw["bg_index"], kw["bg_scale"], kw["bg_zero"],
-                   np.zeros((self.threads, S.R), np.float32), np.zeros((self.threads, S.R), np.uint32))
+                   np.zeros((self.threads, 3 * S.R), np.float32), np.zeros((self.threads, S.R), np.uint32))
         # norms, embedding, rope
         norms = [t for layer in decoder.layers for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
         norms.append(decoder.norm.weight)

@@ -33,7 +33,7 @@ import numpy as np
 from numba import njit, prange
 
 from sparsemerge.kernels.cpu_blocked import BITS, FP16_SCALE, R, _g24_f32_block, _g24_half_block, _g24_q_block
-from sparsemerge.kernels.cpu_general import _decode_run
+from sparsemerge.kernels.cpu_general import F32, Q4, Q8, _decode_run
 from sparsemerge.runtime.ffi import call_a8, call_f32
 
 KIND_A8, KIND_F32, KIND_BQ, KIND_BF, KIND_DF, KIND_DQ, KIND_BH, KIND_BG = 0, 1, 2, 3, 4, 5, 6, 7
@@ -97,23 +97,93 @@ def _bh_par(vals, kind, meta, x, out, tasks):  # pragma: no cover - jitted
         _bh_blocks(vals, kind, meta, x, out, t * step, min(nb, (t + 1) * step))
 
 
-@njit(error_model="numpy", cache=True)
+@njit(fastmath=FAST, error_model="numpy", cache=True, inline="always")
+def _pick_inputs(x, col, m, ix, xs):  # pragma: no cover - jitted
+    """``xs[r] = x[col + ix[r]]`` for a block's R rows. M = 4 and 8 (1:4, 3:4, 4:8, 2:8 ...)
+    choose among the group's inputs by a tree of blends on the index bits, which vectorizes
+    (like the 2:4 kernels' compare-and-blend); other M gather."""
+    if m == 8:
+        a0, a1, a2, a3 = x[col], x[col + 1], x[col + 2], x[col + 3]
+        a4, a5, a6, a7 = x[col + 4], x[col + 5], x[col + 6], x[col + 7]
+        for r in range(R):
+            p = np.int32(ix[r])
+            odd, two = (p & 1) != 0, (p & 2) != 0
+            lo = (a3 if odd else a2) if two else (a1 if odd else a0)
+            hi = (a7 if odd else a6) if two else (a5 if odd else a4)
+            xs[r] = hi if (p & 4) != 0 else lo
+    elif m == 4:
+        a0, a1, a2, a3 = x[col], x[col + 1], x[col + 2], x[col + 3]
+        for r in range(R):
+            p = np.int32(ix[r])
+            odd = (p & 1) != 0
+            xs[r] = (a3 if odd else a2) if (p & 2) != 0 else (a1 if odd else a0)
+    else:
+        for r in range(R):
+            xs[r] = x[col + ix[r]]
+
+
+@njit(fastmath=FAST, error_model="numpy", cache=True)
 def _bg_blocks(vals, vkind, n, m, index, scale, zero, has_zero, gps, x, out, b0, b1, w, tmp):  # pragma: no cover - jitted
     """General N:M at batch 1: ``out[blk*R + r] = sum_g sum_s w[blk,g,s,r] x[g*m + index[blk,g,s,r]]``
-    for the 64-row blocks b0..b1; each (group, slot) run of R values is decoded once into ``w``
-    (dequantized / widened as in kernels/cpu_general.py), then applied to R rows."""
+    for the 64-row blocks b0..b1. Per (group, slot) the R rows' inputs are picked into ``xs``
+    (:func:`_pick_inputs`), then applied: INT8/INT4 codes sum ``(code - zero) * x`` per
+    quantization group q and are scaled once, ``acc += scale[q] * part``; float32 values apply
+    directly; float16/bfloat16 runs are widened first (kernels/cpu_general.py). ``w`` holds
+    3 x R scratch floats (accumulator, picked inputs, partial sums or widened values)."""
     G = index.shape[1]
+    acc, xs, part = w[:R], w[R:2 * R], w[2 * R:3 * R]
     for blk in range(b0, b1):
         base = blk * R
         for r in range(R):
-            out[base + r] = 0.0
-        for g in range(G):
-            col = g * m
-            for s in range(n):
-                _decode_run(vals, vkind, blk, g, s, scale, zero, has_zero, gps, w, tmp, FP16_SCALE)
-                ix = index[blk, g, s]
+            acc[r] = 0.0
+        if vkind == Q8 or vkind == Q4:
+            Q = scale.shape[1]
+            for q in range(Q):
                 for r in range(R):
-                    out[base + r] += w[r] * x[col + ix[r]]
+                    part[r] = 0.0
+                zq = zero[blk, q]
+                for g in range(q * gps, min(G, (q + 1) * gps)):
+                    col = g * m
+                    for s in range(n):
+                        _pick_inputs(x, col, m, index[blk, g, s], xs)
+                        if vkind == Q4:
+                            c = vals[blk, g, s >> 1]
+                            sh = 4 * (s & 1)
+                            if has_zero:
+                                for r in range(R):
+                                    part[r] += (np.float32((np.int32(c[r]) >> sh) & 15) - zq[r]) * xs[r]
+                            else:
+                                for r in range(R):
+                                    part[r] += (np.float32((np.int32(c[r]) >> sh) & 15) - 8.0) * xs[r]
+                        else:
+                            c = vals[blk, g, s]
+                            if has_zero:
+                                for r in range(R):
+                                    part[r] += (np.float32(c[r]) - zq[r]) * xs[r]
+                            else:
+                                for r in range(R):
+                                    part[r] += np.float32(c[r]) * xs[r]
+                sq = scale[blk, q]
+                for r in range(R):
+                    acc[r] += sq[r] * part[r]
+        elif vkind == F32:
+            for g in range(G):
+                col = g * m
+                for s in range(n):
+                    _pick_inputs(x, col, m, index[blk, g, s], xs)
+                    v = vals[blk, g, s]
+                    for r in range(R):
+                        acc[r] += np.float32(v[r]) * xs[r]
+        else:  # float16 / bfloat16 bits: widen a run, then apply it
+            for g in range(G):
+                col = g * m
+                for s in range(n):
+                    _pick_inputs(x, col, m, index[blk, g, s], xs)
+                    _decode_run(vals, vkind, blk, g, s, scale, zero, has_zero, gps, part, tmp, FP16_SCALE)
+                    for r in range(R):
+                        acc[r] += part[r] * xs[r]
+        for r in range(R):
+            out[base + r] = acc[r]
 
 
 @njit(parallel=True, error_model="numpy", cache=True)
