@@ -220,8 +220,11 @@ def test_workers_give_the_sequential_rows(tiny, sequential):
     assert main(_args(tiny, "--codecs", "none,int8", "--max-mb", "1.0", "--workers", "2", "--out", str(tiny / "par"),
                       "--json", str(tiny / "par.json"))) == 0
     par = json.loads((tiny / "par.json").read_text())
-    strip = [{k: v for k, v in r.items() if k not in TIMING} for r in par["rows"]]
-    assert strip == [{k: v for k, v in r.items() if k not in TIMING} for r in record["rows"]]
+    strip = [{k: v for k, v in r.items() if k not in TIMING | {"ppl"}} for r in par["rows"]]
+    assert strip == [{k: v for k, v in r.items() if k not in TIMING | {"ppl"}} for r in record["rows"]]
+    # perplexity: the same computation; a worker runs one thread where the parent may run two,
+    # so float sums may be ordered differently (last digits)
+    assert [r["ppl"] for r in par["rows"]] == pytest.approx([r["ppl"] for r in record["rows"]], rel=1e-6)
 
 
 def test_constraint_not_met_says_the_closest_and_writes_no_model(tiny, capsys):
@@ -390,7 +393,7 @@ def test_ray_cluster_sweep(tiny, tmp_path):
 
         cand = json.loads((tmp_path / "ray.json").read_text())["candidates"][1]
         local = evaluate_candidate(str(tiny / "hf"), cand, {"windows": _windows(tiny).tolist(), "tokens": 2, "repeats": 1}, 1)
-        assert local["ppl"] == rows[1]["ppl"] and local["bytes"] == rows[1]["bytes"]
+        assert local["ppl"] == pytest.approx(rows[1]["ppl"], rel=1e-6) and local["bytes"] == rows[1]["bytes"]
         assert (tmp_path / "out" / "model" / "sparsemerge_packed.json").is_file()
     finally:
         import signal
