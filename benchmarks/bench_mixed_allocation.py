@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
-from pathlib import Path
 
 import torch
 
 from sparsemerge.eval.data import calibration_windows, eval_windows
 from sparsemerge.eval.perplexity import perplexity
-from sparsemerge.io import load_model
+from sparsemerge.io import load_model, write_json_atomic
 from sparsemerge.prune import PruneConfig
 from sparsemerge.prune.allocate import Budget, allocate
 from sparsemerge.prune.api import prune_
@@ -122,8 +120,7 @@ def main() -> None:
     print(f"\ntarget: mixed + permute <= 0.75x uniform 2:4 SparseGPT: best {best['model']} "
           f"{best['x uniform 2:4']:.3f} ({verdict})")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
+        write_json_atomic(args.json, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

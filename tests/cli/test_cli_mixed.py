@@ -146,3 +146,18 @@ def test_pack_with_an_explicit_pattern_or_recipe(mixed, tmp_path, capsys):
     assert not (tmp_path / "p2").exists()
     assert run("pack", out, tmp_path / "p3", "--pattern", "2:4", "--recipe", recipe) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_a_uniformly_pruned_model_packs_with_its_recorded_pattern(tmp_path, tiny_tokenizer, capsys):
+    """One pattern in the record (1:4 everywhere): pack stores 1:4 without --pattern (it used to
+    store 2:4 slots, half of them explicit zeros)."""
+    from conftest import make_tiny_llama
+
+    src = tmp_path / "src"
+    make_tiny_llama().save_pretrained(src)
+    tiny_tokenizer.save_pretrained(src)
+    assert run("prune", src, tmp_path / "p", "--pattern", "1:4", "--no-progress") == 0
+    assert run("pack", tmp_path / "p", tmp_path / "k", "--no-progress") == 0
+    tensors = json.loads((tmp_path / "k" / "sparsemerge_packed.json").read_text())["tensors"]
+    nm = [t["params"] for t in tensors.values() if t["format"] == "nm"]
+    assert nm and all((p["n"], p["m"]) == (1, 4) for p in nm)
