@@ -18,7 +18,7 @@ COMMAND_MODULES = [
     "sparsemerge.cli.prune",  # prune, check
     "sparsemerge.cli.eval",  # eval ppl
     "sparsemerge.cli.sensitivity",  # sensitivity, allocate      (mixed N:M)
-    "sparsemerge.cli.train",  # recover                         (recovery fine-tuning)
+    "sparsemerge.cli.train",  # recover, train                  (recovery, sparse training)
     "sparsemerge.cli.demo",  # demo
     "sparsemerge.cli.pack",  # pack, unpack, inspect           (storage)
     "sparsemerge.cli.run",  # run, bench                      (execution)

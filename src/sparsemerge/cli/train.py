@@ -1,4 +1,6 @@
-"""``sparsemerge recover``: recovery fine-tuning of a pruned model by distillation from its dense original."""
+"""``sparsemerge recover`` (recovery fine-tuning of a pruned model by distillation from its dense
+original) and ``sparsemerge train`` (sparse training from a YAML recipe: gradual / progressive
+N:M, SR-STE, dynamic reallocation, the three-stage recipe)."""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +12,75 @@ from sparsemerge.errors import SparsemergeError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    register_recover(sub)
+    register_train(sub)
+
+
+def register_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="sparse training from a YAML recipe (gradual/progressive N:M, SR-STE, dynamic masks, three stages)",
+        description=(
+            "Train a model to an N:M pattern in the stages RECIPE lists (methods: dense, oneshot, fixed, "
+            "gradual, progressive, srste, dynamic, prune; loss: distillation from the dense model and/or "
+            "cross-entropy, plus L1 and N:M regularizers). Checkpoints go to the work directory; running "
+            "the same command again after an interruption resumes from the last one. OUT gets the "
+            "sparse model with a pruning record, so check/pack/run treat it like a pruned model."
+        ),
+    )
+    p.add_argument("recipe", help="recipe YAML (see examples/train_three_stage.yaml)")
+    p.add_argument("out", nargs="?", help="output Hugging Face folder (default: the recipe's 'output')")
+    p.add_argument("--workdir", help="checkpoints and the teacher cache (default: OUT.work beside OUT)")
+    p.add_argument("--restart", action="store_true", help="ignore a checkpoint in the work directory")
+    p.add_argument("--keep-checkpoint", action="store_true", help="keep the last checkpoint after success")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_overwrite(p)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from sparsemerge.io import ensure_writable, load_model, resolve_source, save_model
+    from sparsemerge.prune.record import PRUNE_RECORD
+    from sparsemerge.train.recipe import TRAIN_RECORD, load_recipe, prune_record, train_recipe_
+
+    recipe = load_recipe(args.recipe)
+    out = args.out or recipe.output
+    if not out:
+        raise SparsemergeError("no output folder: pass OUT or set 'output' in the recipe")
+    inputs = [recipe.model] + ([recipe.teacher] if recipe.teacher else [])
+    ensure_writable(out, args.overwrite, inputs=inputs)  # fail before any work
+    workdir = Path(args.workdir) if args.workdir else Path(str(Path(out).resolve()) + ".work")
+    source = resolve_source(recipe.model)
+    loaded = load_model(source)
+    if loaded.tokenizer is None:
+        raise SparsemergeError(f"{recipe.model!r} has no tokenizer; training needs one to read the text")
+    teacher = load_model(recipe.teacher).model if recipe.teacher else None
+    result = train_recipe_(loaded.model, loaded.tokenizer, recipe, workdir, teacher=teacher,
+                           progress=not args.no_progress, restart=args.restart)
+    src = {"name": recipe.model, "path": str(Path(source.path).resolve()), "kind": source.kind, "sha256": source.checksum()}
+    records = {PRUNE_RECORD: prune_record(result, recipe, src), TRAIN_RECORD: {"recipe": recipe.model_dump(), **result.to_json()}}
+    save_model(loaded.model, loaded.tokenizer, out, overwrite=args.overwrite, records=records, inputs=inputs + [source.path])
+    if not args.keep_checkpoint and (workdir / "checkpoint.pt").exists():
+        (workdir / "checkpoint.pt").unlink()
+    rows = []
+    for stage in result.stages:
+        data = stage.to_json()
+        flips = sum(u["changed"] for u in stage.mask_updates)
+        loss = f"{data['loss_first']:.3f} -> {data['loss_last']:.3f}" if stage.losses else "-"
+        ppl = stage.evals[-1][1] if stage.evals else float("nan")
+        rows.append((stage.name, stage.method, stage.pattern, stage.steps, loss, flips,
+                     data["tokens_per_s"] if data["tokens_per_s"] is not None else "-", ppl))
+    print(format_table(["stage", "method", "pattern", "steps", "loss", "mask flips", "tokens/s", "perplexity"], rows))
+    if result.resumed_from is not None:
+        print(f"resumed from stage {result.resumed_from[0] + 1}, step {result.resumed_from[1]}")
+    for name, value in result.perplexity.items():
+        print(f"perplexity {name}: {value:.3f}")
+    bad = sum(layer["violations"] for layer in result.layers)
+    print(f"{len(result.layers)} layers at {result.pattern} (violations: {bad}) in {result.seconds:.1f} s -> {out}")
+    return 0 if bad == 0 else 1
+
+
+def register_recover(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "recover",
         help="recovery fine-tuning of a pruned model, distilled from the dense model",

@@ -1,7 +1,9 @@
 """Gradient-aware scores from the language-model loss on calibration text.
 
-* ``gradient``: ``|W| + gamma * c * |dL/dW|`` (chapter 10.1.7, dynamic sparse reallocation:
-  small weights with large gradients survive). ``c = mean|W| / mean|dL/dW|`` per layer makes
+* ``gradient``: ``|W| + gamma * c * |dL/dW|`` (the score of chapter 10.1.7's dynamic sparse
+  reallocation, computed once at prune time: small weights with large gradients survive; the
+  reallocation itself, masks re-chosen inside the training loop, is the ``dynamic`` method of
+  :mod:`sparsemerge.train.sparse_train`). ``c = mean|W| / mean|dL/dW|`` per layer makes
   ``gamma`` unitless - raw gradients of a trained model are ~100x smaller than its weights,
   so without ``c`` any gamma near 1 would reduce the score to plain magnitude.
 * ``taylor``: first-order Taylor estimate of the loss change when a weight is removed,

@@ -1,0 +1,138 @@
+"""Training windows that a step index determines, and the teacher's top-k logits cached once
+per training set (issue 14 item 5: distillation on two CPU cores should not run the teacher
+again for every recipe, stage and epoch).
+
+* :class:`WindowPool` - ``count`` windows of ``seqlen`` tokens drawn once (seeded) from the
+  training text; the windows of step ``t`` are a pure function of ``(seed, t)`` (a seeded
+  permutation per epoch), so a resumed run sees exactly the batches the interrupted one would
+  have seen, with no generator state to save.
+* :class:`TeacherCache` - for every pool window, the teacher's ``k`` largest logits and their
+  token ids per position (``float32`` values, ``int32`` ids: ``8 k`` bytes per token). Saved to a
+  file keyed by the SHA-256 of the windows, the teacher's weights and ``k``; a stale file is rebuilt.
+* :func:`topk_kd_loss` - ``T^2 * mean_tokens sum_{j in topk} p_j (log p_j - log q_j)`` with
+  ``p = softmax(z_teacher[topk] / T)`` (the teacher's distribution renormalised over its top-k)
+  and ``q = softmax(z_student / T)`` over the whole vocabulary. With ``k`` = the vocabulary it
+  equals :func:`sparsemerge.train.distill.kd_loss`; the top-k truncation is the usual sparse-
+  distillation approximation (the tail of a language model's distribution holds little mass).
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from sparsemerge.errors import SparsemergeError
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class WindowPool:
+    windows: torch.Tensor  # (count, seqlen) token ids
+    seed: int
+
+    @classmethod
+    def draw(cls, ids: torch.Tensor, seqlen: int, count: int, seed: int) -> "WindowPool":
+        if ids.numel() <= seqlen:
+            raise SparsemergeError(f"the training text has {ids.numel()} tokens; need more than seqlen={seqlen}")
+        if count < 1:
+            raise SparsemergeError(f"the window pool needs at least one window, got {count}")
+        generator = torch.Generator().manual_seed(seed)
+        starts = torch.randint(0, ids.numel() - seqlen, (count,), generator=generator)
+        return cls(torch.stack([ids[s : s + seqlen] for s in starts.tolist()]), seed)
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def indices(self, step: int, batch_size: int) -> torch.Tensor:
+        """Pool indices of step ``step``'s batch: positions ``step*B .. step*B+B-1`` of an endless
+        sequence of seeded permutations of the pool (one per epoch)."""
+        count = len(self)
+        out = []
+        for position in range(step * batch_size, (step + 1) * batch_size):
+            epoch, offset = divmod(position, count)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            out.append(int(torch.randperm(count, generator=generator)[offset]))
+        return torch.tensor(out, dtype=torch.long)
+
+
+def _fingerprint(teacher: nn.Module, windows: torch.Tensor, k: int) -> str:
+    digest = hashlib.sha256(f"v{CACHE_VERSION} k={k}".encode())
+    digest.update(windows.to(torch.int64).numpy().tobytes())
+    for name, tensor in teacher.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class TeacherCache:
+    values: torch.Tensor  # (count, seqlen, k) float32
+    indices: torch.Tensor  # (count, seqlen, k) int32
+    key: str
+
+    @property
+    def k(self) -> int:
+        return self.values.shape[-1]
+
+    def batch(self, pool_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.values[pool_indices], self.indices[pool_indices].long()
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, teacher: nn.Module, pool: WindowPool, k: int, path: "str | Path | None" = None,
+              batch_size: int = 4, progress: bool = True) -> "TeacherCache":
+        """The cache for ``pool`` (loaded from ``path`` when it matches, else computed and saved there)."""
+        if k < 1:
+            raise SparsemergeError(f"top-k must be >= 1, got {k}")
+        key = _fingerprint(teacher, pool.windows, k)
+        if path is not None and Path(path).is_file():
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+                if saved.get("key") == key:
+                    return cls(saved["values"], saved["indices"], key)
+            except Exception:  # a truncated or foreign file: rebuild it
+                pass
+        teacher.eval()
+        values, indices = [], []
+        chunks = range(0, len(pool), batch_size)
+        for start in tqdm(chunks, desc=f"teacher top-{k} logits", disable=not progress):
+            logits = teacher(input_ids=pool.windows[start : start + batch_size], use_cache=False).logits.float()
+            if k > logits.shape[-1]:
+                raise SparsemergeError(f"top-k {k} exceeds the vocabulary ({logits.shape[-1]})")
+            top = torch.topk(logits, k, dim=-1)
+            values.append(top.values)
+            indices.append(top.indices.to(torch.int32))
+        cache = cls(torch.cat(values), torch.cat(indices), key)
+        if path is not None:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+            torch.save({"key": key, "values": cache.values, "indices": cache.indices}, tmp)
+            os.replace(tmp, path)
+        return cache
+
+
+def topk_kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, teacher_indices: torch.Tensor,
+                 temperature: float = 2.0) -> torch.Tensor:
+    """Distillation from cached top-k teacher logits (see the module docstring). Shapes:
+    student ``(..., vocab)``, teacher values/indices ``(..., k)``."""
+    if student_logits.shape[:-1] != teacher_values.shape[:-1]:
+        raise SparsemergeError(f"student logits {tuple(student_logits.shape)} and cached teacher logits "
+                               f"{tuple(teacher_values.shape)} cover different tokens")
+    if temperature <= 0:
+        raise SparsemergeError(f"temperature must be > 0, got {temperature}")
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_indices)
+    log_p = F.log_softmax(teacher_values.float() / temperature, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
+
+
+def optional_path(path: Optional[str]) -> Optional[Path]:
+    return Path(path) if path else None
