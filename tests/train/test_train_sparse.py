@@ -125,6 +125,16 @@ def test_every_method_ends_exactly_on_its_pattern(method):
         assert len(report.mask_updates) > 2
 
 
+def test_exponential_progressive_stage_walks_n_down_to_the_pattern():
+    net, x, y = _toy_regression()
+    report, _ = _run(net, x, y, method="progressive", pattern="2:8", exp_n_init=8, exp_lambda=0.2, steps=30, update_every=1)
+    targets = [u["target"] for u in report.mask_updates]
+    assert targets[0] == "dense" and targets[-1] == "2:8"
+    walked = list(dict.fromkeys(t for t in targets if t != "dense"))  # distinct, in order
+    assert walked == [f"{n}:8" for n in range(7, 1, -1)]  # N(t) = 2 + 6 e^(-0.2 t) rounds through 7..2
+    assert report.final_density == 0.25 and report.violations == 0
+
+
 def test_gradual_density_follows_the_cubic_ramp():
     net, x, y = _toy_regression()
     report, _ = _run(net, x, y, method="gradual", steps=40, update_every=4, ramp_start=0.0, ramp_end=0.5)

@@ -9,7 +9,8 @@ dense         none (the three-stage recipe's first stage, usually with ``l1``)
 oneshot       magnitude N:M at the first step, then fixed (one-shot + fine-tune)
 fixed         the model's zeros at the start of the stage (a pruned model: recovery)
 gradual       cubic ramp to N:M between ``ramp_start`` and ``ramp_end`` (Zhu and Gupta, 2017)
-progressive   the stage list ``progressive`` in equal parts (e.g. dense -> 4:8 -> 2:4)
+progressive   the stage list ``progressive`` in equal parts (e.g. dense -> 4:8 -> 2:4), or with
+              ``exp_n_init`` the chapter's N(t) = N_final + (N_init - N_final) e^(-lambda t)
 srste         N:M of the dense weights every ``update_every`` steps, SR-STE (Zhou et al., 2021)
 dynamic       TopK(|W| + gamma |grad W|) every ``update_every`` steps (chapter 10.1.7)
 prune         no training: a one-shot prune with :func:`sparsemerge.prune.prune_` (``prune``)
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.patterns import NM
 from sparsemerge.train.regularizers import l1_penalty, nm_penalty
-from sparsemerge.train.schedules import Constant, CubicRamp, ProgressiveNM, as_nm
+from sparsemerge.train.schedules import Constant, CubicRamp, ExponentialN, ProgressiveNM, as_nm
 from sparsemerge.train.sparse_masks import MaskController, masks_of_zeros
 
 Method = Literal["dense", "oneshot", "fixed", "gradual", "progressive", "srste", "dynamic", "prune"]
@@ -70,6 +71,9 @@ class StageConfig(BaseModel):
     ramp_start: float = Field(0.0, ge=0, le=1, description="gradual: fraction of the stage's steps where the ramp starts")
     ramp_end: float = Field(0.75, gt=0, le=1, description="gradual: fraction of the stage's steps where N:M is reached")
     progressive: list[str] = Field(default_factory=lambda: ["dense", "4:8", "2:4"])
+    exp_n_init: Optional[int] = Field(None, ge=1, description="progressive: N(t) = N_final + (N_init - N_final) e^(-lambda t) "
+                                      "of the pattern's M instead of the stage list (chapter 10.2.6)")
+    exp_lambda: float = Field(0.05, gt=0, description="progressive with exp_n_init: lambda per step")
     gamma: float = Field(0.1, ge=0, description="dynamic: gradient weight in |W| + gamma c |grad W|")
     srste_decay: float = Field(2e-4, ge=0, description="SR-STE's lambda_W")
     # loss terms
@@ -88,7 +92,7 @@ class StageConfig(BaseModel):
 
     @property
     def nm(self) -> NM:
-        if self.method == "progressive":
+        if self.method == "progressive" and self.exp_n_init is None:
             return as_nm(self.progressive[-1])
         return as_nm(self.pattern)
 
@@ -112,6 +116,9 @@ def make_controller(stage: StageConfig, weights: dict[str, nn.Parameter]) -> Opt
         if end <= start:
             raise SparsemergeError(f"stage {stage.label!r}: ramp_end must come after ramp_start")
         return MaskController(weights, CubicRamp(pattern, start, end), update_every=max(1, stage.update_every))
+    if m == "progressive" and stage.exp_n_init is not None:  # N(t) exact on N_final for the last 20% of the steps
+        schedule = ExponentialN(pattern.m, stage.exp_n_init, pattern.n, stage.exp_lambda, exact_from=int(0.8 * stage.steps))
+        return MaskController(weights, schedule, update_every=stage.update_every)
     if m == "progressive":
         return MaskController(weights, ProgressiveNM.even(stage.progressive, max(stage.steps, len(stage.progressive))),
                               update_every=stage.update_every)
