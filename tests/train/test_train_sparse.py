@@ -15,7 +15,7 @@ import torch
 import yaml
 from torch import nn
 
-from conftest import TINY_TEXT, make_tiny_llama
+from conftest import make_tiny_llama
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.masks import check_pattern, nm_mask
 from sparsemerge.patterns import NM
@@ -372,3 +372,27 @@ def test_a_checkpoint_of_another_recipe_is_refused(tmp_path, tiny_llama_dir, tex
     assert main(["train", str(recipe), str(tmp_path / "b"), "--workdir", str(work), "--no-progress"]) == 2
     assert "another recipe" in capsys.readouterr().err
     assert main(["train", str(recipe), str(tmp_path / "b"), "--workdir", str(work), "--restart", "--no-progress"]) == 0
+
+
+def test_activation_aware_masks_weight_magnitudes_by_input_norms():
+    lin = nn.Linear(4, 1, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.9, 0.5, 0.4]]))
+    net = nn.Sequential(lin)
+    weights = trainable_weights(net, pattern=NM24)
+    config = StageConfig(method="oneshot", steps=1, lr=1e-9, warmup_steps=0, activation_aware=True)
+    x = torch.tensor([[0.1, 0.1, 4.0, 1.0]]).repeat(8, 1)  # features 2, 3 carry the large activations
+
+    def loss_fn(step):
+        return net(x).pow(2).mean(), 8
+
+    with pytest.raises(SparsemergeError, match="calibration pass"):
+        run_stage(net, list(net.parameters()), weights, config, loss_fn, progress=False, modules={"0": lin})
+    report, controller = run_stage(net, list(net.parameters()), weights, config, loss_fn, progress=False,
+                                   modules={"0": lin}, calibrate=lambda: net(x))
+    # |W| * ||X_j||: 0.1, 0.09, 2.0, 0.4 -> keeps features 2 and 3 where magnitude would keep 0 and 1
+    assert controller.masks["0"].tolist() == [[False, False, True, True]]
+    assert not lin._forward_hooks  # hooks removed at the end of the stage
+    with pytest.raises(SparsemergeError, match="Linear layers only"):
+        conv = nn.Conv2d(4, 4, 1)
+        MaskController({"c": conv.weight}, Constant(NM24), activation_aware=True, modules={"c": conv})

@@ -76,7 +76,7 @@ class TrainRecipe(BaseModel):
     def _stages(cls, value: list[StageConfig]) -> list[StageConfig]:
         if not value:
             raise ValueError("a recipe needs at least one stage")
-        if all(s.method in ("dense", "prune") for s in value[-1:]) and value[-1].method == "dense":
+        if value[-1].method == "dense":
             raise ValueError("the last stage is dense: the result would not be sparse (end with a sparse method)")
         return value
 
@@ -213,7 +213,12 @@ def train_recipe_(model: nn.Module, tokenizer: Any, recipe: TrainRecipe, workdir
                     raise SparsemergeError(f"stage {stage.label!r}: kd_weight and ce_weight are both 0: nothing to minimise")
                 return loss, batch.numel()
 
+            def calibrate(count: int = min(len(pool), 16)) -> None:  # input norms for activation-aware masks
+                for start in range(0, count, recipe.batch_size):
+                    model(input_ids=pool.windows[start : min(count, start + recipe.batch_size)], use_cache=False)
+
             report, _ = run_stage(model, params, weights, stage, loss_fn, progress=progress,
+                                  modules={n: model.get_submodule(n) for n in weights}, calibrate=calibrate,
                                   eval_fn=eval_fn if windows is not None else None, eval_every=recipe.eval_every,
                                   checkpoint=lambda s, i=index: save(i, s),
                                   checkpoint_due=lambda n, steps=stage.steps: checkpointer.due(n, steps), resume=resume)

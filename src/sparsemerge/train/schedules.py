@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.patterns import NM, parse_pattern
@@ -169,6 +169,3 @@ class ExponentialN(Schedule):
 
     def final(self) -> Target:
         return Target(NM(self.n_final, self.m), 1.0)
-
-
-ScheduleSpec = Union[str, Sequence[str]]

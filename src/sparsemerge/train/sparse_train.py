@@ -76,6 +76,7 @@ class StageConfig(BaseModel):
     exp_lambda: float = Field(0.05, gt=0, description="progressive with exp_n_init: lambda per step")
     gamma: float = Field(0.1, ge=0, description="dynamic: gradient weight in |W| + gamma c |grad W|")
     srste_decay: float = Field(2e-4, ge=0, description="SR-STE's lambda_W")
+    activation_aware: bool = Field(False, description="mask scores |W_ij| * ||X_j|| (Wanda's) instead of |W_ij|; Linear layers")
     # loss terms
     l1: float = Field(0.0, ge=0, description="beta of beta ||W||_1 / P")
     nm_reg: float = Field(0.0, ge=0, description="weight of the N:M regularizer")
@@ -101,33 +102,35 @@ class StageConfig(BaseModel):
         return self.name or self.method
 
 
-def make_controller(stage: StageConfig, weights: dict[str, nn.Parameter]) -> Optional[MaskController]:
-    """The mask controller of ``stage`` (None for ``dense``)."""
+def make_controller(stage: StageConfig, weights: dict[str, nn.Parameter],
+                    modules: Optional[dict[str, nn.Module]] = None) -> Optional[MaskController]:
+    """The mask controller of ``stage`` (None for ``dense``); ``modules``: the layer owning each
+    weight (needed for ``activation_aware``)."""
     m = stage.method
     if m == "dense":
         return None
     pattern = stage.nm
     if m == "fixed":
         return MaskController(weights, Constant(pattern), update_every=0, initial_masks=masks_of_zeros(weights))
+    extra: dict[str, Any] = {"activation_aware": True, "modules": modules} if stage.activation_aware else {}
+    every = max(1, stage.update_every)
     if m == "oneshot":
-        return MaskController(weights, Constant(pattern), update_every=0)
+        return MaskController(weights, Constant(pattern), update_every=0, **extra)
     if m == "gradual":
         start, end = int(stage.ramp_start * stage.steps), max(1, int(round(stage.ramp_end * stage.steps)))
         if end <= start:
             raise SparsemergeError(f"stage {stage.label!r}: ramp_end must come after ramp_start")
-        return MaskController(weights, CubicRamp(pattern, start, end), update_every=max(1, stage.update_every))
+        return MaskController(weights, CubicRamp(pattern, start, end), update_every=every, **extra)
     if m == "progressive" and stage.exp_n_init is not None:  # N(t) exact on N_final for the last 20% of the steps
         schedule = ExponentialN(pattern.m, stage.exp_n_init, pattern.n, stage.exp_lambda, exact_from=int(0.8 * stage.steps))
-        return MaskController(weights, schedule, update_every=stage.update_every)
+        return MaskController(weights, schedule, update_every=stage.update_every, **extra)
     if m == "progressive":
-        return MaskController(weights, ProgressiveNM.even(stage.progressive, max(stage.steps, len(stage.progressive))),
-                              update_every=stage.update_every)
+        schedule = ProgressiveNM.even(stage.progressive, max(stage.steps, len(stage.progressive)))
+        return MaskController(weights, schedule, update_every=stage.update_every, **extra)
     if m == "srste":
-        return MaskController(weights, Constant(pattern), mode="srste", update_every=max(1, stage.update_every),
-                              srste_decay=stage.srste_decay)
+        return MaskController(weights, Constant(pattern), mode="srste", update_every=every, srste_decay=stage.srste_decay, **extra)
     if m == "dynamic":
-        return MaskController(weights, Constant(pattern), update_every=max(1, stage.update_every), score="gradient",
-                              gamma=stage.gamma)
+        return MaskController(weights, Constant(pattern), update_every=every, score="gradient", gamma=stage.gamma, **extra)
     raise SparsemergeError(f"stage method {m!r} does not train")
 
 
@@ -235,14 +238,18 @@ def run_stage(
     checkpoint: Optional[Callable[[dict[str, Any]], None]] = None,
     checkpoint_due: Optional[Callable[[int], bool]] = None,
     resume: Optional[dict[str, Any]] = None,
+    modules: Optional[dict[str, nn.Module]] = None,
+    calibrate: Optional[Callable[[], None]] = None,
 ) -> tuple[StageReport, Optional[MaskController]]:
     """Train ``params`` for ``stage.steps`` steps (see the module docstring). ``weights``: the
     masked weights; ``loss_fn(t)`` -> ``(loss, tokens)`` of step ``t``; ``eval_fn()`` -> a held-out
     number (perplexity, error) evaluated with the masks applied; ``checkpoint(state)`` saves a
-    stage state when ``checkpoint_due(next_step)``; ``resume``: such a state to continue from."""
+    stage state when ``checkpoint_due(next_step)``; ``resume``: such a state to continue from;
+    ``modules`` and ``calibrate()`` (forward passes without gradients, e.g. a few training
+    batches) give activation-aware masks their input norms before the first masks."""
     if stage.method == "prune":
         raise SparsemergeError("run_stage trains; a 'prune' stage runs sparsemerge.prune.prune_")
-    controller = make_controller(stage, weights)
+    controller = make_controller(stage, weights, modules)
     optimizer, scheduler = make_optimizer(stage, params)
     report = StageReport(stage.label, stage.method, str(stage.nm) if stage.method != "dense" else "dense", stage.steps)
     first = 0
@@ -253,6 +260,13 @@ def run_stage(
         if controller is not None and resume.get("controller") is not None:
             controller.load_state_dict(resume["controller"])
         report = StageReport.from_json(resume["report"])
+    if controller is not None and controller.activation_aware and not controller.has_input_norms():
+        if calibrate is None:
+            controller.remove_hooks()
+            raise SparsemergeError(f"stage {stage.label!r}: activation-aware masks need a calibration pass (calibrate=...)")
+        model.eval()
+        with torch.no_grad():
+            calibrate()
     nm = stage.nm if stage.nm_reg else None
     model.train()
     bar = tqdm(range(first, stage.steps), desc=f"train: {stage.label}", disable=not progress, initial=first, total=stage.steps)
@@ -296,6 +310,8 @@ def run_stage(
                 model.train()
     finally:
         bar.close()
+        if controller is not None:
+            controller.remove_hooks()
     if controller is not None:
         final = controller.finalize_()
         if final is not None:
@@ -314,6 +330,8 @@ def _eval_masked(model: nn.Module, controller: Optional[MaskController], eval_fn
     are applied for the evaluation and the dense weights put back after."""
     model.eval()
     saved = None
+    if controller is not None:
+        controller.recording = False  # held-out text must not steer activation-aware masks
     try:
         if controller is not None and controller.mode == "srste" and controller.masks:
             saved = {n: p.detach().clone() for n, p in controller.weights.items()}
@@ -325,4 +343,6 @@ def _eval_masked(model: nn.Module, controller: Optional[MaskController], eval_fn
             with torch.no_grad():
                 for n, p in controller.weights.items():
                     p.copy_(saved[n])
+        if controller is not None:
+            controller.recording = True
         model.train()

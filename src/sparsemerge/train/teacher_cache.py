@@ -21,8 +21,6 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -132,7 +130,3 @@ def topk_kd_loss(student_logits: torch.Tensor, teacher_values: torch.Tensor, tea
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, teacher_indices)
     log_p = F.log_softmax(teacher_values.float() / temperature, dim=-1)
     return (log_p.exp() * (log_p - log_q)).sum(-1).mean() * temperature**2
-
-
-def optional_path(path: Optional[str]) -> Optional[Path]:
-    return Path(path) if path else None
