@@ -29,6 +29,7 @@ import logging
 import re
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -277,20 +278,36 @@ def _build(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwr
     base = sources[cfg.base_model]
     base_cfg, layers, hidden, inter = _check_inputs(cfg, sources, arch)
     head, per_layer, tail = _base_tensors(base, arch, layers, cfg.base_model)
-    out_dtype = _out_dtype(cfg, base_cfg)
     base_folder = Path(base.folder)
 
-    tokenizer = _load_tokenizer(base_folder)
-    if tokenizer is not None:
-        prepare_tokenizer(tokenizer)
     gate_experts = list(cfg.experts)
     if cfg.shared_experts:
         gate_experts += cfg.shared_experts
-    gates = gate_vectors(cfg.gate_mode, gate_experts, layers, hidden, tokenizer=tokenizer,
-                         embed=lambda: base.get("model.embed_tokens.weight"), model_folder=base_folder, seed=cfg.seed)
-    degenerate = degenerate_layers(gates)
-    if degenerate:
-        log.warning("layers %s have degenerate router rows (the prompts are too similar); some experts will be rarely used", degenerate)
+
+    def compute_gates() -> torch.Tensor:
+        tokenizer = _load_tokenizer(base_folder)
+        if tokenizer is not None:
+            prepare_tokenizer(tokenizer)
+        return gate_vectors(cfg.gate_mode, gate_experts, layers, hidden, tokenizer=tokenizer,
+                            embed=lambda: base.get("model.embed_tokens.weight"), model_folder=base_folder, seed=cfg.seed)
+
+    # The routers (a forward pass of the base for hidden gates: CPU) are computed in a thread
+    # while the main thread copies the base and expert tensors (I/O); they are written last.
+    pool = ThreadPoolExecutor(max_workers=1)
+    gates_future = pool.submit(compute_gates)
+    try:
+        return _write(cfg, arch, sources, out, overwrite, inputs, start, progress, atomic_output,
+                      base_cfg, layers, hidden, inter, head, per_layer, tail, base_folder, gates_future)
+    finally:
+        gates_future.cancel()
+        pool.shutdown(wait=True)
+
+
+def _write(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwrite: bool, inputs: list[str], start: float,
+           progress: bool, atomic_output: Any, base_cfg: dict[str, Any], layers: int, hidden: int, inter: int,
+           head: list[str], per_layer: dict[int, list[str]], tail: list[str], base_folder: Path, gates_future: Future) -> MoEReport:
+    base = sources[cfg.base_model]
+    out_dtype = _out_dtype(cfg, base_cfg)
     n_exp = len(cfg.experts)
 
     def cast(t: torch.Tensor) -> torch.Tensor:
@@ -302,7 +319,10 @@ def _build(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwr
     def copy(name: str) -> _Job:
         return _Job(name, tuple(base.shape(name)), dt(name), lambda: cast(base.get(name)))
 
+    # hidden gates come out of the bfloat16 model in bfloat16, the others in float32
+    gate_dtype = out_dtype or (torch.bfloat16 if cfg.gate_mode.startswith("hidden") else torch.float32)
     jobs: list[_Job] = [copy(n) for n in head]
+    router_jobs: list[_Job] = []
     for layer in range(layers):
         jobs += [copy(n) for n in per_layer[layer]]
         if arch == "qwen":
@@ -313,9 +333,8 @@ def _build(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwr
                     bdt = out_dtype or torch.float32
                     jobs.append(_Job(bias, (rows,), bdt, lambda rows=rows, bdt=bdt: torch.zeros(rows, dtype=bdt)))
         prefix = f"model.layers.{layer}.mlp"
-        gate_dtype = out_dtype or gates.dtype
-        jobs.append(_Job(f"{prefix}.gate.weight", (n_exp, hidden), gate_dtype,
-                         lambda layer=layer, d=gate_dtype: gates[layer, :n_exp].contiguous().to(d)))
+        router_jobs.append(_Job(f"{prefix}.gate.weight", (n_exp, hidden), gate_dtype,
+                                lambda layer=layer: gates_future.result()[layer, :n_exp].contiguous().to(gate_dtype)))
         src_name = {p: f"{prefix}.{p}.weight" for p in MLP_PARTS}
         if arch == "mixtral":
             e_dtype = out_dtype or sources[cfg.experts[0].source_model].dtype(src_name["gate_proj"])
@@ -345,9 +364,9 @@ def _build(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwr
                     name = src_name[part]
                     jobs.append(_Job(f"{out_prefix}.{part}.weight", tuple(src.shape(name)), dt(name, src),
                                      lambda src=src, name=name, expert=expert, e=e: cast(_expert_tensor(src, name, expert, e, cfg.seed))))
-            jobs.append(_Job(f"{prefix}.shared_expert_gate.weight", (1, hidden), gate_dtype,
-                             lambda layer=layer, d=gate_dtype: gates[layer, n_exp:].contiguous().to(d)))
-    jobs += [copy(n) for n in tail]
+            router_jobs.append(_Job(f"{prefix}.shared_expert_gate.weight", (1, hidden), gate_dtype,
+                                    lambda layer=layer: gates_future.result()[layer, n_exp:].contiguous().to(gate_dtype)))
+    jobs += [copy(n) for n in tail] + router_jobs
 
     plan = [PlannedTensor(j.name, j.shape, j.dtype) for j in jobs]
     out_cfg = _config_json(arch, base_folder, n_exp, cfg.experts_per_token, inter, out_dtype)
@@ -361,6 +380,8 @@ def _build(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwr
             bar = tqdm(total=len(jobs), desc=f"moe {arch}", unit="tensor")
         try:
             for job in jobs:
+                if gates_future.done() and gates_future.exception() is not None:
+                    raise gates_future.exception()  # type: ignore[misc]  # fail early, not after the copying
                 writer.write(job.name, job.make())
                 if bar is not None:
                     bar.update(1)
@@ -373,6 +394,9 @@ def _build(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwr
         for name in TOKENIZER_FILES:
             if (base_folder / name).is_file():
                 shutil.copyfile(base_folder / name, tmp / name)
+        degenerate = degenerate_layers(gates_future.result())
+        if degenerate:
+            log.warning("layers %s have degenerate router rows (the prompts are too similar); some experts will be rarely used", degenerate)
         report = MoEReport(out, arch, n_exp, layers, len(jobs), cfg.gate_mode, 0.0, list(writer.files), degenerate)
         report.seconds = time.perf_counter() - start
         record = {"config": cfg.model_dump(exclude_none=True), "expert_names": expert_names(cfg), **report.to_json(),
