@@ -236,8 +236,51 @@ def test_yaml_file_and_cli(family, tmp_path, capsys):
     assert main(["moe-route", str(tmp_path / "out"), "--text", "Shares rose", "--json", str(tmp_path / "r.json")]) == 0
     data = json.loads((tmp_path / "r.json").read_text())
     assert data["experts"] == ["tuned0", "tuned1", "tuned2"] and len(data["texts"][0]["share"]) == 3
+    assert main(["moe", str(path), str(tmp_path / "nm"), "--no-progress", "--keep-pattern", "2:4"]) == 0
+    assert json.loads((tmp_path / "nm" / "sparsemerge_moe.json").read_text())["config"]["keep_pattern"] == "2:4"
+    assert main(["moe-route", str(tmp_path / "nm"), "--text", "Shares rose", "--kernels", "2:4"]) == 0
+    assert "experts on the 2:4 kernels: 2 layers" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_cfg(base, tuned, "fancy")))
     assert main(["moe", str(bad), str(tmp_path / "out2")]) == 2
     assert "unknown gate_mode" in capsys.readouterr().err
     assert not (tmp_path / "out2").exists()
+
+
+def test_keep_pattern_experts_run_on_the_nm_kernels(family, tmp_path):
+    from sparsemerge.masks import nm_mask_reference
+    from sparsemerge.merge.moe import SparseExperts, sparse_experts_
+
+    root, base, tuned, tok = family
+    build_moe(_cfg(base, tuned, keep_pattern="2:4"), tmp_path / "moe")
+    got = tensors(tmp_path / "moe")
+    src = tensors(tuned[1])["model.layers.0.mlp.down_proj.weight"]
+    want = src * nm_mask_reference(src.abs(), 2, 4)  # magnitude 2:4 of the expert's own weight
+    assert torch.equal(got["model.layers.0.mlp.experts.down_proj"][1], want)
+    gu = got["model.layers.1.mlp.experts.gate_up_proj"]
+    assert int((gu.reshape(-1, 4) != 0).sum(1).max()) == 2
+    assert torch.equal(got["model.layers.1.self_attn.q_proj.weight"], tensors(base)["model.layers.1.self_attn.q_proj.weight"])
+
+    dense, sparse = _load(tmp_path / "moe"), _load(tmp_path / "moe")
+    report = sparse_experts_(sparse, "2:4")
+    assert report.swapped == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert isinstance(sparse.model.layers[0].mlp.experts, SparseExperts) and report.packed_bytes < report.dense_bytes
+    ids = tok(["The government said on Monday that the team won"], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(sparse(ids).logits, dense(ids).logits, rtol=1e-4, atol=1e-4)
+        assert torch.equal(sparse.generate(ids, max_new_tokens=3, do_sample=False), dense.generate(ids, max_new_tokens=3, do_sample=False))
+    int8 = _load(tmp_path / "moe")
+    sparse_experts_(int8, "2:4", quant="int8")
+    with torch.no_grad():
+        torch.testing.assert_close(int8(ids).logits, dense(ids).logits, rtol=0, atol=0.05)
+    # dense experts are refused unless pruned on the way
+    build_moe(_cfg(base, tuned), tmp_path / "dense")
+    with pytest.raises(SparsemergeError, match="keep_pattern: 2:4"):
+        sparse_experts_(_load(tmp_path / "dense"), "2:4")
+    sparse_experts_(_load(tmp_path / "dense"), "2:4", prune=True)
+    with pytest.raises(SparsemergeError, match="not an MoE"):
+        sparse_experts_(_load(base), "2:4")
+    with pytest.raises(SparsemergeError, match="N:M pattern such as 2:4, got 'block16:0.5'"):
+        load_moe_config(_cfg(base, tuned, keep_pattern="block16:0.5"))
+    with pytest.raises(SparsemergeError, match="unknown sparsity pattern '50%'"):
+        load_moe_config(_cfg(base, tuned, keep_pattern="50%"))

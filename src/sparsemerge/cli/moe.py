@@ -33,6 +33,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", help="output Hugging Face folder")
     p.add_argument("--allow-identical-experts", "--i-understand-this-is-not-useful-without-training", action="store_true",
                    dest="allow_identical", help="accept experts that are all the same model (a starting point for training)")
+    p.add_argument("--keep-pattern", metavar="N:M", help="project every expert weight onto this N:M pattern (e.g. 2:4; "
+                   "overrides keep_pattern in CONFIG) so the experts can run on the N:M kernels")
     p.add_argument("--route", action="append", metavar="TEXT", help="after building, print the routing of TEXT (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_overwrite(p)
@@ -48,14 +50,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     r.add_argument("--file", action="append", default=[], type=Path, help="a file of texts, one per non-empty line (repeatable)")
     r.add_argument("--per-layer", action="store_true", help="also a table per text with one row per layer")
     r.add_argument("--tokens", action="store_true", help="also each token's most frequent first-ranked expert")
+    r.add_argument("--kernels", metavar="N:M", help="run the experts on the project's N:M kernels with this pattern "
+                   "(an MoE built with --keep-pattern)")
     r.add_argument("--json", type=Path, help="write the report as JSON")
     r.set_defaults(func=run_route)
 
 
 def run(args: argparse.Namespace) -> int:
-    from sparsemerge.merge.moe import build_moe, format_routing, route_texts
+    from sparsemerge.merge.moe import build_moe, format_routing, load_moe_config, route_texts
 
-    report = build_moe(args.config, args.out, overwrite=args.overwrite, allow_identical_experts=args.allow_identical,
+    config = load_moe_config(args.config)
+    if args.keep_pattern:
+        config = type(config)(**{**config.model_dump(), "keep_pattern": args.keep_pattern})
+    report = build_moe(config, args.out, overwrite=args.overwrite, allow_identical_experts=args.allow_identical,
                        progress=not args.no_progress)
     print(f"built a {report.architecture} MoE: {report.experts} experts x {report.layers} layers, gate_mode "
           f"{report.gate_mode}, {report.tensors} tensors in {report.seconds:.1f} s -> {args.out}")
@@ -78,7 +85,18 @@ def run_route(args: argparse.Namespace) -> int:
             raise SparsemergeError(f"could not read texts from {str(path)!r}: {exc}") from exc
     if not texts:
         raise SparsemergeError("moe-route needs at least one --text or --file")
-    report = route_texts(args.model, texts)
+    if args.kernels:
+        from sparsemerge.io import load_model
+        from sparsemerge.merge.moe import expert_labels, sparse_experts_
+
+        loaded = load_model(args.model)
+        swapped = sparse_experts_(loaded.model, args.kernels)
+        print(f"experts on the {args.kernels} kernels: {len(swapped.swapped)} layers, {swapped.packed_bytes / 2**20:.1f} MiB packed "
+              f"(dense {swapped.dense_bytes / 2**20:.1f} MiB)")
+        n_exp = len(loaded.model.get_submodule(swapped.swapped[0]).gate_up)
+        report = route_texts(loaded.model, texts, loaded.tokenizer, expert_names=expert_labels(loaded.source.folder, n_exp))
+    else:
+        report = route_texts(args.model, texts)
     print(format_routing(report, per_layer=args.per_layer, tokens=args.tokens))
     if args.json:
         write_json_atomic(args.json, report.to_json())

@@ -109,6 +109,13 @@ def _check_inputs(cfg: MoEConfig, sources: dict[str, Any], arch: str) -> tuple[d
     if up not in base:
         raise SparsemergeError(f"base_model {cfg.base_model!r} has no tensor {up}; it is not a Llama-style decoder")
     inter = base.shape(up)[0]
+    if cfg.keep_pattern is not None:
+        from sparsemerge.patterns import parse_pattern
+
+        m = parse_pattern(cfg.keep_pattern).m  # type: ignore[union-attr]
+        if hidden % m or inter % m:
+            raise SparsemergeError(f"keep_pattern {cfg.keep_pattern}: the MLP dimensions (hidden {hidden}, intermediate {inter}) "
+                                   f"must be multiples of {m}")
     for expert in cfg.all_experts:
         ref = expert.source_model
         src = sources[ref]
@@ -180,9 +187,10 @@ def _out_dtype(cfg: MoEConfig, base_cfg: dict[str, Any]) -> Optional[torch.dtype
     return None
 
 
-def _expert_tensor(src: Any, name: str, expert: Expert, index: int, seed: int) -> torch.Tensor:
+def _expert_tensor(src: Any, name: str, expert: Expert, index: int, seed: int, keep_pattern: Optional[str] = None) -> torch.Tensor:
     """One MLP weight of an expert with mergekit's options: ``+ noise_scale * N(0, 1)`` (seeded
-    per expert and tensor), then ``* residual_scale`` for the down projection."""
+    per expert and tensor), then ``* residual_scale`` for the down projection; then, with
+    ``keep_pattern``, ``W * nm_mask(|W|)`` (groups of M along the input dimension)."""
     from sparsemerge.merge.base import seed_for
 
     tensor = src.get(name)
@@ -191,6 +199,14 @@ def _expert_tensor(src: Any, name: str, expert: Expert, index: int, seed: int) -
         tensor = tensor + torch.randn(tensor.shape, generator=gen).to(tensor.dtype) * expert.noise_scale
     if expert.residual_scale is not None and ".down_proj." in name:
         tensor = tensor * expert.residual_scale
+    if keep_pattern is not None:
+        from sparsemerge.merge.sparsity import project_to_pattern
+        from sparsemerge.patterns import parse_pattern
+
+        m = parse_pattern(keep_pattern).m  # type: ignore[union-attr]
+        if tensor.shape[-1] % m:
+            raise SparsemergeError(f"keep_pattern {keep_pattern}: {name} has {tensor.shape[-1]} inputs, not a multiple of {m}")
+        tensor = project_to_pattern(tensor, keep_pattern)
     return tensor
 
 
@@ -343,14 +359,14 @@ def _write(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwr
                 out_t = torch.empty((n_exp, 2 * inter, hidden), dtype=d)
                 for e, expert in enumerate(cfg.experts):
                     src = sources[expert.source_model]
-                    out_t[e, :inter] = _expert_tensor(src, names["gate_proj"], expert, e, cfg.seed).to(d)
-                    out_t[e, inter:] = _expert_tensor(src, names["up_proj"], expert, e, cfg.seed).to(d)
+                    out_t[e, :inter] = _expert_tensor(src, names["gate_proj"], expert, e, cfg.seed, cfg.keep_pattern).to(d)
+                    out_t[e, inter:] = _expert_tensor(src, names["up_proj"], expert, e, cfg.seed, cfg.keep_pattern).to(d)
                 return out_t
 
             def down(layer: int = layer, names: dict[str, str] = src_name, d: torch.dtype = e_dtype) -> torch.Tensor:
                 out_t = torch.empty((n_exp, hidden, inter), dtype=d)
                 for e, expert in enumerate(cfg.experts):
-                    out_t[e] = _expert_tensor(sources[expert.source_model], names["down_proj"], expert, e, cfg.seed).to(d)
+                    out_t[e] = _expert_tensor(sources[expert.source_model], names["down_proj"], expert, e, cfg.seed, cfg.keep_pattern).to(d)
                 return out_t
 
             jobs.append(_Job(f"{prefix}.experts.gate_up_proj", (n_exp, 2 * inter, hidden), e_dtype, gate_up))
@@ -363,7 +379,7 @@ def _write(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwr
                 for part in MLP_PARTS:
                     name = src_name[part]
                     jobs.append(_Job(f"{out_prefix}.{part}.weight", tuple(src.shape(name)), dt(name, src),
-                                     lambda src=src, name=name, expert=expert, e=e: cast(_expert_tensor(src, name, expert, e, cfg.seed))))
+                                     lambda src=src, name=name, expert=expert, e=e: cast(_expert_tensor(src, name, expert, e, cfg.seed, cfg.keep_pattern))))
             router_jobs.append(_Job(f"{prefix}.shared_expert_gate.weight", (1, hidden), gate_dtype,
                                     lambda layer=layer: gates_future.result()[layer, n_exp:].contiguous().to(gate_dtype)))
     jobs += [copy(n) for n in tail] + router_jobs

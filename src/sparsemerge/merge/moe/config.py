@@ -8,7 +8,9 @@ the base's), ``experts_per_token`` (top-k, default 2), ``architecture`` (``mixtr
 ``qwen``; default Mixtral without shared experts, Qwen2-MoE with one).
 
 sparsemerge keys: ``seed`` (random gates and ``noise_scale``; mergekit draws them from torch's
-unseeded global generator) and ``shard_size``.
+unseeded global generator), ``shard_size``, and ``keep_pattern`` (e.g. ``2:4``: every expert
+weight is projected onto that N:M pattern by magnitude - experts pruned to it already keep
+their values - so the MoE's experts can run on the project's N:M kernels, :mod:`.sparse`).
 """
 from __future__ import annotations
 
@@ -64,6 +66,18 @@ class MoEConfig(_Strict):
     # sparsemerge extensions
     seed: int = 0
     shard_size: Union[int, str] = "5GB"
+    keep_pattern: Optional[str] = None
+
+    @field_validator("keep_pattern")
+    @classmethod
+    def _pattern(cls, v: Optional[str]) -> Optional[str]:
+        if v is None:
+            return None
+        from sparsemerge.patterns import NM, parse_pattern
+
+        if not isinstance(parse_pattern(v), NM):
+            raise SparsemergeError(f"keep_pattern must be an N:M pattern such as 2:4, got {v!r}")
+        return v
 
     @field_validator("gate_mode")
     @classmethod
