@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -37,10 +36,11 @@ from typing import Any, Callable, Optional
 import torch
 
 from sparsemerge.errors import SparsemergeError
-from sparsemerge.io.dtypes import dtype_from_name, dtype_name
+from sparsemerge.io.dtypes import dtype_name
 from sparsemerge.io.writer import PlannedTensor, ShardedWriter
 from sparsemerge.merge.moe.config import Expert, MoEConfig, load_moe_config
 from sparsemerge.merge.moe.gates import degenerate_layers, gate_vectors, prepare_tokenizer
+from sparsemerge.merge.moe.inputs import MLP_PARTS, MoEInputs, check_inputs
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,6 @@ TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
     "tokenizer.model", "added_tokens.json", "chat_template.jinja", "chat_template.json", "generation_config.json",
 )
-MLP_PARTS = ("gate_proj", "up_proj", "down_proj")
-SUPPORTED_TYPES = {"mixtral": ("llama", "mistral"), "qwen": ("llama", "mistral", "qwen2")}
-_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)")
-_BASE_LAYER_KEEP = {
-    "mixtral": {"input_layernorm.weight", "post_attention_layernorm.weight",
-                *(f"self_attn.{p}_proj.weight" for p in "qkvo")},
-}
-_BASE_LAYER_KEEP["qwen"] = _BASE_LAYER_KEEP["mixtral"] | {f"self_attn.{p}_proj.bias" for p in "qkv"}
-_BASE_GLOBAL_KEEP = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
 
 
 @dataclass
@@ -84,107 +75,6 @@ class _Job:
     shape: tuple[int, ...]
     dtype: torch.dtype
     make: Callable[[], torch.Tensor]
-
-
-def _model_type(config: dict[str, Any], ref: str) -> Optional[str]:
-    return config.get("model_type") if config else None
-
-
-def _check_inputs(cfg: MoEConfig, sources: dict[str, Any], arch: str) -> tuple[dict[str, Any], int, int, int]:
-    """Architecture and shape checks before any work: ``(base config, layers, hidden, intermediate)``."""
-    base = sources[cfg.base_model]
-    base_cfg = base.config()
-    if not base_cfg:
-        raise SparsemergeError(f"base_model {cfg.base_model!r} has no config.json; the MoE's config is built from it")
-    btype = _model_type(base_cfg, cfg.base_model)
-    allowed = SUPPORTED_TYPES[arch]
-    if btype not in allowed:
-        name = "Mixtral" if arch == "mixtral" else "Qwen2-MoE"
-        raise SparsemergeError(f"the {name} layout is built from {' or '.join(allowed)} models; base_model {cfg.base_model!r} is {btype!r}")
-    try:
-        layers, hidden = int(base_cfg["num_hidden_layers"]), int(base_cfg["hidden_size"])
-    except KeyError as exc:
-        raise SparsemergeError(f"base_model {cfg.base_model!r}: config.json lacks {exc.args[0]}") from None
-    up = "model.layers.0.mlp.up_proj.weight"
-    if up not in base:
-        raise SparsemergeError(f"base_model {cfg.base_model!r} has no tensor {up}; it is not a Llama-style decoder")
-    inter = base.shape(up)[0]
-    if cfg.keep_pattern is not None:
-        from sparsemerge.patterns import parse_pattern
-
-        m = parse_pattern(cfg.keep_pattern).m  # type: ignore[union-attr]
-        if hidden % m or inter % m:
-            raise SparsemergeError(f"keep_pattern {cfg.keep_pattern}: the MLP dimensions (hidden {hidden}, intermediate {inter}) "
-                                   f"must be multiples of {m}")
-    for expert in cfg.all_experts:
-        ref = expert.source_model
-        src = sources[ref]
-        ecfg = src.config()
-        etype = _model_type(ecfg, ref)
-        if etype is not None and etype != btype:
-            raise SparsemergeError(f"expert {ref!r} is a {etype!r} model but base_model is {btype!r}; all inputs must share one architecture")
-        if ecfg and int(ecfg.get("num_hidden_layers", layers)) != layers:
-            raise SparsemergeError(f"expert {ref!r} has {ecfg['num_hidden_layers']} layers but base_model has {layers}; they must match")
-        for layer in range(layers):
-            for part in MLP_PARTS:
-                name = f"model.layers.{layer}.mlp.{part}.weight"
-                want = (hidden, inter) if part == "down_proj" else (inter, hidden)
-                if name not in src:
-                    raise SparsemergeError(f"expert {ref!r} has no tensor {name}; experts need the base's {layers} layers of gate/up/down MLPs")
-                got = tuple(src.shape(name))
-                if got != want:
-                    raise SparsemergeError(
-                        f"expert {ref!r}: {name} has shape {list(got)} but the base's MLP needs {list(want)} "
-                        f"(hidden {hidden}, intermediate {inter}); experts must have the base's dimensions"
-                    )
-    return base_cfg, layers, hidden, inter
-
-
-def _base_tensors(base: Any, arch: str, layers: int, ref: str) -> tuple[list[str], dict[int, list[str]], list[str]]:
-    """The base's tensors the output keeps: before the layers, per layer, after the layers.
-    A tensor the layout has no place for is an error rather than silently dropped."""
-    keep = _BASE_LAYER_KEEP[arch]
-    per_layer: dict[int, list[str]] = {i: [] for i in range(layers)}
-    for name in base.names():
-        m = _LAYER.fullmatch(name)
-        if m is None:
-            if name in _BASE_GLOBAL_KEEP or name.endswith("rotary_emb.inv_freq"):
-                continue
-            raise SparsemergeError(f"base_model {ref!r}: tensor {name} has no place in the {arch} layout")
-        layer, rest = int(m.group(1)), m.group(2)
-        if rest.endswith("rotary_emb.inv_freq") or rest in {f"mlp.{p}.weight" for p in MLP_PARTS}:
-            continue
-        if layer >= layers or rest not in keep:
-            hint = " (attention biases need architecture: qwen)" if "bias" in rest else ""
-            raise SparsemergeError(f"base_model {ref!r}: tensor {name} has no place in the {arch} layout{hint}")
-        per_layer[layer].append(name)
-    for part in ("input_layernorm.weight", "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                 "self_attn.v_proj.weight", "self_attn.o_proj.weight", "post_attention_layernorm.weight"):
-        for layer in range(layers):
-            if f"model.layers.{layer}.{part}" not in per_layer[layer]:
-                raise SparsemergeError(f"base_model {ref!r} has no tensor model.layers.{layer}.{part}")
-    order = {k: i for i, k in enumerate(["input_layernorm.weight", *(f"self_attn.{p}_proj.{w}" for p in "qkvo" for w in ("weight", "bias")),
-                                         "post_attention_layernorm.weight"])}
-    for layer in per_layer:
-        per_layer[layer].sort(key=lambda n: order[n.split(".", 3)[3]])
-    head = [n for n in ("model.embed_tokens.weight",) if n in base]
-    if not head:
-        raise SparsemergeError(f"base_model {ref!r} has no model.embed_tokens.weight")
-    tail = [n for n in ("model.norm.weight", "lm_head.weight") if n in base]
-    if "model.norm.weight" not in tail:
-        raise SparsemergeError(f"base_model {ref!r} has no model.norm.weight")
-    return head, per_layer, tail
-
-
-def _out_dtype(cfg: MoEConfig, base_cfg: dict[str, Any]) -> Optional[torch.dtype]:
-    """``dtype`` of the config, else the base's (mergekit's rule); None keeps each tensor's."""
-    if cfg.dtype:
-        return dtype_from_name(cfg.dtype, "dtype")
-    for key in ("dtype", "torch_dtype"):
-        value = base_cfg.get(key)
-        if isinstance(value, str):
-            return dtype_from_name(value.replace("torch.", ""), f"base config {key}")
-    return None
 
 
 def _expert_tensor(src: Any, name: str, expert: Expert, index: int, seed: int, keep_pattern: Optional[str] = None) -> torch.Tensor:
@@ -278,52 +168,49 @@ def build_moe(
             "every expert is the same model, so the MoE would compute what that model computes at a higher cost; "
             "pass --allow-identical-experts (allow_identical_experts=True) if you will train it"
         )
-    arch = cfg.output_architecture
     sources: dict[str, Any] = {}
     try:
         for ref in inputs:
             sources[ref] = open_tensor_source(ref)
-        return _build(cfg, arch, sources, Path(out), overwrite, inputs, start, progress, atomic_output)
+        return _build(cfg, sources, Path(out), overwrite, inputs, start, progress, atomic_output)
     finally:
         for src in sources.values():
             src.close()
 
 
-def _build(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwrite: bool, inputs: list[str],
+def _build(cfg: MoEConfig, sources: dict[str, Any], out: Path, overwrite: bool, inputs: list[str],
            start: float, progress: bool, atomic_output: Any) -> MoEReport:
     base = sources[cfg.base_model]
-    base_cfg, layers, hidden, inter = _check_inputs(cfg, sources, arch)
-    head, per_layer, tail = _base_tensors(base, arch, layers, cfg.base_model)
-    base_folder = Path(base.folder)
+    ins = check_inputs(cfg, sources)
 
     gate_experts = list(cfg.experts)
     if cfg.shared_experts:
         gate_experts += cfg.shared_experts
 
     def compute_gates() -> torch.Tensor:
-        tokenizer = _load_tokenizer(base_folder)
+        tokenizer = _load_tokenizer(ins.base_folder)
         if tokenizer is not None:
             prepare_tokenizer(tokenizer)
-        return gate_vectors(cfg.gate_mode, gate_experts, layers, hidden, tokenizer=tokenizer,
-                            embed=lambda: base.get("model.embed_tokens.weight"), model_folder=base_folder, seed=cfg.seed)
+        return gate_vectors(cfg.gate_mode, gate_experts, ins.layers, ins.hidden, tokenizer=tokenizer,
+                            embed=lambda: base.get("model.embed_tokens.weight"), model_folder=ins.base_folder, seed=cfg.seed)
 
     # The routers (a forward pass of the base for hidden gates: CPU) are computed in a thread
     # while the main thread copies the base and expert tensors (I/O); they are written last.
     pool = ThreadPoolExecutor(max_workers=1)
     gates_future = pool.submit(compute_gates)
     try:
-        return _write(cfg, arch, sources, out, overwrite, inputs, start, progress, atomic_output,
-                      base_cfg, layers, hidden, inter, head, per_layer, tail, base_folder, gates_future)
+        return _write(cfg, ins, sources, out, overwrite, inputs, start, progress, atomic_output, gates_future)
     finally:
         gates_future.cancel()
         pool.shutdown(wait=True)
 
 
-def _write(cfg: MoEConfig, arch: str, sources: dict[str, Any], out: Path, overwrite: bool, inputs: list[str], start: float,
-           progress: bool, atomic_output: Any, base_cfg: dict[str, Any], layers: int, hidden: int, inter: int,
-           head: list[str], per_layer: dict[int, list[str]], tail: list[str], base_folder: Path, gates_future: Future) -> MoEReport:
+def _write(cfg: MoEConfig, ins: MoEInputs, sources: dict[str, Any], out: Path, overwrite: bool, inputs: list[str], start: float,
+           progress: bool, atomic_output: Any, gates_future: Future) -> MoEReport:
+    """Plan every output tensor (routers last), then write them in order; config, tokenizer and record beside."""
     base = sources[cfg.base_model]
-    out_dtype = _out_dtype(cfg, base_cfg)
+    arch, layers, hidden, inter, out_dtype = ins.arch, ins.layers, ins.hidden, ins.intermediate, ins.out_dtype
+    head, per_layer, tail, base_folder = ins.head, ins.per_layer, ins.tail, ins.base_folder
     n_exp = len(cfg.experts)
 
     def cast(t: torch.Tensor) -> torch.Tensor:
