@@ -18,6 +18,8 @@ default), ``experts_per_token`` ``--experts-per-token`` (default 2), float32.
    --seqlen, --windows)``, the protocol of bench_merge_quality.py) of the base, each
    specialist, the TIES merge of the specialists (bench_merge_quality's recipe: weight
    ``--weight``, density ``--density``) and the MoE. ``mean`` is the geometric mean.
+   With ``--keep-pattern 2:4`` one more row: the same MoE with every expert projected onto the
+   N:M pattern (``keep_pattern``) and run on the project's N:M kernels (``sparse_experts_``).
 3. Routing: for the first held-out article of each category (its first ``--prompt-chars``
    characters), the share of router selections that go to each expert.
 
@@ -140,6 +142,7 @@ def main(argv: "list[str] | None" = None) -> int:
     parser.add_argument("--prompt-chars", type=int, default=300, help="characters kept of each prompt article")
     parser.add_argument("--weight", type=float, default=0.5, help="TIES weight per specialist")
     parser.add_argument("--density", type=float, default=0.5, help="TIES density")
+    parser.add_argument("--keep-pattern", metavar="N:M", help="also an MoE whose experts are N:M, run on the N:M kernels")
     parser.add_argument("--seqlen", type=int, default=256)
     parser.add_argument("--windows", type=int, default=6, help="held-out windows per category")
     parser.add_argument("--threads", type=int, default=1)
@@ -159,7 +162,7 @@ def main(argv: "list[str] | None" = None) -> int:
     from sparsemerge.eval.report import format_table
     from sparsemerge.io import load_model, write_json_atomic
     from sparsemerge.merge import run_merge
-    from sparsemerge.merge.moe import build_moe, format_routing, route_texts
+    from sparsemerge.merge.moe import build_moe, format_routing, load_moe_config, route_texts, sparse_experts_
 
     torch.set_num_threads(args.threads)
     base = args.models / "base"
@@ -178,6 +181,7 @@ def main(argv: "list[str] | None" = None) -> int:
     cfg_path = work / "moe.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     setup = {"models": str(args.models), "specialists": cats, "gate_mode": args.gate_mode, "experts_per_token": args.experts_per_token,
+             "keep_pattern": args.keep_pattern,
              "prompts": args.prompts, "prompt_chars": args.prompt_chars, "seqlen": args.seqlen, "windows": args.windows,
              "threads": args.threads, "repeats": args.repeats, "ties": {"weight": args.weight, "density": args.density}}
     result: dict[str, Any] = {"setup": setup, "speed": [], "quality": [], "routing": None}
@@ -229,6 +233,15 @@ def main(argv: "list[str] | None" = None) -> int:
         record("merge ties", evaluate(ties_dir, windows))
         moe = load_model(moe_dir)
         record(f"moe {args.gate_mode} top-{args.experts_per_token}", evaluate_model(moe.model, windows))
+        if args.keep_pattern:
+            nm_dir = work / "moe-nm"
+            build_moe(load_moe_config({**cfg, "keep_pattern": args.keep_pattern}), nm_dir, overwrite=True)
+            nm = load_model(nm_dir).model
+            sparse_experts_(nm, args.keep_pattern)
+            record(f"moe {args.keep_pattern} experts (kernels)", evaluate_model(nm, windows))
+            del nm
+            if not args.keep:
+                shutil.rmtree(nm_dir, ignore_errors=True)
         rows = [[r["model"], *(r["perplexity"][c] for c in eval_cats), r["perplexity"]["mean"]] for r in result["quality"]]
         print("\n" + format_table(headers, rows))
         md += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
