@@ -217,6 +217,10 @@ def test_bad_input_gets_clear_errors(family, tmp_path):
     save_file(state, str(biased / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(SparsemergeError, match="q_proj.bias has no place in the mixtral layout.*architecture: qwen"):
         build_moe({**_cfg(biased, tuned), "gate_mode": "random"}, tmp_path / "d")
+    # prompts need the base's tokenizer (the error comes from the router thread, before the copying ends)
+    with pytest.raises(SparsemergeError, match="has no tokenizer"):
+        build_moe(_cfg(tuned[0], tuned[1:]), tmp_path / "e")
+    assert not (tmp_path / "e").exists()
     # an existing output is not replaced without overwrite; nothing half-written is left
     (tmp_path / "taken").mkdir()
     with pytest.raises(SparsemergeError, match="already exists"):
