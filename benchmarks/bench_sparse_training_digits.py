@@ -4,9 +4,9 @@ dense against 2:4 by every training method of ``sparsemerge.train``, each with t
 number of optimizer steps (the equal training budget), over several seeds, in one process.
 
     .venv/bin/python benchmarks/bench_sparse_training_digits.py [--seeds 0,1,2] [--epochs 60]
-        [--json outputs/results/digits_sparse_training.json]
+        [--pattern 2:4] [--width 4] [--json outputs/results/digits_sparse_training.json]
 
-Methods (all 2:4 on the three layers whose inputs have a multiple of 4 channels/features -
+Methods (all 2:4 - or ``--pattern`` - on the four layers whose inputs have a multiple of 4 channels/features -
 conv2, conv3, fc1, fc2; the 1-channel input conv stays dense, as NVIDIA ASP does):
   dense               no masks
   oneshot + finetune  dense for 60% of the steps, magnitude 2:4 once, fine-tune the rest (fixed masks)
@@ -19,7 +19,6 @@ Target (issue 14): SR-STE 2:4 within 0.5 points of the dense accuracy (mean over
 from __future__ import annotations
 
 import argparse
-import copy
 import statistics
 import time
 
@@ -31,12 +30,15 @@ from sparsemerge.train.sparse_train import StageConfig, run_stage
 from sparsemerge.train.sparse_masks import trainable_weights
 
 
-def make_cnn() -> nn.Module:
+def make_cnn(width: int = 4) -> nn.Module:
+    """Channels 4w, 8w, 8w and 32w hidden units (w = 4: 16, 32, 32, 128; w = 1 is a narrow net
+    whose capacity the sparsity actually costs)."""
+    c1, c2, hidden = 4 * width, 8 * width, 32 * width
     return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 128), nn.ReLU(), nn.Linear(128, 10),
+        nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(c2, c2, 3, padding=1), nn.ReLU(),
+        nn.Flatten(), nn.Linear(c2 * 4 * 4, hidden), nn.ReLU(), nn.Linear(hidden, 10),
     )
 
 
@@ -57,8 +59,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
         return float((model(x).argmax(1) == y).float().mean()) * 100
 
 
-def stages_for(method: str, steps: int, lr: float) -> list[dict]:
-    common = {"optimizer": "adamw", "lr": lr, "warmup_steps": steps // 20, "grad_clip": 5.0, "kd_weight": 0.0}
+def stages_for(method: str, steps: int, lr: float, pattern: str = "2:4") -> list[dict]:
+    n, m = (int(v) for v in pattern.split(":"))
+    halfway = f"{2 * n}:{m}" if 2 * n < m else None  # progressive: dense -> 2N:M -> N:M
+    common = {"optimizer": "adamw", "lr": lr, "warmup_steps": steps // 20, "grad_clip": 5.0, "kd_weight": 0.0,
+              "pattern": pattern}
     if method == "dense":
         return [{"method": "dense", "steps": steps, **common}]
     if method == "oneshot":
@@ -68,7 +73,7 @@ def stages_for(method: str, steps: int, lr: float) -> list[dict]:
     if method == "gradual":
         return [{"method": "gradual", "steps": steps, "ramp_start": 0.1, "ramp_end": 0.6, "update_every": 10, **common}]
     if method == "progressive":
-        return [{"method": "progressive", "steps": steps, "progressive": ["dense", "4:8", "2:4"], "update_every": 10, **common}]
+        return [{"method": "progressive", "steps": steps, "progressive": ["dense"] + ([halfway] if halfway else []) + [pattern], "update_every": 10, **common}]
     if method == "srste":
         return [{"method": "srste", "steps": steps, "update_every": 1, "srste_decay": 2e-4, **common}]
     if method == "dynamic":
@@ -76,19 +81,21 @@ def stages_for(method: str, steps: int, lr: float) -> list[dict]:
     raise ValueError(method)
 
 
-def train_one(method: str, seed: int, data, epochs: int, batch: int, lr: float) -> dict:
+def train_one(method: str, seed: int, data, epochs: int, batch: int, lr: float, pattern: str = "2:4",
+              width: int = 4) -> dict:
     xtr, ytr, xte, yte = data
     torch.manual_seed(seed)
-    model = make_cnn()
+    model = make_cnn(width)
     steps_per_epoch = (len(ytr) + batch - 1) // batch
     steps = epochs * steps_per_epoch
     loss_f = nn.CrossEntropyLoss()
     offset = 0
     start = time.perf_counter()
     reports = []
-    for stage in stages_for(method, steps, lr):
+    nm = NM(*(int(v) for v in pattern.split(":")))
+    for stage in stages_for(method, steps, lr, pattern):
         config = StageConfig(**stage)
-        weights = trainable_weights(model, pattern=NM(2, 4))
+        weights = trainable_weights(model, pattern=nm)
 
         def loss_fn(step: int, offset: int = offset) -> tuple[torch.Tensor, int]:
             global_step = offset + step
@@ -101,7 +108,7 @@ def train_one(method: str, seed: int, data, epochs: int, batch: int, lr: float) 
         reports.append(report)
         offset += config.steps
     seconds = time.perf_counter() - start
-    weights = trainable_weights(model, pattern=NM(2, 4))
+    weights = trainable_weights(model, pattern=nm)
     zeros = sum(int((w == 0).sum()) for w in weights.values()) / sum(w.numel() for w in weights.values())
     flips = sum(u["changed"] for r in reports for u in r.mask_updates)
     return {"method": method, "seed": seed, "accuracy": accuracy(model, xte, yte), "sparsity": zeros,
@@ -115,6 +122,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--methods", default="dense,oneshot,gradual,progressive,srste,dynamic")
+    parser.add_argument("--pattern", default="2:4", help="N:M of the sparse runs (1:4, 1:8 separate the methods more)")
+    parser.add_argument("--width", type=int, default=4, help="channel multiplier (4: 16/32/32/128; 1: 4/8/8/32)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -124,14 +133,14 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         for seed in seeds:
-            row = train_one(method, seed, data, args.epochs, args.batch, args.lr)
+            row = train_one(method, seed, data, args.epochs, args.batch, args.lr, args.pattern, args.width)
             rows.append(row)
             print(f"{method:12s} seed {seed}: accuracy {row['accuracy']:.2f}%  sparsity {row['sparsity']:.3f}  "
                   f"{row['seconds']:.1f} s", flush=True)
     print()
-    print(f"digits CNN, {args.epochs} epochs x batch {args.batch} ({rows[0]['steps']} steps) per run, AdamW lr {args.lr}, "
+    print(f"digits CNN width {args.width}, {args.pattern} sparse runs, {args.epochs} epochs x batch {args.batch} ({rows[0]['steps']} steps) per run, AdamW lr {args.lr}, "
           f"seeds {args.seeds}; test accuracy (360 images)")
-    print("| method | 2:4 layers sparsity | accuracy mean | min | max | vs dense (points) | s per run |")
+    print("| method | sparsity of the N:M layers | accuracy mean | min | max | vs dense (points) | s per run |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     dense = None
     summary = []

@@ -4,12 +4,14 @@ tokens from one pool of BBC calibration windows, distilled from the dense model'
 logits), and is evaluated on the same held-out BBC windows, in one process.
 
     .venv/bin/python benchmarks/bench_sparse_training_smollm2.py [--steps 60 --batch-size 4 --seqlen 128]
-        [--recipes recover,gradual,progressive,srste,dynamic,three-stage] [--json outputs/results/train_smollm2.json]
+        [--recipes recover,gradual,gradual-magnitude,progressive,srste,dynamic,three-stage] [--json outputs/results/train_smollm2.json]
     .venv/bin/python benchmarks/bench_sparse_training_smollm2.py --throughput [--steps 4]
 
 Recipes (``sparsemerge.train.recipe``; the same stages run from ``sparsemerge train RECIPE.yaml``):
   recover      one-shot SparseGPT 2:4 (32 x 512 calibration tokens), then fixed-mask distillation
                (what ``sparsemerge prune`` + ``sparsemerge recover`` do today)
+The mask-changing recipes score weights by ``|W_ij| * ||X_j||`` (``activation_aware``); a
+``-magnitude`` suffix (e.g. ``gradual-magnitude``) runs the same recipe on plain ``|W|``.
   gradual      cubic ramp dense -> 2:4 over the first 70% of the steps, masks every 5 steps
   progressive  dense -> 4:8 -> 2:4 in equal thirds
   srste        SR-STE 2:4 from the first step (masks every step)
@@ -39,7 +41,10 @@ WORK = Path("outputs/bench_train")
 
 
 def stages(recipe: str, steps: int, lr: float) -> list[dict]:
-    common = {"lr": lr, "warmup_steps": max(1, steps // 10), "kd_weight": 1.0, "ce_weight": 0.0}
+    magnitude = recipe.endswith("-magnitude")
+    recipe = recipe.removesuffix("-magnitude")
+    common = {"lr": lr, "warmup_steps": max(1, steps // 10), "kd_weight": 1.0, "ce_weight": 0.0,
+              "activation_aware": not magnitude}
     if recipe == "recover":
         return [{"name": "sparsegpt", "method": "prune", "pattern": "2:4", "steps": 0,
                  "prune": {"method": "sparsegpt", "nsamples": 32, "seqlen": 512}},
@@ -133,7 +138,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seqlen", type=int, default=128)
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--recipes", default="recover,gradual,progressive,srste,dynamic,three-stage")
+    parser.add_argument("--recipes", default="recover,gradual,gradual-magnitude,progressive,srste,dynamic,three-stage")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--throughput", action="store_true")
@@ -150,7 +155,7 @@ def main() -> None:
     print(f"dense perplexity {dense:.2f} ({args.eval_windows} x 512 held-out BBC tokens)", flush=True)
     rows = []
     for name in args.recipes.split(","):
-        recipe = TrainRecipe(model="smollm2", text="bbc", eval="bbc", eval_windows=args.eval_windows, batch_size=args.batch_size,
+        recipe = TrainRecipe(model="smollm2", text="bbc", eval="none", batch_size=args.batch_size,
                              seqlen=args.seqlen, topk=64, teacher_cache=str(WORK / "teacher_top64.pt"), seed=0,
                              checkpoint_every=0, stages=stages(name, args.steps, args.lr))
         model = copy.deepcopy(loaded.model)
