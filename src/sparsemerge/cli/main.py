@@ -25,7 +25,6 @@ COMMAND_MODULES = [
     "sparsemerge.cli.plan",  # plan                            (decode runtime)
     "sparsemerge.cli.merge",  # merge                           (merging)
     "sparsemerge.cli.analysis",  # lmc, tv-stats                (merge analysis)
-    "sparsemerge.cli.share",  # share                           (cross-layer sharing)
     "sparsemerge.cli.moe",  # moe, moe-route                  (mixture of experts from task models)
     "sparsemerge.cli.tune",  # tune                            (search + Pareto frontier)
 ]

@@ -13,7 +13,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.io.atomic import atomic_output, write_json_atomic
@@ -205,17 +205,13 @@ def save_model(
     overwrite: bool = False,
     records: "dict[str, Any] | None" = None,
     inputs: "list[Any] | None" = None,
-    extra: "Callable[[Path], None] | None" = None,
 ) -> Path:
     """Write a Hugging Face folder atomically: weights, config, tokenizer and JSON records;
-    ``inputs``: the paths it was made from (``out`` must not be or contain one); ``extra(folder)``
-    writes further files into the folder before it takes its final name."""
+    ``inputs``: the paths it was made from (``out`` must not be or contain one)."""
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (records or {}).items():
             write_json_atomic(tmp / name, data)
-        if extra is not None:
-            extra(tmp)
     return Path(out)
