@@ -324,7 +324,7 @@ def test_kill_9_and_resume_gives_the_uninterrupted_result(tmp_path, tiny_llama_d
     from safetensors.torch import load_file
 
     stages = [{"method": "dense", "steps": 10, "l1": 1e-3, "lr": 1e-3},
-              {"method": "srste", "pattern": "2:4", "steps": 60, "update_every": 2, "lr": 1e-3},
+              {"method": "srste", "pattern": "2:4", "steps": 100, "update_every": 2, "lr": 1e-3},
               {"method": "fixed", "pattern": "2:4", "steps": 20, "lr": 5e-4}]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(_recipe(tiny_llama_dir, text_file, stages, checkpoint_every=4)))
@@ -335,14 +335,12 @@ def test_kill_9_and_resume_gives_the_uninterrupted_result(tmp_path, tiny_llama_d
     work = Path(str((tmp_path / "killed").resolve()) + ".work")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    seen = 0
-    while time.time() < deadline and proc.poll() is None:  # wait for the second checkpoint, then kill
+    while time.time() < deadline and proc.poll() is None:  # wait for a checkpoint inside stage 2, then kill
         if (work / "checkpoint.pt").exists():
-            seen = max(seen, 1)
             state = torch.load(work / "checkpoint.pt", weights_only=False)
-            if state["stage"] == 1 and state["stage_state"] is not None and state["stage_state"]["step"] >= 8:
+            if state["stage"] == 1 and state["stage_state"] is not None:
                 break
-        time.sleep(0.05)
+        time.sleep(0.02)
     assert proc.poll() is None, "the run ended before it could be killed; give it more steps"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
