@@ -108,8 +108,8 @@ def throughput(args, loaded) -> None:
         def loss_fn(step):
             which = pool.indices(step, args.batch_size)
             out = model(input_ids=pool.windows[which], use_cache=False)
-            values, indices = cache.batch(which)
-            return topk_kd_loss(out.logits, values, indices, 2.0), args.batch_size * args.seqlen
+            values, indices, lse = cache.batch(which, 2.0)
+            return topk_kd_loss(out.logits, values, indices, lse, 2.0), args.batch_size * args.seqlen
 
         config = StageConfig(method=method, steps=args.steps + 1, lr=1e-5, warmup_steps=0, update_every=1)
         report, _ = run_stage(model, params, weights, config, loss_fn, progress=False)

@@ -228,10 +228,22 @@ def test_nm_regularizer_moves_weights_towards_the_pattern():
 def test_topk_kd_with_the_whole_vocabulary_equals_full_kd_and_truncation_is_close():
     torch.manual_seed(0)
     s, t = torch.randn(2, 5, 50), torch.randn(2, 5, 50) * 3
+    lse2, lse1 = torch.logsumexp(t / 2, -1), torch.logsumexp(t, -1)
     full = torch.topk(t, 50, dim=-1)
-    torch.testing.assert_close(topk_kd_loss(s, full.values, full.indices, 2.0), kd_loss(s, t, 2.0))
+    torch.testing.assert_close(topk_kd_loss(s, full.values, full.indices, lse2, 2.0), kd_loss(s, t, 2.0))
     top = torch.topk(t, 20, dim=-1)
-    assert float(topk_kd_loss(s, top.values, top.indices, 1.0)) == pytest.approx(float(kd_loss(s, t, 1.0)), rel=0.25)
+    assert float(topk_kd_loss(s, top.values, top.indices, lse1, 1.0)) == pytest.approx(float(kd_loss(s, t, 1.0)), rel=0.1)
+    # a student equal to the teacher has zero loss at any k (a renormalised top-k target would not)
+    for k in (1, 5, 20):
+        top = torch.topk(t, k, dim=-1)
+        assert float(topk_kd_loss(t, top.values, top.indices, lse2, 2.0)) == pytest.approx(0.0, abs=1e-5)
+    # the rest bucket by hand for one token, k = 1: p = (p_1, 1 - p_1), q = (q_1, 1 - q_1)
+    p1 = torch.softmax(t[0, 0] / 2, -1)[full.indices[0, 0, 0]]
+    q1 = torch.softmax(s[0, 0] / 2, -1)[full.indices[0, 0, 0]]
+    expect = 4 * (p1 * (p1 / q1).log() + (1 - p1) * ((1 - p1) / (1 - q1)).log())
+    top1 = torch.topk(t[:1, :1], 1, dim=-1)
+    got = topk_kd_loss(s[:1, :1], top1.values, top1.indices, lse2[:1, :1], 2.0)
+    torch.testing.assert_close(got, expect)
 
 
 def test_window_pool_batches_are_a_function_of_the_step():
@@ -252,6 +264,9 @@ def test_teacher_cache_is_saved_reused_and_rebuilt_when_stale(tmp_path):
     with torch.no_grad():
         logits = teacher(input_ids=pool.windows).logits
     torch.testing.assert_close(cache.values, torch.topk(logits, 8, -1).values)
+    torch.testing.assert_close(cache.batch(torch.tensor([1]), 2.0)[2], torch.logsumexp(logits[1:2] / 2, -1))
+    with pytest.raises(SparsemergeError, match="temperatures"):
+        cache.batch(torch.tensor([0]), 1.0)
     mtime = path.stat().st_mtime_ns
     assert TeacherCache.build(teacher, pool, 8, path, progress=False).key == cache.key and path.stat().st_mtime_ns == mtime
     with torch.no_grad():

@@ -169,7 +169,8 @@ def train_recipe_(model: nn.Module, tokenizer: Any, recipe: TrainRecipe, workdir
     cache = None
     if needs_teacher and recipe.topk:
         cache_path = Path(recipe.teacher_cache) if recipe.teacher_cache else workdir / "teacher_topk.pt"
-        cache = TeacherCache.build(teacher, pool, recipe.topk, cache_path, progress=progress)
+        temperatures = [s.temperature for s in recipe.stages if s.kd_weight > 0 and s.method != "prune"]
+        cache = TeacherCache.build(teacher, pool, recipe.topk, cache_path, progress=progress, temperatures=temperatures)
 
     first_stage, resume = 0, None
     if state is not None:
@@ -200,8 +201,8 @@ def train_recipe_(model: nn.Module, tokenizer: Any, recipe: TrainRecipe, workdir
                 loss = out.loss * stage.ce_weight if stage.ce_weight else 0.0
                 if stage.kd_weight:
                     if cache is not None:
-                        values, indices = cache.batch(which)
-                        kd = topk_kd_loss(out.logits, values, indices, stage.temperature)
+                        values, indices, lse = cache.batch(which, stage.temperature)
+                        kd = topk_kd_loss(out.logits, values, indices, lse, stage.temperature)
                     else:
                         from sparsemerge.train.distill import kd_loss
 
