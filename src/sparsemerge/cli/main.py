@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "sparsemerge.cli.merge",  # merge                           (merging)
     "sparsemerge.cli.analysis",  # lmc, tv-stats                (merge analysis)
     "sparsemerge.cli.tune",  # tune                            (search + Pareto frontier)
+    "sparsemerge.cli.store",  # store init|add|list|verify|remove (task store)
 ]
 
 
