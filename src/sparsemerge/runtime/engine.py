@@ -300,6 +300,11 @@ class DecodeEngine:
         self.vc = np.zeros_like(self.kc)
         self.logits = np.zeros(c["vocab"], f)
 
+    def refresh_weights(self) -> None:
+        """Rebuild the flat weight arrays from the model's tensors after their values changed
+        in place (a task switch, deploy/switch.py); the plan, buffers and KV cache stay."""
+        self._build_weights()
+
     # ------------------------------------------------------------------ running
     def reset(self) -> None:
         self.pos = 0
