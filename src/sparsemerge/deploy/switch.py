@@ -14,8 +14,8 @@ their part off the pattern (as a merge with ``keep_mask: base``). Other float te
 Going back to the base copies a snapshot of the base's tensors taken at construction, so the
 base returns bit-identically. The stored tensors of a combination (what gets copied into the
 model) are kept in a size-bounded LRU cache (:class:`.cache.LRUCache`): a cached switch is a
-memory copy plus, with a :class:`~sparsemerge.runtime.engine.DecodeEngine`, the rebuild of
-its flat weight arrays.
+memory copy plus, with a :class:`~sparsemerge.runtime.engine.DecodeEngine`, re-deriving the
+flat weight arrays of the touched products in place (``DecodeEngine.refresh_weights``).
 """
 from __future__ import annotations
 
@@ -148,6 +148,8 @@ class TaskSwitcher:
                                        "load the store's base with load_packed (its N:M layers as SparseLinear)")
             flat = t.reshape(-1).float()
             idx = torch.nonzero(flat).reshape(-1)
+            if flat.numel() < 2**31:  # index_add_ takes int32 indices: a third less memory per entry
+                idx = idx.to(torch.int32)
             out[tname] = (idx, flat[idx].contiguous())
         if full > 0:
             self.dropped[name] = 1.0 - kept / full
@@ -221,15 +223,15 @@ class TaskSwitcher:
                 t = self._targets[tname]
                 for k, live in t.live.items():
                     live.copy_(fields[k])
-        for tname in touched:
-            module = self._targets[tname].module
+        modules = list({id(m): m for m in (self._targets[n].module for n in touched)}.values())
+        for module in modules:
             for cached in ("_layout", "_kernel"):  # views and prepared streams of the old values
                 module.__dict__.pop(cached, None)
             if hasattr(module, "_cuda_cache"):
                 module._cuda_cache = None
         self._dirty = set(state)
-        if self.engine is not None and touched:
-            self.engine.refresh_weights()
+        if self.engine is not None and modules:
+            self.engine.refresh_weights(modules)  # the products of the touched layers, in place
 
     # ------------------------------------------------------------------ reporting
     def memory(self) -> dict[str, int]:

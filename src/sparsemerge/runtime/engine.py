@@ -106,8 +106,11 @@ class DecodeEngine:
         self.max_rows = 0
         self.max_cols = 0
         head_op = np.full(S.OP_FIELDS, -1, np.int64)
+        self._row_index: dict[str, int] = {}  # plan row -> its index in its kind's lists (refresh_weights)
+        self._kw_lists = kw
         for p in self.plan.layers:
             idx = self._add_op(p, kw, a8_par, f32_par, bq_par, dq_par, bh_par)
+            self._row_index[p.name] = idx
             bias = self._add_bias(p, kw)
             self.max_rows = max(self.max_rows, p.rows)
             self.max_cols = max(self.max_cols, p.cols)
@@ -300,10 +303,41 @@ class DecodeEngine:
         self.vc = np.zeros_like(self.kc)
         self.logits = np.zeros(c["vocab"], f)
 
-    def refresh_weights(self) -> None:
-        """Rebuild the flat weight arrays from the model's tensors after their values changed
-        in place (a task switch, deploy/switch.py); the plan, buffers and KV cache stay."""
-        self._build_weights()
+    def refresh_weights(self, modules: Optional[Sequence[nn.Module]] = None) -> None:
+        """Bring the flat weight arrays up to date after the model's values changed in place
+        (a task switch, deploy/switch.py); the plan, buffers and KV cache stay. ``modules``:
+        only the products holding one of these (and the norms) are re-derived, written into
+        the existing arrays (shapes depend on the pattern only); None: everything rebuilt."""
+        if modules is None:
+            self._build_weights()
+            return
+        ids = {id(m) for m in modules}
+        for p in self.plan.layers:
+            if any(id(m) in ids for m in p.modules):
+                self._refresh_row(p)
+        decoder = self.model.model
+        norms = [t for layer in decoder.layers for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
+        norms.append(decoder.norm.weight)
+        np.copyto(self.norms, torch.stack([n.detach().float() for n in norms]).numpy())
+
+    def _refresh_row(self, p) -> None:
+        """Re-derive plan row ``p``'s arrays (as at construction) into the arrays in use."""
+        from collections import defaultdict
+
+        idx = self._row_index[p.name]
+        fresh: dict = defaultdict(list)
+        saved, self._bg_par = self._bg_par, []
+        try:
+            self._add_op(p, fresh, [], [], [], [], [])
+        finally:
+            self._bg_par = saved
+        for name, arrays in fresh.items():
+            if name == "biases" or not arrays:
+                continue
+            at = int(self.kw[7][idx, 3]) if name in ("bq_codes4", "bq_codes8") else idx  # BQ codes: own list index
+            target = self._kw_lists[name][at]
+            if not np.shares_memory(target, arrays[0]):
+                np.copyto(target, arrays[0])
 
     # ------------------------------------------------------------------ running
     def reset(self) -> None:
