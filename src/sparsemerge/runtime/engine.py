@@ -428,7 +428,7 @@ class DecodeEngine:
             tok = sampler(logits)
             out.append(tok)
             if need_text:
-                text += self._piece(out, text)
+                text += self._piece(out, text, final=tok in eos or i + 1 == max_new_tokens)
             done = tok in eos
             reason = "eos" if done else reason
             hit = next((s for s in stop if s in text), None) if stop else None
@@ -491,8 +491,10 @@ class DecodeEngine:
                 ids.update(int(x) for x in e)
         return ids
 
-    def _piece(self, out: list[int], text_so_far: str) -> str:
+    def _piece(self, out: list[int], text_so_far: str, final: bool = False) -> str:
         if self.tokenizer is None:
             return ""
         full = self.tokenizer.decode(out, skip_special_tokens=True)
+        if not final:  # a token that ends inside a UTF-8 character decodes to U+FFFD until its next bytes come
+            full = full.rstrip("\ufffd")
         return full[len(text_so_far):] if full.startswith(text_so_far) else full
