@@ -215,3 +215,27 @@ def test_cli_store_commands(family, tmp_path, capsys):
     assert main(["store", "remove", s, "t", "--version", "2"]) == 0
     assert main(["store", "verify", s]) == 0
     assert main(["store", "remove", s, "missing"]) == 2
+
+
+def test_a_version_equal_to_the_last_stores_an_empty_delta(family, tmp_path):
+    store = TaskStore.init(tmp_path / "s", family["packed"])
+    store.add("t", family["ft1"], density=1.0, quant="none")
+    e2 = store.add("t", family["ft1"], new_version=True)
+    assert e2["spaces"] == {} and e2["nbytes"] < 2000
+    v1, v2 = store.task_vector("t", 1), store.task_vector("t", 2)
+    assert sorted(v1) == sorted(v2) and all(torch.equal(v1[k], v2[k]) for k in v1)
+    assert store.verify() == []
+
+
+def test_a_base_in_another_format_takes_topk_vectors(family, tmp_path):
+    from sparsemerge.formats.model import pack
+
+    pack(family["hf"], tmp_path / "bitmask", format="bitmask")
+    store = TaskStore.init(tmp_path / "s", tmp_path / "bitmask")
+    entry = store.add("t", family["ft1"], density=0.2, quant="none")
+    assert entry["select"] == "topk" and set(entry["spaces"].values()) == {"dense"}
+    want = _true_tau(family, family["ft1"], space="dense")
+    got = store.task_vector("t")
+    name = "model.layers.0.self_attn.o_proj.weight"
+    kept = got[name] != 0
+    assert int(kept.sum()) == math.ceil(0.2 * want[name].numel()) and torch.equal(got[name][kept], want[name][kept])

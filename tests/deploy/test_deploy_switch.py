@@ -192,3 +192,23 @@ def test_lora_task_switches_on_the_kept_slots(float_store, tmp_path):
     switcher.base()
     assert torch.equal(switcher.model.get_submodule(name[:-7]).to_dense(), base)
     shutil.rmtree(tmp_path / "s")
+
+
+def test_a_dense_base_takes_the_whole_update(float_store, tmp_path):
+    from sparsemerge.formats.model import pack, unpack
+
+    hf = tmp_path / "hf"
+    unpack(float_store.base_dir, hf)
+    pack(hf, tmp_path / "bitmask", format="bitmask")  # the same weights, not N:M packed
+    store = TaskStore.init(tmp_path / "s", tmp_path / "bitmask")
+    store.add("t", make_finetune(hf, tmp_path / "ft", seed=4, scale=0.05), density=0.3, quant="int8")
+    switcher = TaskSwitcher(store)
+    base = {k: v.clone() for k, v in switcher.model.state_dict().items()}
+    switcher.activate("0.5*t")
+    tau = store.task_vector("t")
+    got = switcher.model.state_dict()
+    for name, t in tau.items():
+        assert torch.equal(got[name], base[name] + t * 0.5), name
+    assert "t" not in switcher.dropped  # nothing projected away
+    switcher.base()
+    assert all(torch.equal(switcher.model.state_dict()[k], v) for k, v in base.items())

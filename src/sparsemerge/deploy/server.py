@@ -12,6 +12,7 @@ errors with 4xx codes; a failure inside one request never stops the server.
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import queue
@@ -42,14 +43,16 @@ class TaskServer:
         if loaded.tokenizer is None:
             raise SparsemergeError(f"the store's base {str(self.store.base_dir)!r} has no tokenizer files; pack it from a "
                                    "Hugging Face folder that has them")
-        self.tokenizer = loaded.tokenizer
+        # request threads encode with their own copy, under a lock: a fast tokenizer used from
+        # several threads at once can fail ("Already borrowed"); the worker decodes with the original
+        self.tokenizer = copy.deepcopy(loaded.tokenizer)
+        self._tok_lock = threading.Lock()
         self.engine = DecodeEngine(loaded.model, loaded.tokenizer, act_quant=act_quant, max_seq=max_seq)
         self.switcher = TaskSwitcher(self.store, loaded.model, self.engine, cache_bytes=cache_bytes)
         self.context = self.engine.max_seq
         self.vocab = int(self.engine.plan.config["vocab"])
         self.scheduler = TaskScheduler(self.switcher.activate, burst)
-        self.httpd = ThreadingHTTPServer((host, port), _Handler)
-        self.httpd.daemon_threads = True
+        self.httpd = _HTTPServer((host, port), _Handler)
         self.httpd.app = self  # type: ignore[attr-defined]
         self._thread: Optional[threading.Thread] = None
 
@@ -81,11 +84,13 @@ class TaskServer:
 
     def chat_prompt(self, messages: list) -> str:
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            with self._tok_lock:
+                return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return api.simple_chat_prompt(messages)
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text)["input_ids"])
+        with self._tok_lock:
+            return list(self.tokenizer(text)["input_ids"])
 
     # ------------------------------------------------------------------ lifetime
     def start(self) -> "TaskServer":
@@ -112,6 +117,11 @@ class TaskServer:
     def close(self) -> None:
         self.scheduler.close()
         self.httpd.server_close()
+
+
+class _HTTPServer(ThreadingHTTPServer):
+    daemon_threads = True  # open streams do not hold up the shutdown
+    request_queue_size = 128  # the listen backlog (socketserver's 5 resets bursts of clients)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -255,55 +255,19 @@ class TaskStore:
         self._save_index()
         return entry
 
-    def _base_tensors(self, ckpt, name: str, select: str) -> "tuple[torch.Tensor, str, Optional[torch.Tensor], int]":
-        """(base dense float32, space, slot positions or None, m) of base tensor ``name``."""
-        obj = ckpt.get_format(name)
-        dense = obj.to_dense().float()
-        if select == "nm" and name in self.index["base"]["nm"]:
-            return dense, V.SLOTS, V.slot_positions(obj), obj.m
-        return dense, V.DENSE, None, 0
-
     def _write_vector(self, name: str, source: Path, out: Path, select: str, density: float, quant: str,
                       group_size: int, is_delta: bool) -> dict[str, Any]:
-        from sparsemerge.formats.model import read_packed
-
-        spaces: dict[str, str] = {}
-        tau: dict[str, torch.Tensor] = {}
-        kept_parts, full_parts = [], []
-        with read_packed(self.base_dir) as base, _open_task_source(source) as task:
-            extra = [n for n in task.names() if n not in base.tensors]
-            if extra:
-                raise SparsemergeError(f"task model {str(source)!r} has tensors the base lacks: {extra[:8]}; "
-                                       "is it a fine-tune of this base?")
-            for tname in base.names():
-                if tname not in task:
-                    continue  # e.g. a tied head: the task model does not store it either
-                theirs = task.get(tname)
-                shape = list(theirs.shape)
-                if shape != self.index["base"]["shapes"][tname]:
-                    raise SparsemergeError(f"tensor {tname!r}: the task model has shape {shape}, the base "
-                                           f"{self.index['base']['shapes'][tname]}; is it a fine-tune of this base?")
-                if not theirs.is_floating_point():
-                    continue
-                dense, space, pos, m = self._base_tensors(base, tname, select)
-                diff = theirs.float() - dense
-                if space == V.SLOTS:
-                    slots = V.to_slots(diff, pos, m)
-                    kept_parts.append(slots)
-                    full_parts.append(diff)
-                    diff = slots
-                tau[tname], spaces[tname] = diff, space
+        base = self.index["base"]
+        tau, spaces, kept_parts, full_parts = V.task_vector_from(self.base_dir, source, select, set(base["nm"]), base["shapes"])
         if is_delta:
             tau = V.subtract(tau, self.task_vector(name))
         sparse = V.nonzero_only({k: V.top_k(v, density) for k, v in tau.items()})
-        spaces = {k: spaces.get(k, V.DENSE) for k in sparse}
+        before = self.spaces(name) if is_delta else {}
+        spaces = {k: spaces.get(k, before.get(k, V.DENSE)) for k in sparse}
         out.parent.mkdir(parents=True, exist_ok=True)
-        if sparse:
-            V.pack_tensors(sparse, out, quant, group_size)
-        else:  # the task equals the base (or the previous version): an empty packed folder
-            V.pack_tensors({"_empty": torch.zeros(1)}, out, quant, group_size)
+        # the task equals the base (or the previous version): a packed folder with one placeholder
+        V.pack_tensors(sparse or {V.EMPTY: torch.zeros(1)}, out, quant, group_size)
         stored = V.read_tensors(out)
-        stored.pop("_empty", None)
         recon = V.add_into(self.task_vector(name), stored) if is_delta else stored
         share = V.energy_share(kept_parts, full_parts) if kept_parts else None
         return {"kind": "delta" if is_delta else "vector", "select": select, "density": density, "quant": quant,
@@ -426,35 +390,3 @@ class TaskStore:
 
     def _save_index(self) -> None:
         write_json_atomic(self.path / INDEX, self.index)
-
-
-class _open_task_source:
-    """A fine-tuned model's tensors, dense: an HF folder / safetensors file, or a packed folder."""
-
-    def __init__(self, source: Path) -> None:
-        from sparsemerge.kernels.model import is_packed_folder
-
-        self.packed = is_packed_folder(source)
-        if self.packed:
-            from sparsemerge.formats.model import read_packed
-
-            self.src = read_packed(source)
-        else:
-            from sparsemerge.io import open_tensor_source
-
-            self.src = open_tensor_source(source)
-
-    def names(self) -> list[str]:
-        return list(self.src.names())
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.src
-
-    def get(self, name: str) -> torch.Tensor:
-        return self.src.get_dense(name) if self.packed else self.src.get(name)
-
-    def __enter__(self) -> "_open_task_source":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.src.close()

@@ -25,6 +25,7 @@ import torch
 from sparsemerge.errors import SparsemergeError
 
 SLOTS, DENSE = "slots", "dense"
+EMPTY = "_empty"  # the placeholder tensor of an entry that changes nothing
 SELECT_MODES = ("nm", "topk")
 QUANTS = ("int8", "int4", "none")
 
@@ -94,7 +95,7 @@ def read_tensors(folder: Path, verify: bool = True) -> dict[str, torch.Tensor]:
     from sparsemerge.formats.model import read_packed
 
     with read_packed(folder) as ckpt:
-        return {n: ckpt.get_dense(n, verify=verify, dtype=torch.float32) for n in ckpt.names()}
+        return {n: ckpt.get_dense(n, verify=verify, dtype=torch.float32) for n in ckpt.names() if n != EMPTY}
 
 
 def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
@@ -130,3 +131,71 @@ def energy_share(kept: Iterable[torch.Tensor], full: Iterable[torch.Tensor]) -> 
     num = sum(float(t.double().pow(2).sum()) for t in kept)
     den = sum(float(t.double().pow(2).sum()) for t in full)
     return None if den == 0 else num / den
+
+
+def task_vector_from(base_dir: Path, source: Path, select: str, nm_names: "set[str]",
+                     shapes: "dict[str, list[int]]") -> "tuple[dict[str, torch.Tensor], dict[str, str], list, list]":
+    """``tau = source - base`` tensor by tensor (float32), at the base's kept slots for the
+    N:M tensors when ``select == "nm"``. Returns ``(tau, spaces, kept, full)`` where ``kept``
+    and ``full`` are the slot and whole tensors of those N:M ones (for :func:`energy_share`)."""
+    from sparsemerge.formats.model import read_packed
+
+    tau: dict[str, torch.Tensor] = {}
+    spaces: dict[str, str] = {}
+    kept, full = [], []
+    with read_packed(base_dir) as base, _TaskSource(source) as task:
+        extra = [n for n in task.names() if n not in base]
+        if extra:
+            raise SparsemergeError(f"task model {str(source)!r} has tensors the base lacks: {extra[:8]}; "
+                                   "is it a fine-tune of this base?")
+        for name in base.names():
+            if name not in task:
+                continue  # e.g. a tied head: the task model does not store it either
+            theirs = task.get(name)
+            if list(theirs.shape) != shapes[name]:
+                raise SparsemergeError(f"tensor {name!r}: the task model has shape {list(theirs.shape)}, the base "
+                                       f"{shapes[name]}; is it a fine-tune of this base?")
+            if not theirs.is_floating_point():
+                continue
+            obj = base.get_format(name)
+            diff = theirs.float() - obj.to_dense().float()
+            if select == "nm" and name in nm_names:
+                slots = to_slots(diff, slot_positions(obj), obj.m)
+                kept.append(slots)
+                full.append(diff)
+                tau[name], spaces[name] = slots, SLOTS
+            else:
+                tau[name], spaces[name] = diff, DENSE
+    return tau, spaces, kept, full
+
+
+class _TaskSource:
+    """A fine-tuned model's tensors, dense: an HF folder / safetensors file, or a packed folder."""
+
+    def __init__(self, source: Path) -> None:
+        from sparsemerge.kernels.model import is_packed_folder
+
+        self.packed = is_packed_folder(source)
+        if self.packed:
+            from sparsemerge.formats.model import read_packed
+
+            self.src = read_packed(source)
+        else:
+            from sparsemerge.io import open_tensor_source
+
+            self.src = open_tensor_source(source)
+
+    def names(self) -> list[str]:
+        return list(self.src.names())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.src
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.src.get_dense(name) if self.packed else self.src.get(name)
+
+    def __enter__(self) -> "_TaskSource":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.src.close()
