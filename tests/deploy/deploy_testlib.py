@@ -8,25 +8,26 @@ import torch
 from conftest import make_tiny_llama
 
 
-def pruned_llama(seed: int = 0, hidden: int = 64, intermediate: int = 128):
+def pruned_llama(seed: int = 0, hidden: int = 64, intermediate: int = 128, pattern: str = "2:4"):
     from sparsemerge.prune.api import prune_
     from sparsemerge.prune.config import PruneConfig
 
     model = make_tiny_llama(seed=seed, hidden=hidden, intermediate=intermediate)
-    prune_(model, PruneConfig(pattern="2:4", progress=False))
+    prune_(model, PruneConfig(pattern=pattern, progress=False))
     return model
 
 
-def make_base(tmp: Path, tokenizer, quant: str = "none", fmt: str = "nm", **pack_kw) -> "tuple[Path, Path]":
-    """(HF folder of a 2:4-pruned tiny Llama, its packed folder)."""
+def make_base(tmp: Path, tokenizer, quant: str = "none", fmt: str = "nm", pattern: str = "2:4",
+              **pack_kw) -> "tuple[Path, Path]":
+    """(HF folder of a tiny Llama pruned to ``pattern``, its packed folder)."""
     from sparsemerge.formats.model import pack
 
-    model = pruned_llama()
+    model = pruned_llama(pattern=pattern)
     hf = tmp / "base-hf"
     model.save_pretrained(hf)
     tokenizer.save_pretrained(hf)
     packed = tmp / f"base-{fmt}-{quant}"
-    pack(hf, packed, format=fmt, quant=quant, **pack_kw)
+    pack(hf, packed, format=fmt, quant=quant, pattern=pattern, **pack_kw)
     return hf, packed
 
 

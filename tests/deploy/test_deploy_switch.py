@@ -17,6 +17,8 @@ from sparsemerge.errors import SparsemergeError
 from sparsemerge.kernels.layout import positions_of
 from sparsemerge.kernels.model import load_packed
 from sparsemerge.kernels.sparse_linear import SparseLinear
+from sparsemerge.kernels.cpu_vnni import cpu_features_missing as vnni_missing
+from sparsemerge.runtime import step as S
 from sparsemerge.runtime.engine import DecodeEngine
 
 IDS = [1, 5, 9, 3, 7, 11, 2, 40]
@@ -39,6 +41,18 @@ def float_store(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def int8_store(tmp_path_factory, tiny_tokenizer):
     return _store(tmp_path_factory.mktemp("i8"), tiny_tokenizer, "int8", group_size=16)
+
+
+@pytest.fixture(scope="module")
+def int8pc_store(tmp_path_factory, tiny_tokenizer):
+    """2:4 INT8 per output channel: what the INT8-activation (VNNI) kernels run."""
+    return _store(tmp_path_factory.mktemp("i8pc"), tiny_tokenizer, "int8", group_size=0)
+
+
+@pytest.fixture(scope="module")
+def nm48_store(tmp_path_factory, tiny_tokenizer):
+    """4:8 INT4 with a zero point: the general N:M kernel's arrays, asymmetric re-quantization."""
+    return _store(tmp_path_factory.mktemp("i4"), tiny_tokenizer, "int4", pattern="4:8", group_size=16, symmetric=False)
 
 
 def _reference(store: TaskStore, weights: dict[str, float]):
@@ -65,8 +79,9 @@ def _reference(store: TaskStore, weights: dict[str, float]):
                     else:  # top-k in dense space: only its part on the base's pattern
                         t = V.from_slots(V.to_slots(t, pos, lay.m), pos, lay.m)
                     dense = dense + (t if w == 1.0 else t * w)
+                symmetric = lay.zero is None or (lay.codec == "int4" and bool((lay.zero == 8).all()))
                 new = SparseLinear.from_dense(dense, module.bias, lay.n, lay.m, None if lay.codec == "none" else lay.codec,
-                                              lay.group_size)
+                                              lay.group_size, symmetric=symmetric)
                 parent, _, child = name.rpartition(".")
                 setattr(model.get_submodule(parent), child, new)
         for pname, p in model.named_parameters():
@@ -87,11 +102,15 @@ def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("which", ["float", "int8"])
-def test_switching_equals_the_task_model_and_returns_to_the_base_bit_for_bit(which, float_store, int8_store):
-    store = float_store if which == "float" else int8_store
+@pytest.mark.parametrize("which", ["float", "int8", "int8 a8", "4:8 int4"])
+def test_switching_equals_the_task_model_and_returns_to_the_base_bit_for_bit(which, request):
+    store = request.getfixturevalue({"float": "float_store", "int8": "int8_store", "int8 a8": "int8pc_store",
+                                     "4:8 int4": "nm48_store"}[which])
+    act_quant = "int8" if which.endswith("a8") else "none"
+    if act_quant == "int8" and vnni_missing():
+        pytest.skip(f"the INT8-activation kernels need {vnni_missing()}")
     loaded = load_packed(store.base_dir)
-    engine = DecodeEngine(loaded.model, loaded.tokenizer, max_seq=32)
+    engine = DecodeEngine(loaded.model, loaded.tokenizer, act_quant=act_quant, max_seq=32)
     switcher = TaskSwitcher(store, loaded.model, engine)
     base_state, base_logits = _state(loaded.model), _logits(engine)
     for spec, weights in [("a", {"a": 1.0}), ("0.5*a+0.25*b", {"a": 0.5, "b": 0.25}), ("b", {"b": 1.0}), ("k", {"k": 1.0})]:
@@ -105,7 +124,11 @@ def test_switching_equals_the_task_model_and_returns_to_the_base_bit_for_bit(whi
             assert torch.equal(got_sd[k], ref_sd[k]), (spec, k)
         assert not torch.equal(got_sd["model.embed_tokens.weight"], base_state["model.embed_tokens.weight"])
         # the runtime over the switched model decodes exactly as a runtime over the task model alone
-        np.testing.assert_array_equal(_logits(engine), _logits(DecodeEngine(ref.model, max_seq=32)))
+        np.testing.assert_array_equal(_logits(engine), _logits(DecodeEngine(ref.model, act_quant=act_quant, max_seq=32)))
+    if which == "int8 a8":
+        assert S.KIND_A8 in {p.kind for p in engine.plan.layers}
+    if which == "4:8 int4":
+        assert S.KIND_BG in {p.kind for p in engine.plan.layers}
     switcher.base()
     after = loaded.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in base_state.items())
