@@ -204,7 +204,8 @@ def main(argv: "list[str] | None" = None) -> int:
                   f"{100 * (store.base_nbytes + entries) / (len(names) * store.base_nbytes):.1f}% of {len(names)} packed models"])
     print(format_table(["entry", "bytes", "of base"], sizes))
     mem_rows = [["model (packed, in memory)", f"{base_bytes:,}"], ["base snapshot of changed tensors", f"{mem['snapshot']:,}"],
-                [f"task vectors of {len(names)} tasks", f"{mem['tasks']:,}"], ["cache of combinations", f"{mem['cache']:,}"]]
+                [f"task vectors of {len(names)} tasks", f"{mem['tasks']:,}"], ["cache of combinations", f"{mem['cache']:,}"],
+                ["engine refresh indices", f"{mem['engine_refresh']:,}"]]
     print(format_table(["memory", "bytes"], mem_rows))
     result.update({"store_bytes": store.base_nbytes + entries, "base_bytes": store.base_nbytes, "entries": listing,
                    "memory": {"model": base_bytes, **mem}})

@@ -236,11 +236,13 @@ class TaskSwitcher:
     # ------------------------------------------------------------------ reporting
     def memory(self) -> dict[str, int]:
         """Bytes held besides the model: the base snapshot of the targeted tensors, the task
-        vectors read so far (sparse: indices + values), the cache of combinations."""
+        vectors read so far (sparse: indices + values), the cache of combinations, and what
+        the engine keeps to refresh its arrays fast."""
         snap = sum(v.numel() * v.element_size() for t in self._targets.values() for v in t.base.values())
         tasks = sum(i.numel() * i.element_size() + v.numel() * v.element_size()
                     for d in self._tasks.values() for i, v in d.values())
-        return {"snapshot": snap, "tasks": tasks, "cache": self.cache.nbytes}
+        engine = self.engine.refresh_nbytes() if self.engine is not None else 0
+        return {"snapshot": snap, "tasks": tasks, "cache": self.cache.nbytes, "engine_refresh": engine}
 
 
 def _state_bytes(state: Mapping[str, Mapping[str, torch.Tensor]]) -> int:

@@ -248,6 +248,73 @@ class DecodeEngine:
         kw["df_w"].append(module.weight.detach().contiguous().numpy())  # tied heads share the table
         return len(kw["df_w"]) - 1
 
+    def _refresh_concat(self, p, idx: int) -> bool:
+        """Kinds whose arrays are the layers' blocked tensors as they are (fused rows: stacked
+        along the block axis, as ``concat_rows``): copy the values, scales and zero points
+        straight into them (an unfused layer's arrays are its own buffers: nothing to do).
+        False when an array does not have the expected shape (the caller re-derives it)."""
+        L = self._kw_lists
+        lays = [m.layout for m in p.modules]
+        a = lays[0]
+
+        def raw(t: torch.Tensor) -> np.ndarray:
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16) if t.dtype in (torch.float16, torch.bfloat16) \
+                else t.contiguous().numpy()
+
+        pairs = []  # (target array, field)
+        if p.kind == S.KIND_BQ:
+            lst = L["bq_codes4"] if a.codec == "int4" else L["bq_codes8"]
+            pairs = [(lst[int(self.kw[7][idx, 3])], "values"), (L["bq_scale"][idx], "scale")]
+            if a.zero is not None:
+                pairs.append((L["bq_zero"][idx], "zero"))
+        elif p.kind == S.KIND_BF:
+            pairs = [(L["bf_vals"][idx], "values")]
+        elif p.kind == S.KIND_BH:
+            pairs = [(L["bh_vals"][idx], "values")]
+        else:
+            which = S.BG_LISTS.index(str(raw(a.values).dtype))
+            pairs = [(L[f"bg_{S.BG_LISTS[which]}"][idx], "values")]
+            pairs += [(L[f"bg_{f}"][idx], f) for f in ("scale", "zero") if getattr(a, f) is not None]
+        for target, fname in pairs:
+            parts = [raw(getattr(x, fname)) for x in lays]
+            if len(parts) == 1 and np.shares_memory(target, parts[0]):
+                continue
+            if target.dtype != parts[0].dtype or target.shape != (sum(x.shape[0] for x in parts), *parts[0].shape[1:]):
+                return False
+            np.concatenate(parts, axis=0, out=target)
+        return True
+
+    def _refresh_f32(self, p, idx: int) -> bool:
+        """The gather kernels' values are a fixed permutation of the layers' blocked float32
+        values (zeros where rows are padded): learn it once by preparing a copy whose values
+        are their own indices, then each refresh is one ``np.take``. False: too many values to
+        index exactly in float32 (2^24), the caller re-derives the row."""
+        perms = self.__dict__.setdefault("_f32_perm", {})
+        perm = perms.get(p.name)
+        lays = [m.layout for m in p.modules]
+        if perm is None:
+            from sparsemerge.kernels.layout import BlockedNM
+            from sparsemerge.runtime.kernels import decode_kernel
+
+            total = sum(x.values.numel() for x in lays)
+            if total + 1 >= 2 ** 24:
+                return False
+            ids, start = [], 1  # 0: the padding's zero
+            for x in lays:
+                n = x.values.numel()
+                ids.append(BlockedNM(x.rows, x.cols, x.n, x.m, x.codec,
+                                     torch.arange(start, start + n, dtype=torch.float32).reshape(x.values.shape),
+                                     x.meta, x.index, x.scale, x.zero, x.group_size))
+                start += n
+            fake = ids[0] if len(ids) == 1 else concat_rows(ids)
+            vals = decode_kernel(p.kernel, fake).prepare(fake)["vals"]
+            perm = perms[p.name] = vals.astype(np.int32)  # 4 bytes per value, kept for the next refresh
+            if perm.shape != self._kw_lists["f32_vals"][idx].shape:
+                return False
+        src = np.concatenate([np.zeros(1, np.float32)] + [x.values.contiguous().numpy().reshape(-1) for x in lays])
+        np.take(src, perm, out=self._kw_lists["f32_vals"][idx])
+        return True
+
     def _add_general(self, layout, kw) -> int:
         """A general N:M layer (KIND_BG): its values go to the typed list of their dtype, the
         other three lists get a one-element placeholder so one index addresses them all."""
@@ -320,11 +387,19 @@ class DecodeEngine:
         norms.append(decoder.norm.weight)
         np.copyto(self.norms, torch.stack([n.detach().float() for n in norms]).numpy())
 
+    def refresh_nbytes(self) -> int:
+        """Bytes kept to make :meth:`refresh_weights` fast (the gather rows' value indices)."""
+        return sum(a.nbytes for a in self.__dict__.get("_f32_perm", {}).values())
+
     def _refresh_row(self, p) -> None:
         """Re-derive plan row ``p``'s arrays (as at construction) into the arrays in use."""
         from collections import defaultdict
 
         idx = self._row_index[p.name]
+        if p.kind in (S.KIND_BQ, S.KIND_BF, S.KIND_BH, S.KIND_BG) and self._refresh_concat(p, idx):
+            return
+        if p.kind == S.KIND_F32 and self._refresh_f32(p, idx):
+            return
         fresh: dict = defaultdict(list)
         saved, self._bg_par = self._bg_par, []
         try:
