@@ -64,7 +64,6 @@ class _Target:
     slots: bool  # a SparseLinear: the update goes to its kept slots
     live: dict  # field -> the live tensor (updated in place)
     base: dict  # field -> the base's copy
-    positions: Optional[torch.Tensor] = None  # (rows, G, n) int64, slots only
 
 
 class TaskSwitcher:
@@ -97,7 +96,6 @@ class TaskSwitcher:
         t = self._targets.get(name)
         if t is not None:
             return t
-        from sparsemerge.kernels.layout import positions_of
         from sparsemerge.kernels.sparse_linear import SparseLinear
 
         module_name, _, field = name.rpartition(".")
@@ -107,7 +105,7 @@ class TaskSwitcher:
             raise SparsemergeError(f"the task changes {name!r}, which the base model does not have") from None
         if isinstance(module, SparseLinear) and field == "weight":
             live = {k: getattr(module, k) for k in ("values", "scale", "zero") if getattr(module, k) is not None}
-            t = _Target(name, module, True, live, {k: v.clone() for k, v in live.items()}, positions_of(module.layout))
+            t = _Target(name, module, True, live, {k: v.clone() for k, v in live.items()})
         else:
             tensor = getattr(module, field, None)
             if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point():
@@ -140,8 +138,10 @@ class TaskSwitcher:
             target = self._target(tname)
             m = target.module.m if target.slots else 0
             if target.slots and space == V.DENSE:  # project onto the base's slots
+                from sparsemerge.kernels.layout import positions_of
+
                 full += float(t.double().pow(2).sum())
-                t = V.to_slots(t, target.positions, m)
+                t = V.to_slots(t, positions_of(target.module.layout), m)
                 kept += float(t.double().pow(2).sum())
             elif not target.slots and space == V.SLOTS:
                 raise SparsemergeError(f"task {name!r} stores {tname!r} at N:M slots, but the loaded base holds it dense; "
@@ -180,7 +180,7 @@ class TaskSwitcher:
 
     def _compute(self, resolved: Mapping[tuple[str, int], float]) -> dict[str, dict[str, torch.Tensor]]:
         """The stored tensors of every tensor the combination touches."""
-        from sparsemerge.kernels.layout import BlockedNM, dequantized_values, pack_slots, quantize_slots
+        from sparsemerge.kernels.layout import BlockedNM, block_slot_values, dequantized_values, quantize_slots
 
         parts: dict[str, list] = {}
         for key, w in resolved.items():
@@ -207,9 +207,9 @@ class TaskSwitcher:
                 symmetric = lay.zero is None if lay.codec == "int8" else bool((lay.zero == 8).all())
                 codes = quantize_slots(theta, lay.codec, lay.group_size, symmetric)
             dtype = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}.get(lay.values.dtype, "float32")
-            new = pack_slots(lay.rows, lay.cols, lay.n, lay.m, t.positions, theta, lay.codec, codes, lay.group_size,
-                             dtype if lay.codec == "none" else "float32")
-            state[tname] = {k: getattr(new, k) for k in t.live}
+            new = dict(zip(("values", "scale", "zero"), block_slot_values(
+                lay.rows, lay.groups, lay.n, theta, lay.codec, codes, dtype if lay.codec == "none" else "float32")))
+            state[tname] = {k: new[k] for k in t.live}
         return state
 
     def _write(self, state: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
