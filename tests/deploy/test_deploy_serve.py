@@ -20,7 +20,7 @@ from sparsemerge.deploy.scheduler import TaskScheduler
 from sparsemerge.deploy.server import TaskServer
 from sparsemerge.deploy.store import TaskStore
 from sparsemerge.deploy.switch import TaskSwitcher
-from sparsemerge.kernels.model import load_packed
+from sparsemerge.kernels.model import load_for_run
 from sparsemerge.runtime.engine import DecodeEngine
 from sparsemerge.runtime.sampling import SamplingConfig
 
@@ -43,7 +43,7 @@ def store(tmp_path_factory, tiny_tokenizer):
 @pytest.fixture(scope="module")
 def alone(store):
     """What each task model gives when run alone (greedy), one model at a time."""
-    loaded = load_packed(store.base_dir)
+    loaded = load_for_run(str(store.base_dir))  # as the server loads it
     engine = DecodeEngine(loaded.model, loaded.tokenizer, max_seq=128)
     switcher = TaskSwitcher(store, loaded.model, engine)
     out = {}

@@ -35,11 +35,11 @@ class TaskServer:
                  cache_bytes: int = 1 << 30, burst: int = 8, act_quant: str = "none") -> None:
         from sparsemerge.deploy.store import TaskStore
         from sparsemerge.deploy.switch import TaskSwitcher
-        from sparsemerge.kernels.model import load_packed
+        from sparsemerge.kernels.model import load_for_run
         from sparsemerge.runtime.engine import DecodeEngine
 
         self.store = TaskStore(store_path)
-        loaded = load_packed(self.store.base_dir)
+        loaded = load_for_run(str(self.store.base_dir), act_quant=act_quant)  # as `sparsemerge run` loads it
         if loaded.tokenizer is None:
             raise SparsemergeError(f"the store's base {str(self.store.base_dir)!r} has no tokenizer files; pack it from a "
                                    "Hugging Face folder that has them")

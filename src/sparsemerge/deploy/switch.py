@@ -19,6 +19,7 @@ flat weight arrays of the touched products in place (``DecodeEngine.refresh_weig
 """
 from __future__ import annotations
 
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -117,7 +118,7 @@ class TaskSwitcher:
         return t
 
     def _task(self, name: str) -> tuple[tuple[str, int], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
-        """``(key, {tensor: (flat indices int64, values float32)})`` of the latest version of task
+        """``(key, {tensor: (flat indices int32/int64, values float32)})`` of the latest version of task
         ``name`` in the targets' spaces (slot order for SparseLinear), read from the store once."""
         version = self.store.versions(name)[-1]  # raises on an unknown task
         key = (name, version)
@@ -146,6 +147,11 @@ class TaskSwitcher:
             elif not target.slots and space == V.SLOTS:
                 raise SparsemergeError(f"task {name!r} stores {tname!r} at N:M slots, but the loaded base holds it dense; "
                                        "load the store's base with load_packed (its N:M layers as SparseLinear)")
+            lay = target.module.layout if target.slots else None
+            want = (lay.rows, lay.groups * lay.n) if target.slots else tuple(target.live["weight"].shape)
+            if t.numel() != math.prod(want):
+                raise SparsemergeError(f"task {name!r}: {tname!r} has {tuple(t.shape)} values, the loaded base {want}; "
+                                       "the task was stored against another base")
             flat = t.reshape(-1).float()
             idx = torch.nonzero(flat).reshape(-1)
             if flat.numel() < 2**31:  # index_add_ takes int32 indices: a third less memory per entry
