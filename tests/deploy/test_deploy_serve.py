@@ -229,3 +229,26 @@ def test_ctrl_c_stops_the_server_cleanly(store):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_client_that_leaves_a_stream_stops_its_generation(server):
+    import socket
+
+    host, port = server.url.split("//")[1].split(":")
+    body = json.dumps({"model": "b", "prompt": "The", "max_tokens": 100, "temperature": 0, "stream": True}).encode()
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    got = b""
+    while b"data: " not in got:
+        got += sock.recv(4096)
+    assert got.startswith(b"HTTP/1.0 200")
+    before = len(server.scheduler.history)
+    sock.close()  # leave mid-stream
+    deadline = time.time() + 60
+    while server.scheduler.pending() or server.scheduler._current is not None:
+        assert time.time() < deadline, "the abandoned generation did not stop"
+        time.sleep(0.05)
+    assert server.scheduler.cancelled == 1  # stopped early, not run to its 100 tokens
+    status, payload = _post(server.url + "/v1/completions", {"model": "a", "prompt": "The", "max_tokens": 2})
+    assert status == 200 and len(server.scheduler.history) == before + 1

@@ -65,6 +65,7 @@ class TaskScheduler:
         self._in_a_row = 0
         self._current: Optional[Job] = None
         self.switches = 0
+        self.cancelled = 0  # jobs stopped because their client left (or the server stopped)
         self.history: list[tuple[str, int]] = []  # (task, job seq) in the order run (tests, stats)
         self._worker = threading.Thread(target=self._run, name="sparsemerge-worker", daemon=True)
         self._worker.start()
@@ -117,6 +118,7 @@ class TaskScheduler:
                 job.result = job.fn(job)
             except BaseException as exc:  # the job's error goes to its caller; the worker goes on
                 job.error = exc
+                self.cancelled += isinstance(exc, Cancelled)
             finally:
                 self._current = None
                 job.done.set()

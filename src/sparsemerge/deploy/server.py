@@ -167,7 +167,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(200, api.models_body([name])["data"][0])
         if path == "/health":
             return self._json(200, {"status": "ok", "active": self.app.scheduler.active,
-                                    "pending": self.app.scheduler.pending(), "switches": self.app.scheduler.switches})
+                                    "pending": self.app.scheduler.pending(), "switches": self.app.scheduler.switches,
+                                    "cancelled": self.app.scheduler.cancelled})
         if path in ("/v1/completions", "/v1/chat/completions"):
             raise api.ApiError(405, f"{path} takes POST", code="method_not_allowed")
         raise api.ApiError(404, f"no route {path!r}; try GET /v1/models", code="not_found")
