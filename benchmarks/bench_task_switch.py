@@ -8,7 +8,8 @@ disk, memory for N tasks, and store size against N full models, in one run (issu
 The base is SmolLM2 pruned 2:4 by magnitude in memory and packed (``--base-quant`` codec);
 the tasks are the BBC specialists of ``benchmarks/make_task_models.py`` (``--tasks`` folders;
 without them ``--synthetic N`` random fine-tunes of the base), each added to a task store with
-``--select nm`` at ``--density`` and ``--task-quant``. Then, in one process:
+``--select nm`` at ``--density`` and ``--task-quant`` (the specialists' tau measured from the
+dense model they were fine-tuned from, ``--finetuned-from``). Then, in one process:
 
 * switch latency: a seeded random walk over the tasks (and pairwise 50/50 combinations with
   ``--combos``): "cold" = a combination not in the LRU cache (computed from the task vectors),
@@ -109,6 +110,8 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--base-quant", choices=["none", "int8", "int4"], default="none")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--density", type=float, default=0.1)
+    p.add_argument("--finetuned-from", type=Path, default=None,
+                   help="the dense model the tasks were fine-tuned from (default for the specialists: their base/)")
     p.add_argument("--task-quant", choices=["int8", "int4", "none"], default="int8")
     p.add_argument("--switches", type=int, default=200, help="switches timed per configuration")
     p.add_argument("--combos", action="store_true", help="also 50/50 pairs of tasks")
@@ -138,15 +141,20 @@ def main(argv: "list[str] | None" = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     hf, packed = build_base(work, args.model, args.smoke, args.base_quant, args.group_size)
+    origin = args.finetuned_from
     if args.tasks:
         tasks = [(Path(t).name, Path(t)) for t in args.tasks]
     elif not args.smoke and sorted(TASK_MODELS.glob("bbc-*")):
         tasks = [(t.name, t) for t in sorted(TASK_MODELS.glob("bbc-*")) if (t / "config.json").is_file()]
+        origin = origin or TASK_MODELS / "base"  # the specialists are fine-tunes of the dense model
     else:
         tasks = synthetic_tasks(hf, work, 3 if args.smoke else args.synthetic, 0.05)
     store = TaskStore.init(work / "store", packed, overwrite=True)
     for name, folder in tasks:
-        store.add(name, folder, select="nm", density=args.density, quant=args.task_quant, group_size=args.group_size)
+        entry = store.add(name, folder, select="nm", density=args.density, quant=args.task_quant, group_size=args.group_size,
+                          finetuned_from=origin)
+        share = entry.get("on_pattern_energy")
+        print(f"  {name}: {entry['nbytes']:,} bytes" + ("" if share is None else f", {100 * share:.1f}% of |tau|^2 on the pattern"))
     print(f"store built in {time.perf_counter() - t0:.0f} s: {len(tasks)} tasks", flush=True)
 
     names = [n for n, _ in tasks]

@@ -239,3 +239,27 @@ def test_a_base_in_another_format_takes_topk_vectors(family, tmp_path):
     name = "model.layers.0.self_attn.o_proj.weight"
     kept = got[name] != 0
     assert int(kept.sum()) == math.ceil(0.2 * want[name].numel()) and torch.equal(got[name][kept], want[name][kept])
+
+
+def test_a_task_finetuned_from_the_dense_model_is_measured_from_it(family, tmp_path):
+    from conftest import make_tiny_llama
+
+    dense = tmp_path / "dense"
+    make_tiny_llama(hidden=64, intermediate=128).save_pretrained(dense)  # the model the base was pruned from
+    ft = make_finetune(dense, tmp_path / "ft", seed=7)
+    store = TaskStore.init(tmp_path / "s", family["packed"])
+    entry = store.add("from-dense", ft, density=1.0, quant="none", finetuned_from=dense)
+    blind = store.add("from-base", ft, density=1.0, quant="none")
+    # measured from the dense model, tau is the fine-tune's own update (half of it on a 2:4 pattern);
+    # measured from the pruned base its off-pattern part holds the pruned weights as well
+    assert 0.35 < entry["on_pattern_energy"] < 0.65 and entry["finetuned_from"] == str(dense)
+    assert blind["finetuned_from"] is None
+    name = "model.layers.1.mlp.gate_proj.weight"
+    with read_packed(family["packed"]) as base, open_tensor_source(ft) as t, open_tensor_source(dense) as d:
+        obj = base.get_format(name)
+        want = V.to_slots(t.get(name).float() - d.get(name).float(), V.slot_positions(obj), obj.m)
+    assert torch.equal(store.task_vector("from-dense")[name], want)
+    # magnitude pruning keeps the kept weights, so at the slots the two agree here
+    torch.testing.assert_close(store.task_vector("from-base")[name], want, atol=1e-6, rtol=0)
+    with pytest.raises(SparsemergeError, match="does not exist"):
+        store.add("x", ft, finetuned_from=tmp_path / "missing")

@@ -34,6 +34,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "a new version: its first version's)")
     q.add_argument("--quant", choices=["int8", "int4", "none"], default="int8", help="codec of the stored values")
     q.add_argument("--group-size", type=int, default=128, help="stored values per scale (0: per row)")
+    q.add_argument("--finetuned-from", metavar="MODEL", default=None,
+                   help="the model SOURCE was fine-tuned from, when not the base (e.g. the dense model the base was "
+                   "pruned from): tau = SOURCE - MODEL, applied to the base")
     q.set_defaults(func=run_add)
 
     q = ss.add_parser("list", help="tasks, versions and their sizes against the base")
@@ -66,7 +69,7 @@ def run_add(args: argparse.Namespace) -> int:
 
     store = TaskStore(args.store)
     entry = store.add(args.name, args.source, select=args.select, density=args.density, quant=args.quant,
-                      group_size=args.group_size, new_version=args.new_version)
+                      group_size=args.group_size, new_version=args.new_version, finetuned_from=args.finetuned_from)
     share = entry.get("on_pattern_energy")
     extra = "" if share is None else f", {100 * share:.1f}% of |tau|^2 on the base's pattern"
     print(f"task {args.name} v{entry['task_version']} ({entry['kind']}): {entry['nbytes'] / 1e6:.3f} MB, "

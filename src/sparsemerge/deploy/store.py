@@ -197,13 +197,18 @@ class TaskStore:
 
     # ------------------------------------------------------------------ adding
     def add(self, name: str, source: "str | Path", *, select: Optional[str] = None, density: Optional[float] = None,
-            quant: str = "int8", group_size: int = 128, new_version: bool = False) -> dict[str, Any]:
+            quant: str = "int8", group_size: int = 128, new_version: bool = False,
+            finetuned_from: "str | Path | None" = None) -> dict[str, Any]:
         """Add task ``name`` from ``source``: a fine-tuned model (HF folder / safetensors / packed
         folder; ``tau = source - base``) or a PEFT LoRA adapter folder. ``new_version``: ``name``
         exists and this becomes its next version (a delta against the reconstructed latest).
         ``select``: "nm" (aligned to the base's N:M slots; default when the base has N:M
         tensors) or "topk"; ``density``: share of tau kept per tensor (default 0.1; for a later
-        version its first version's). ``quant``/``group_size`` of the stored values."""
+        version its first version's). ``quant``/``group_size`` of the stored values.
+        ``finetuned_from``: the model ``source`` was fine-tuned from when that is not the base
+        (the dense model the base was pruned from): ``tau = source - finetuned_from``, so the
+        pruning's own changes (pruned weights, SparseGPT's updates of kept ones) are not taken
+        for the task."""
         from sparsemerge.merge.lora import is_lora_adapter
 
         check_task_name(name)
@@ -216,7 +221,12 @@ class TaskStore:
         source = Path(source)
         if not source.exists():
             raise SparsemergeError(f"task source {str(source)!r} does not exist")
+        origin = None if finetuned_from is None else Path(finetuned_from)
+        if origin is not None and not origin.exists():
+            raise SparsemergeError(f"--finetuned-from {str(origin)!r} does not exist")
         lora = is_lora_adapter(source)
+        if lora and origin is not None:
+            raise SparsemergeError("a LoRA adapter is its own task vector; drop --finetuned-from")
         kind = "lora" if lora else "vector"
         if exists and self.kind(name) != kind:
             raise SparsemergeError(f"task {name!r} is a {self.kind(name)} task; a new version must be one too, got a {kind}")
@@ -244,7 +254,8 @@ class TaskStore:
                 density = 0.1 if density is None else density
                 select = select or ("nm" if self.index["base"]["nm"] else "topk")
                 V.check_options(select, density, quant, group_size)
-                entry.update(self._write_vector(name, source, tmp / "tau", select, density, quant, group_size, exists))
+                entry.update(self._write_vector(name, source, tmp / "tau", select, density, quant, group_size, exists, origin))
+                entry["finetuned_from"] = None if origin is None else str(origin)
             entry["files"] = files_sha256(tmp)
             entry["nbytes"] = sum((tmp / f).stat().st_size for f in entry["files"])
             (tmp / ENTRY).write_text(json.dumps(entry, indent=1) + "\n")
@@ -256,9 +267,10 @@ class TaskStore:
         return entry
 
     def _write_vector(self, name: str, source: Path, out: Path, select: str, density: float, quant: str,
-                      group_size: int, is_delta: bool) -> dict[str, Any]:
+                      group_size: int, is_delta: bool, origin: Optional[Path]) -> dict[str, Any]:
         base = self.index["base"]
-        tau, spaces, kept_parts, full_parts = V.task_vector_from(self.base_dir, source, select, set(base["nm"]), base["shapes"])
+        tau, spaces, kept_parts, full_parts = V.task_vector_from(self.base_dir, source, select, set(base["nm"]),
+                                                                 base["shapes"], origin)
         if is_delta:
             tau = V.subtract(tau, self.task_vector(name))
         sparse = V.nonzero_only({k: V.top_k(v, density) for k, v in tau.items()})

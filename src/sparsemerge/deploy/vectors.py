@@ -134,16 +134,24 @@ def energy_share(kept: Iterable[torch.Tensor], full: Iterable[torch.Tensor]) -> 
 
 
 def task_vector_from(base_dir: Path, source: Path, select: str, nm_names: "set[str]",
-                     shapes: "dict[str, list[int]]") -> "tuple[dict[str, torch.Tensor], dict[str, str], list, list]":
+                     shapes: "dict[str, list[int]]", origin: Optional[Path] = None
+                     ) -> "tuple[dict[str, torch.Tensor], dict[str, str], list, list]":
     """``tau = source - base`` tensor by tensor (float32), at the base's kept slots for the
-    N:M tensors when ``select == "nm"``. Returns ``(tau, spaces, kept, full)`` where ``kept``
-    and ``full`` are the slot and whole tensors of those N:M ones (for :func:`energy_share`)."""
+    N:M tensors when ``select == "nm"``; ``origin``: the model ``source`` was fine-tuned from
+    when that is not the base (e.g. the dense model the sparse base was pruned from):
+    ``tau = source - origin``. Returns ``(tau, spaces, kept, full)`` where ``kept`` and
+    ``full`` are the slot and whole tensors of those N:M ones (for :func:`energy_share`)."""
+    import contextlib
+
     from sparsemerge.formats.model import read_packed
 
     tau: dict[str, torch.Tensor] = {}
     spaces: dict[str, str] = {}
     kept, full = [], []
-    with read_packed(base_dir) as base, _TaskSource(source) as task:
+    with contextlib.ExitStack() as stack:
+        base = stack.enter_context(read_packed(base_dir))
+        task = stack.enter_context(_TaskSource(source))
+        start = stack.enter_context(_TaskSource(origin)) if origin is not None else None
         extra = [n for n in task.names() if n not in base]
         if extra:
             raise SparsemergeError(f"task model {str(source)!r} has tensors the base lacks: {extra[:8]}; "
@@ -158,7 +166,16 @@ def task_vector_from(base_dir: Path, source: Path, select: str, nm_names: "set[s
             if not theirs.is_floating_point():
                 continue
             obj = base.get_format(name)
-            diff = theirs.float() - obj.to_dense().float()
+            if start is not None:
+                if name not in start:
+                    raise SparsemergeError(f"the model the task was fine-tuned from ({str(origin)!r}) lacks {name!r}")
+                mine = start.get(name)
+                if list(mine.shape) != shapes[name]:
+                    raise SparsemergeError(f"tensor {name!r}: {str(origin)!r} has shape {list(mine.shape)}, the base "
+                                           f"{shapes[name]}; is the base pruned from it?")
+                diff = theirs.float() - mine.float()
+            else:
+                diff = theirs.float() - obj.to_dense().float()
             if select == "nm" and name in nm_names:
                 slots = to_slots(diff, slot_positions(obj), obj.m)
                 kept.append(slots)
