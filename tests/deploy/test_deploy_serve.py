@@ -213,6 +213,7 @@ def test_the_official_openai_client(server, alone):
     assert out["not_found"] == 404 and out["too_long"] == 400
 
 
+@pytest.mark.slow  # a fresh interpreter loads torch, numba and the model: ~15 s
 def test_ctrl_c_stops_the_server_cleanly(store):
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
     proc = subprocess.Popen([sys.executable, "-m", "sparsemerge.cli.main", "serve", str(store.path), "--port", "0", "--max-seq", "64"],
