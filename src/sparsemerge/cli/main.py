@@ -27,6 +27,8 @@ COMMAND_MODULES = [
     "sparsemerge.cli.analysis",  # lmc, tv-stats                (merge analysis)
     "sparsemerge.cli.moe",  # moe, moe-route                  (mixture of experts from task models)
     "sparsemerge.cli.tune",  # tune                            (search + Pareto frontier)
+    "sparsemerge.cli.store",  # store init|add|list|verify|remove (task store)
+    "sparsemerge.cli.serve",  # serve                           (OpenAI-shaped HTTP API)
 ]
 
 

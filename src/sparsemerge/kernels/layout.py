@@ -224,11 +224,28 @@ def pack_slots(
     g = cols // m
     pos = positions.reshape(rows, g, n).long()
     rows_pad = -(-rows // BLOCK_ROWS) * BLOCK_ROWS
-    meta = index = scale = zero = None
+    meta = index = None
     if n == 2 and m == 4:
         meta = _block(encode_24_meta(pos), rows_pad)
     else:
         index = _block(pos.to(torch.uint8), rows_pad)
+    values, scale, zero = block_slot_values(rows, g, n, vals, codec, codes, value_dtype)
+    return BlockedNM(rows, cols, n, m, codec, values, meta, index, scale, zero, group_size)
+
+
+def block_slot_values(
+    rows: int,
+    g: int,
+    n: int,
+    vals: Optional[torch.Tensor],
+    codec: str = "none",
+    codes: Optional[tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]] = None,
+    value_dtype: str = "float32",
+) -> tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """The blocked ``(values, scale, zero)`` of :func:`pack_slots` alone (the positions'
+    metadata left out): what changes when only the values of a layer change."""
+    rows_pad = -(-rows // BLOCK_ROWS) * BLOCK_ROWS
+    scale = zero = None
     if codec == "none":
         values = _block(vals.reshape(rows, g, n).to(VALUE_DTYPES[value_dtype]), rows_pad)
     else:
@@ -242,7 +259,7 @@ def pack_slots(
         values = _block(q.contiguous(), rows_pad, fill=8 if codec == "int4" else 0)
         scale = _block(s.float(), rows_pad, fill=1.0)
         zero = None if z is None else _block(z.float(), rows_pad, fill=8.0 if codec == "int4" else 0.0)
-    return BlockedNM(rows, cols, n, m, codec, values, meta, index, scale, zero, group_size)
+    return values, scale, zero
 
 
 def unblock(t: torch.Tensor, rows: int) -> torch.Tensor:

@@ -106,8 +106,11 @@ class DecodeEngine:
         self.max_rows = 0
         self.max_cols = 0
         head_op = np.full(S.OP_FIELDS, -1, np.int64)
+        self._row_index: dict[str, int] = {}  # plan row -> its index in its kind's lists (refresh_weights)
+        self._kw_lists = kw
         for p in self.plan.layers:
             idx = self._add_op(p, kw, a8_par, f32_par, bq_par, dq_par, bh_par)
+            self._row_index[p.name] = idx
             bias = self._add_bias(p, kw)
             self.max_rows = max(self.max_rows, p.rows)
             self.max_cols = max(self.max_cols, p.cols)
@@ -245,6 +248,73 @@ class DecodeEngine:
         kw["df_w"].append(module.weight.detach().contiguous().numpy())  # tied heads share the table
         return len(kw["df_w"]) - 1
 
+    def _refresh_concat(self, p, idx: int) -> bool:
+        """Kinds whose arrays are the layers' blocked tensors as they are (fused rows: stacked
+        along the block axis, as ``concat_rows``): copy the values, scales and zero points
+        straight into them (an unfused layer's arrays are its own buffers: nothing to do).
+        False when an array does not have the expected shape (the caller re-derives it)."""
+        L = self._kw_lists
+        lays = [m.layout for m in p.modules]
+        a = lays[0]
+
+        def raw(t: torch.Tensor) -> np.ndarray:
+            return t.contiguous().view(torch.int16).numpy().view(np.uint16) if t.dtype in (torch.float16, torch.bfloat16) \
+                else t.contiguous().numpy()
+
+        pairs = []  # (target array, field)
+        if p.kind == S.KIND_BQ:
+            lst = L["bq_codes4"] if a.codec == "int4" else L["bq_codes8"]
+            pairs = [(lst[int(self.kw[7][idx, 3])], "values"), (L["bq_scale"][idx], "scale")]
+            if a.zero is not None:
+                pairs.append((L["bq_zero"][idx], "zero"))
+        elif p.kind == S.KIND_BF:
+            pairs = [(L["bf_vals"][idx], "values")]
+        elif p.kind == S.KIND_BH:
+            pairs = [(L["bh_vals"][idx], "values")]
+        else:
+            which = S.BG_LISTS.index(str(raw(a.values).dtype))
+            pairs = [(L[f"bg_{S.BG_LISTS[which]}"][idx], "values")]
+            pairs += [(L[f"bg_{f}"][idx], f) for f in ("scale", "zero") if getattr(a, f) is not None]
+        for target, fname in pairs:
+            parts = [raw(getattr(x, fname)) for x in lays]
+            if len(parts) == 1 and np.shares_memory(target, parts[0]):
+                continue
+            if target.dtype != parts[0].dtype or target.shape != (sum(x.shape[0] for x in parts), *parts[0].shape[1:]):
+                return False
+            np.concatenate(parts, axis=0, out=target)
+        return True
+
+    def _refresh_f32(self, p, idx: int) -> bool:
+        """The gather kernels' values are a fixed permutation of the layers' blocked float32
+        values (zeros where rows are padded): learn it once by preparing a copy whose values
+        are their own indices, then each refresh is one ``np.take``. False: too many values to
+        index exactly in float32 (2^24), the caller re-derives the row."""
+        perms = self.__dict__.setdefault("_f32_perm", {})
+        perm = perms.get(p.name)
+        lays = [m.layout for m in p.modules]
+        if perm is None:
+            from sparsemerge.kernels.layout import BlockedNM
+            from sparsemerge.runtime.kernels import decode_kernel
+
+            total = sum(x.values.numel() for x in lays)
+            if total + 1 >= 2 ** 24:
+                return False
+            ids, start = [], 1  # 0: the padding's zero
+            for x in lays:
+                n = x.values.numel()
+                ids.append(BlockedNM(x.rows, x.cols, x.n, x.m, x.codec,
+                                     torch.arange(start, start + n, dtype=torch.float32).reshape(x.values.shape),
+                                     x.meta, x.index, x.scale, x.zero, x.group_size))
+                start += n
+            fake = ids[0] if len(ids) == 1 else concat_rows(ids)
+            vals = decode_kernel(p.kernel, fake).prepare(fake)["vals"]
+            perm = perms[p.name] = vals.astype(np.int32)  # 4 bytes per value, kept for the next refresh
+            if perm.shape != self._kw_lists["f32_vals"][idx].shape:
+                return False
+        src = np.concatenate([np.zeros(1, np.float32)] + [x.values.contiguous().numpy().reshape(-1) for x in lays])
+        np.take(src, perm, out=self._kw_lists["f32_vals"][idx])
+        return True
+
     def _add_general(self, layout, kw) -> int:
         """A general N:M layer (KIND_BG): its values go to the typed list of their dtype, the
         other three lists get a one-element placeholder so one index addresses them all."""
@@ -299,6 +369,50 @@ class DecodeEngine:
         self.kc = np.zeros((c["layers"], KVH, self.max_seq, HD), f)
         self.vc = np.zeros_like(self.kc)
         self.logits = np.zeros(c["vocab"], f)
+
+    def refresh_weights(self, modules: Optional[Sequence[nn.Module]] = None) -> None:
+        """Bring the flat weight arrays up to date after the model's values changed in place
+        (a task switch, deploy/switch.py); the plan, buffers and KV cache stay. ``modules``:
+        only the products holding one of these (and the norms) are re-derived, written into
+        the existing arrays (shapes depend on the pattern only); None: everything rebuilt."""
+        if modules is None:
+            self._build_weights()
+            return
+        ids = {id(m) for m in modules}
+        for p in self.plan.layers:
+            if any(id(m) in ids for m in p.modules):
+                self._refresh_row(p)
+        decoder = self.model.model
+        norms = [t for layer in decoder.layers for t in (layer.input_layernorm.weight, layer.post_attention_layernorm.weight)]
+        norms.append(decoder.norm.weight)
+        np.copyto(self.norms, torch.stack([n.detach().float() for n in norms]).numpy())
+
+    def refresh_nbytes(self) -> int:
+        """Bytes kept to make :meth:`refresh_weights` fast (the gather rows' value indices)."""
+        return sum(a.nbytes for a in self.__dict__.get("_f32_perm", {}).values())
+
+    def _refresh_row(self, p) -> None:
+        """Re-derive plan row ``p``'s arrays (as at construction) into the arrays in use."""
+        from collections import defaultdict
+
+        idx = self._row_index[p.name]
+        if p.kind in (S.KIND_BQ, S.KIND_BF, S.KIND_BH, S.KIND_BG) and self._refresh_concat(p, idx):
+            return
+        if p.kind == S.KIND_F32 and self._refresh_f32(p, idx):
+            return
+        fresh: dict = defaultdict(list)
+        saved, self._bg_par = self._bg_par, []
+        try:
+            self._add_op(p, fresh, [], [], [], [], [])
+        finally:
+            self._bg_par = saved
+        for name, arrays in fresh.items():
+            if name == "biases" or not arrays:
+                continue
+            at = int(self.kw[7][idx, 3]) if name in ("bq_codes4", "bq_codes8") else idx  # BQ codes: own list index
+            target = self._kw_lists[name][at]
+            if not np.shares_memory(target, arrays[0]):
+                np.copyto(target, arrays[0])
 
     # ------------------------------------------------------------------ running
     def reset(self) -> None:
@@ -389,7 +503,7 @@ class DecodeEngine:
             tok = sampler(logits)
             out.append(tok)
             if need_text:
-                text += self._piece(out, text)
+                text += self._piece(out, text, final=tok in eos or i + 1 == max_new_tokens)
             done = tok in eos
             reason = "eos" if done else reason
             hit = next((s for s in stop if s in text), None) if stop else None
@@ -452,8 +566,10 @@ class DecodeEngine:
                 ids.update(int(x) for x in e)
         return ids
 
-    def _piece(self, out: list[int], text_so_far: str) -> str:
+    def _piece(self, out: list[int], text_so_far: str, final: bool = False) -> str:
         if self.tokenizer is None:
             return ""
         full = self.tokenizer.decode(out, skip_special_tokens=True)
+        if not final:  # a token that ends inside a UTF-8 character decodes to U+FFFD until its next bytes come
+            full = full.rstrip("\ufffd")
         return full[len(text_so_far):] if full.startswith(text_so_far) else full
