@@ -180,6 +180,10 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
         raise
     except Exception as exc:
         raise SparsemergeError(f"could not load a model from {source.name!r}: {type(exc).__name__}: {exc}") from exc
+    from sparsemerge.merge.stitch import has_adapters, install_adapters_
+
+    if has_adapters(folder):  # a stitched model's seam adapters (sparsemerge.merge.stitch)
+        install_adapters_(model, folder)
     model.eval()
     return LoadedModel(model, _load_tokenizer(folder), source)
 
@@ -210,6 +214,9 @@ def save_model(
     ``inputs``: the paths it was made from (``out`` must not be or contain one)."""
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
+        from sparsemerge.merge.stitch import save_adapters
+
+        save_adapters(model, tmp)  # a stitched model's seam adapters live beside its weights
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (records or {}).items():

@@ -275,6 +275,8 @@ def _check_architecture(model: nn.Module, hint: str = "run without --permute") -
         )
     if lm_head.bias is not None:
         raise SparsemergeError(f"channel permutation does not handle an lm_head bias; {hint}")
+    if any(hasattr(layer, "stitch_adapter") for layer in core.layers):  # maps the residual stream: not permuted here
+        raise SparsemergeError(f"channel permutation does not handle a stitched model's seam adapters; {hint}")
     hidden = core.embed_tokens.weight.shape[1]
     allowed = {"embed_tokens.weight", "norm.weight"}
     for i, layer in enumerate(core.layers):
