@@ -174,3 +174,15 @@ def test_merge_cli_stitches_and_eval_uses_the_adapters(permuted_pair, text_file,
     original = capsys.readouterr().out
     ppl = [float(re.search(r"perplexity ([0-9.]+)", s).group(1)) for s in (stitched, original)]
     assert ppl[0] == pytest.approx(ppl[1], rel=1e-3)
+
+
+def test_tensor_level_commands_refuse_a_stitched_model(permuted_pair, text_file, tmp_path):
+    from sparsemerge.formats.model import pack
+
+    _, _, (a_dir, b_dir) = permuted_pair
+    out = tmp_path / "stitched"
+    run_merge(_config(a_dir, b_dir, text_file), out)
+    with pytest.raises(SparsemergeError, match="seam adapters"):
+        run_merge({"merge_method": "linear", "models": [{"model": str(out)}, {"model": str(a_dir)}]}, tmp_path / "m")
+    with pytest.raises(SparsemergeError, match="seam adapters"):
+        pack(out, tmp_path / "packed")

@@ -117,6 +117,16 @@ def has_adapters(folder: "str | Path") -> bool:
     return (Path(folder) / STITCH_DIR / STITCH_JSON).is_file()
 
 
+def refuse_adapters(ref: Any, what: str) -> None:
+    """Tensor-level commands read a folder's weights only; refuse a stitched model rather than
+    silently drop its seam adapters."""
+    if isinstance(ref, (str, Path)) and Path(ref).is_dir() and has_adapters(ref):
+        raise SparsemergeError(
+            f"{str(ref)!r} is a stitched model with seam adapters ({STITCH_DIR}/); {what} reads its weights only and "
+            "would drop them - load it with sparsemerge.io.load_model, or stitch again from its source models"
+        )
+
+
 def install_adapters_(model: nn.Module, folder: "str | Path") -> list[int]:
     """Attach the adapters saved in ``folder/stitch`` to ``model``; returns their layers."""
     from sparsemerge.io.reader import load_safetensors
