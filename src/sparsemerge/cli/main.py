@@ -24,7 +24,8 @@ COMMAND_MODULES = [
     "sparsemerge.cli.run",  # run, bench                      (execution)
     "sparsemerge.cli.plan",  # plan                            (decode runtime)
     "sparsemerge.cli.merge",  # merge                           (merging)
-    "sparsemerge.cli.analysis",  # lmc, tv-stats                (merge analysis)
+    "sparsemerge.cli.analysis",  # lmc, align, tv-stats         (merge analysis)
+    "sparsemerge.cli.share",  # share                           (cross-layer sharing)
     "sparsemerge.cli.tune",  # tune                            (search + Pareto frontier)
 ]
 

@@ -197,9 +197,7 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
     go into ``config.format``; the rest stay dense (``dense_quant`` may quantize 2-D ones).
     """
     from sparsemerge.io import atomic_output, ensure_writable, open_tensor_source
-    from sparsemerge.merge.stitch import refuse_adapters
 
-    refuse_adapters(src, "pack")  # its seam adapters are not weights: packing would drop them
     config = config or PackConfig(**options)
     if config.format in LAYOUTS:  # a layout of its own (compressed-tensors ...), not the packed folder
         return LAYOUTS.get(config.format).write(src, out, config, overwrite=overwrite, progress=progress)

@@ -174,8 +174,18 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
         else:
             from sparsemerge.io.reader import index_shards
 
-            index_shards(folder)  # refuse an index that points outside the folder before transformers reads it
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+            from sparsemerge.merge.share import has_sharing, load_shared_state
+
+            if has_sharing(folder):  # cross-layer shared (sparsemerge.merge.share): rebuilt dense
+                config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+                missing, unexpected = model.load_state_dict(load_shared_state(folder), strict=False)
+                missing = [k for k in missing if not _is_tied(model, k)]
+                if missing or unexpected:
+                    raise SparsemergeError(f"shared model {source.name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            else:
+                index_shards(folder)  # refuse an index that points outside the folder before transformers reads it
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
     except SparsemergeError:
         raise
     except Exception as exc:

@@ -63,9 +63,7 @@ class MergeReport:
 def open_model(ref: str, config: MergeConfig) -> Source:
     """A tensor source for a model reference: a checkpoint, a LoRA adapter folder, or ``BASE+ADAPTER``."""
     from sparsemerge.io import open_tensor_source
-    from sparsemerge.merge.stitch import refuse_adapters
 
-    refuse_adapters(ref, "merge")
     if "+" in ref and not Path(ref).exists():
         base_ref, adapter_ref = ref.split("+", 1)
         return LoraTensorSource(open_tensor_source(base_ref), LoraAdapter(adapter_ref))

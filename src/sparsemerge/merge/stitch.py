@@ -122,8 +122,9 @@ def refuse_adapters(ref: Any, what: str) -> None:
     silently drop its seam adapters."""
     if isinstance(ref, (str, Path)) and Path(ref).is_dir() and has_adapters(ref):
         raise SparsemergeError(
-            f"{str(ref)!r} is a stitched model with seam adapters ({STITCH_DIR}/); {what} reads its weights only and "
-            "would drop them - load it with sparsemerge.io.load_model, or stitch again from its source models"
+            f"{str(ref)!r} is a stitched model with seam adapters ({STITCH_DIR}/); {what} sees its weights only and "
+            "would drop them - use it through commands that load the model (eval, lmc's model A), or stitch again "
+            "from its source models"
         )
 
 
