@@ -174,7 +174,7 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
         else:
             from sparsemerge.io.reader import index_shards
 
-            from sparsemerge.merge.share import has_sharing, load_shared_state
+            from sparsemerge.io.shared import has_sharing, load_shared_state
 
             if has_sharing(folder):  # cross-layer shared (sparsemerge.merge.share): rebuilt dense
                 config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
@@ -190,7 +190,7 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
         raise
     except Exception as exc:
         raise SparsemergeError(f"could not load a model from {source.name!r}: {type(exc).__name__}: {exc}") from exc
-    from sparsemerge.merge.stitch import has_adapters, install_adapters_
+    from sparsemerge.io.stitched import has_adapters, install_adapters_
 
     if has_adapters(folder):  # a stitched model's seam adapters (sparsemerge.merge.stitch)
         install_adapters_(model, folder)
@@ -224,7 +224,7 @@ def save_model(
     ``inputs``: the paths it was made from (``out`` must not be or contain one)."""
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
-        from sparsemerge.merge.stitch import save_adapters
+        from sparsemerge.io.stitched import save_adapters
 
         save_adapters(model, tmp)  # a stitched model's seam adapters live beside its weights
         if tokenizer is not None:

@@ -34,10 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from sparsemerge.errors import SparsemergeError
 
-SHARING_DIR = "sharing"
-SHARING_JSON = "sharing.json"
-SHARED_FILE = "shared.safetensors"
-FORMAT = "sparsemerge-sharing/1"
+from sparsemerge.io.shared import FORMAT, SHARED_FILE, SHARING_DIR, SHARING_JSON, has_sharing, load_shared_state, refuse_sharing  # noqa: F401
 
 
 class ShareConfig(BaseModel):
@@ -224,45 +221,3 @@ def share_layers(src: Any, out: "str | Path", config: "ShareConfig | dict[str, A
         if not (tmp / "config.json").is_file():
             raise SparsemergeError(f"{src!r} has no config.json beside its weights; a shared model needs one to be loaded")
     return report
-
-
-def has_sharing(folder: "str | Path") -> bool:
-    return (Path(folder) / SHARING_DIR / SHARING_JSON).is_file()
-
-
-def load_shared_state(folder: "str | Path") -> dict[str, torch.Tensor]:
-    """Rebuild every dense tensor of a shared model: ``S_g + U V``, ``S_g`` + scattered values, or a copy."""
-    from sparsemerge.io.reader import load_safetensors
-
-    folder = Path(folder) / SHARING_DIR
-    try:
-        manifest = json.loads((folder / SHARING_JSON).read_text())
-        stored = load_safetensors(folder / SHARED_FILE)
-    except (OSError, ValueError) as exc:
-        raise SparsemergeError(f"cannot read the shared model in {str(folder)!r}: {exc}") from exc
-    if manifest.get("format") != FORMAT:
-        raise SparsemergeError(f"{folder / SHARING_JSON}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    state = {}
-    try:
-        for name, recipe in manifest["tensors"].items():
-            if "copy" in recipe:
-                state[name] = stored[recipe["copy"]]
-                continue
-            shared = stored[recipe["shared"]]
-            w = shared.float().clone()
-            if "u" in recipe:
-                w += stored[recipe["u"]].float() @ stored[recipe["v"]].float()
-            elif "index" in recipe:
-                w.view(-1).index_add_(0, stored[recipe["index"]].long(), stored[recipe["values"]].float())
-            state[name] = w.to(shared.dtype)
-    except KeyError as exc:
-        raise SparsemergeError(f"{folder / SHARING_JSON} names tensor {exc} that {SHARED_FILE} does not hold") from None
-    return state
-
-
-def refuse_sharing(ref: Any, what: str) -> None:
-    if isinstance(ref, (str, Path)) and Path(ref).is_dir() and has_sharing(ref):
-        raise SparsemergeError(
-            f"{str(ref)!r} is a cross-layer shared model ({SHARING_DIR}/); {what} reads dense weights - "
-            "load it with sparsemerge.io.load_model, or save_model it to a dense folder first"
-        )

@@ -23,7 +23,6 @@ forward pre-hook on those layers; transformers alone loads the plain passthrough
 """
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,9 +34,20 @@ from torch import nn
 
 from sparsemerge.errors import SparsemergeError
 
-STITCH_DIR = "stitch"
-STITCH_JSON = "stitch.json"
-ADAPTERS_FILE = "adapters.safetensors"
+# the on-disk / in-model parts, re-exported here where the technique lives
+from sparsemerge.io.stitched import (  # noqa: E402,F401
+    ADAPTERS_FILE,
+    STITCH_DIR,
+    STITCH_JSON,
+    SeamAdapter,
+    decoder_layers,
+    adapters_of,
+    attach_adapter_,
+    has_adapters,
+    install_adapters_,
+    refuse_adapters,
+    save_adapters,
+)
 
 
 class AdapterOptions(BaseModel):
@@ -70,115 +80,6 @@ class Seam:
     options: AdapterOptions
 
 
-class SeamAdapter(nn.Module):
-    """``x -> W x + b`` on the residual stream entering a layer; identity at initialisation.
-    ``weight`` and ``bias`` are non-persistent buffers: they follow ``.to()`` but stay out of the
-    model's state dict and parameters, so a saved or pruned model never mixes them with its own
-    tensors (:func:`save_adapters` writes them beside; training marks them ``requires_grad``)."""
-
-    def __init__(self, hidden: int) -> None:
-        super().__init__()
-        self.register_buffer("weight", torch.eye(hidden), persistent=False)
-        self.register_buffer("bias", torch.zeros(hidden), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(x.to(self.weight.dtype), self.weight, self.bias).to(x.dtype)
-
-
-def _layers(model: nn.Module) -> nn.ModuleList:
-    core = getattr(model, "model", None)
-    layers = getattr(core, "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        raise SparsemergeError(f"stitching adapters need a decoder with model.layers, got {type(model).__name__}")
-    return layers
-
-
-def attach_adapter_(model: nn.Module, layer: int, adapter: SeamAdapter) -> None:
-    """Register ``adapter`` on decoder layer ``layer`` (as its submodule ``stitch_adapter``, so it
-    follows ``.to()``) and apply it to the hidden states entering that layer."""
-    layers = _layers(model)
-    if not 0 <= layer < len(layers):
-        raise SparsemergeError(f"stitch adapter for layer {layer}, but the model has {len(layers)} layers")
-    block = layers[layer]
-    if hasattr(block, "stitch_adapter"):
-        raise SparsemergeError(f"layer {layer} already has a stitch adapter")
-    block.stitch_adapter = adapter.to(next(block.parameters()).device)
-
-    def pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        if args:
-            return (module.stitch_adapter(args[0]),) + tuple(args[1:]), kwargs
-        kwargs["hidden_states"] = module.stitch_adapter(kwargs["hidden_states"])
-        return args, kwargs
-
-    block.register_forward_pre_hook(pre_hook, with_kwargs=True)
-
-
-def has_adapters(folder: "str | Path") -> bool:
-    return (Path(folder) / STITCH_DIR / STITCH_JSON).is_file()
-
-
-def refuse_adapters(ref: Any, what: str) -> None:
-    """Tensor-level commands read a folder's weights only; refuse a stitched model rather than
-    silently drop its seam adapters."""
-    if isinstance(ref, (str, Path)) and Path(ref).is_dir() and has_adapters(ref):
-        raise SparsemergeError(
-            f"{str(ref)!r} is a stitched model with seam adapters ({STITCH_DIR}/); {what} sees its weights only and "
-            "would drop them - use it through commands that load the model (eval, lmc's model A), or stitch again "
-            "from its source models"
-        )
-
-
-def install_adapters_(model: nn.Module, folder: "str | Path") -> list[int]:
-    """Attach the adapters saved in ``folder/stitch`` to ``model``; returns their layers."""
-    from sparsemerge.io.reader import load_safetensors
-
-    stitch = Path(folder) / STITCH_DIR
-    try:
-        record = json.loads((stitch / STITCH_JSON).read_text())
-        state = load_safetensors(stitch / ADAPTERS_FILE)
-    except (OSError, ValueError) as exc:
-        raise SparsemergeError(f"cannot read the stitch adapters of {str(folder)!r}: {exc}") from exc
-    hidden = model.get_input_embeddings().weight.shape[1]
-    layers = [int(s["layer"]) for s in record.get("seams", [])]
-    for layer in layers:
-        adapter = SeamAdapter(hidden)
-        w, b = state.get(f"layers.{layer}.weight"), state.get(f"layers.{layer}.bias")
-        if w is None or b is None or tuple(w.shape) != (hidden, hidden) or tuple(b.shape) != (hidden,):
-            raise SparsemergeError(f"{stitch / ADAPTERS_FILE}: adapter of layer {layer} is missing or not ({hidden}, {hidden}) + ({hidden},)")
-        with torch.no_grad():
-            adapter.weight.copy_(w)
-            adapter.bias.copy_(b)
-        attach_adapter_(model, layer, adapter.to(model.get_input_embeddings().weight.dtype))
-    return layers
-
-
-def adapters_of(model: nn.Module) -> dict[int, SeamAdapter]:
-    """The seam adapters attached to ``model``'s layers, by layer."""
-    layers = getattr(getattr(model, "model", None), "layers", None)
-    if not isinstance(layers, nn.ModuleList):
-        return {}
-    return {i: block.stitch_adapter for i, block in enumerate(layers) if isinstance(getattr(block, "stitch_adapter", None), SeamAdapter)}
-
-
-def save_adapters(model: nn.Module, folder: "str | Path", record: "dict[str, Any] | None" = None) -> bool:
-    """Write ``model``'s seam adapters to ``folder/stitch`` (nothing when it has none)."""
-    from sparsemerge.io import save_safetensors
-
-    adapters = adapters_of(model)
-    if not adapters:
-        return False
-    out = Path(folder) / STITCH_DIR
-    out.mkdir(exist_ok=True)
-    state = {}
-    for layer, adapter in adapters.items():
-        state[f"layers.{layer}.weight"] = adapter.weight.detach().float().cpu().contiguous()
-        state[f"layers.{layer}.bias"] = adapter.bias.detach().float().cpu().contiguous()
-    save_safetensors(state, out / ADAPTERS_FILE, metadata={"format": "pt"})
-    record = record or {"hidden": int(next(iter(adapters.values())).weight.shape[0]), "seams": [{"layer": k} for k in adapters]}
-    (out / STITCH_JSON).write_text(json.dumps(record, indent=2) + "\n")
-    return True
-
-
 class _Stop(Exception):
     pass
 
@@ -187,7 +88,7 @@ class _Stop(Exception):
 def layer_inputs(model: nn.Module, windows: torch.Tensor, layer: int, batch_size: int = 4) -> torch.Tensor:
     """``(tokens, hidden)``: the hidden states entering decoder layer ``layer`` (after any adapter
     already attached there is *not* applied: captured before the pre-hooks of that layer run)."""
-    block = _layers(model)[layer]
+    block = decoder_layers(model)[layer]
     captured: list[torch.Tensor] = []
 
     def grab(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -288,7 +189,7 @@ def fit_adapters(folder: Path, seams: list[Seam], calibration: StitchCalibration
 def tune_adapters_(model: nn.Module, windows: torch.Tensor, seams: list[Seam], batch_size: int, progress: bool = False) -> tuple[float, float]:
     """Adam on the next-token loss of ``model`` with only the seams' adapters trainable (each its
     own ``steps`` and ``lr``; the longest sets the loop). Returns the mean loss before and after."""
-    layers = _layers(model)
+    layers = decoder_layers(model)
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
