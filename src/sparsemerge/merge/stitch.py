@@ -210,8 +210,10 @@ def tune_adapters_(model: nn.Module, windows: torch.Tensor, seams: list[Seam], b
 
     before = mean_loss()
     steps = max(g["steps"] for g in groups)
+    from tqdm.auto import tqdm
+
     try:
-        for step in range(steps):
+        for step in tqdm(range(steps), desc="stitch adapters", disable=not progress):
             for g, pg in zip(groups, opt.param_groups):
                 pg["lr"] = g["lr"] if step < g["steps"] else 0.0
             batch = batches[step % len(batches)].to(device)
