@@ -1,4 +1,5 @@
-"""``sparsemerge lmc`` (linear mode connectivity) and ``sparsemerge tv-stats`` (task-vector statistics)."""
+"""``sparsemerge lmc`` (linear mode connectivity), ``sparsemerge align`` (permutation alignment by
+weight matching) and ``sparsemerge tv-stats`` (task-vector statistics)."""
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--out", help="write a plot (.png, .pdf, .svg)")
     p.add_argument("--json", dest="json_out", help="write the curve as JSON")
+    p.add_argument("--align", action="store_true",
+                   help="first permute B's units to match A (weight matching, as `sparsemerge align`); "
+                   "prints and plots the curve before and after alignment")
+    p.add_argument("--align-scope", action="append", choices=["mlp", "heads", "hidden"],
+                   help="with --align: permutation spaces (repeatable; default all)")
     p.add_argument("--no-progress", action="store_true")
     add_overwrite(p)
     p.set_defaults(func=run_lmc)
+
+    g = sub.add_parser(
+        "align",
+        help="permute model B's hidden units to match model A (Git Re-Basin weight matching)",
+        description="Weight matching (Ainsworth et al. 2022, chapter 10.3.5): find the permutations of B's MLP "
+        "channels, attention heads (within KV groups) and residual stream that best match A's weights "
+        "(a linear assignment per space, coordinate descent until nothing changes), apply them to B (its "
+        "function is unchanged) and write the result as a Hugging Face folder. Merge it with A or measure "
+        "connectivity (`sparsemerge lmc A OUT`) afterwards. Llama / Mistral / Qwen2 / Qwen3 models.",
+    )
+    g.add_argument("model_a", help="reference model A (HF folder, .safetensors with config.json, .gguf, or smollm2)")
+    g.add_argument("model_b", help="model B to permute, same architecture as A")
+    g.add_argument("out", help="output folder: B with its units permuted")
+    g.add_argument("--scope", action="append", choices=["mlp", "heads", "hidden"],
+                   help="permutation spaces (repeatable; default mlp, heads and hidden)")
+    g.add_argument("--max-iters", type=int, default=100, help="coordinate-descent sweeps at most (default 100)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the sweep order")
+    add_overwrite(g)
+    g.set_defaults(func=run_align)
 
     t = sub.add_parser(
         "tv-stats",
@@ -54,6 +79,33 @@ def _write_json(path: str, data: dict, overwrite: bool) -> None:
     write_json_atomic(path, data)
 
 
+def _align_config(scopes, max_iters: int = 100, seed: int = 0):
+    from sparsemerge.errors import SparsemergeError
+    from sparsemerge.merge.align import AlignConfig
+
+    try:
+        return AlignConfig(**({"scopes": scopes} if scopes else {}), max_iters=max_iters, seed=seed)
+    except ValueError as exc:  # pydantic.ValidationError
+        raise SparsemergeError(f"invalid alignment options: {exc}") from exc
+
+
+def _print_alignment(result) -> None:
+    rows = [[s, p.numel(), result.moved.get(s, 0)] for s, p in result.perms.items()]
+    print(format_table(["space", "units", "moved"], rows, align="lrr"))
+    print(f"cosine(A, B) over the permuted tensors: {result.similarity_before:.4f} -> {result.similarity_after:.4f} "
+          f"({result.iterations} sweeps, {result.seconds:.2f} s)")
+
+
+def run_align(args: argparse.Namespace) -> int:
+    from sparsemerge.merge.align import align_checkpoints
+
+    config = _align_config(args.scope, args.max_iters, args.seed)
+    result = align_checkpoints(args.model_a, args.model_b, args.out, config, overwrite=args.overwrite)
+    _print_alignment(result)
+    print(f"aligned B -> {args.out}")
+    return 0
+
+
 def run_lmc(args: argparse.Namespace) -> int:
     from sparsemerge.errors import SparsemergeError
     from sparsemerge.io import ensure_writable
@@ -69,18 +121,44 @@ def run_lmc(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:  # pydantic.ValidationError
         raise SparsemergeError(f"invalid lmc options: {exc}") from exc
+    align = _align_config(args.align_scope) if args.align else None
+    if args.align_scope and not args.align:
+        raise SparsemergeError("--align-scope needs --align")
     result = lmc_curve(args.model_a, args.model_b, config)
-    rows = [[f"{p.alpha:.3f}", p.loss, p.perplexity, result.linear_baseline(p.alpha), result.barrier_at(p)] for p in result.points]
     print(f"A = {args.model_a}\nB = {args.model_b}\n{result.windows} windows x {result.seqlen} tokens of {args.data}")
-    print(format_table(["a", "loss", "perplexity", "linear loss", "barrier"], rows))
-    print(f"barrier max_a [L(a) - ((1-a) L(A) + a L(B))] = {result.barrier:.4f} nats")
+    _print_curve(result)
+    unaligned, alignment = None, None
+    if align is not None:
+        import tempfile
+
+        from sparsemerge.merge.align import align_checkpoints
+
+        with tempfile.TemporaryDirectory(prefix="sparsemerge-align-") as tmp:
+            alignment = align_checkpoints(args.model_a, args.model_b, f"{tmp}/b", align)
+            print("\nalignment of B to A (weight matching):")
+            _print_alignment(alignment)
+            unaligned, result = result, lmc_curve(args.model_a, f"{tmp}/b", config)
+        result.model_b = f"{args.model_b} (aligned)"
+        print("\nafter alignment:")
+        _print_curve(result)
+        print(f"barrier: {unaligned.barrier:.4f} nats before alignment, {result.barrier:.4f} aligned")
     if args.out:
-        plot_lmc(result, args.out, overwrite=args.overwrite)
+        plot_lmc(result, args.out, overwrite=args.overwrite, before=unaligned)
         print(f"plot -> {args.out}")
     if args.json_out:
-        _write_json(args.json_out, result.to_json(), args.overwrite)
+        data = result.to_json()
+        if unaligned is not None:
+            data["unaligned"] = unaligned.to_json()
+            data["alignment"] = alignment.to_json()
+        _write_json(args.json_out, data, args.overwrite)
         print(f"json -> {args.json_out}")
     return 0
+
+
+def _print_curve(result) -> None:
+    rows = [[f"{p.alpha:.3f}", p.loss, p.perplexity, result.linear_baseline(p.alpha), result.barrier_at(p)] for p in result.points]
+    print(format_table(["a", "loss", "perplexity", "linear loss", "barrier"], rows))
+    print(f"barrier max_a [L(a) - ((1-a) L(A) + a L(B))] = {result.barrier:.4f} nats")
 
 
 def _pct(x: float) -> str:

@@ -114,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
         if errs:
             line += f"; LoRA rank {report.lora['rank']}, mean relative error {sum(errs) / len(errs):.4f}"
     print(line)
+    for seam in (report.stitch or {}).get("seams", []):
+        print(f"stitch adapter before layer {seam['layer']} (into {seam['model']} layer {seam['source_layer']}): relative "
+              f"error of the hidden state {seam['relative_error_identity']:.4f} as passthrough -> {seam['relative_error_fitted']:.4f} fitted")
+    if (report.stitch or {}).get("tuning"):
+        t = report.stitch["tuning"]
+        print(f"stitch adapters trained: calibration loss {t['loss_before']:.4f} -> {t['loss_after']:.4f}")
     if args.task_vector_out:
         from sparsemerge.merge.task_vectors import write_packed_task_vector
 

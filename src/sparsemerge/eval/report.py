@@ -80,8 +80,9 @@ def plot_perplexity(path: Path, rows: "list[DemoRow]") -> None:
     plt.close(fig)
 
 
-def plot_lmc(result: "LMCResult", out: "str | Path", overwrite: bool = False) -> Path:
-    """Loss along the path (solid) against the straight line between the ends (dashed); written atomically."""
+def plot_lmc(result: "LMCResult", out: "str | Path", overwrite: bool = False, before: "LMCResult | None" = None) -> Path:
+    """Loss along the path (solid) against the straight line between the ends (dashed); written
+    atomically. ``before``: the curve before permutation alignment, drawn too (dotted)."""
     import numpy as np
 
     from sparsemerge.io.atomic import atomic_output
@@ -95,9 +96,15 @@ def plot_lmc(result: "LMCResult", out: "str | Path", overwrite: bool = False) ->
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(alphas, [p.loss for p in result.points], "o-", label="L((1-a) A + a B)")
     ax.plot(alphas, [result.linear_baseline(a) for a in alphas], "--", color="gray", label="(1-a) L(A) + a L(B)")
+    title = f"linear mode connectivity, barrier {result.barrier:.4f}"
+    if before is not None:
+        ax.plot([p.alpha for p in before.points], [p.loss for p in before.points], "s:", color="tab:red",
+                label="before alignment")
+        ax.lines[0].set_label("after alignment")
+        title = f"linear mode connectivity, barrier {before.barrier:.4f} -> {result.barrier:.4f} aligned"
     ax.set_xlabel("a")
     ax.set_ylabel(f"loss (nats/token) on {result.data}")
-    ax.set_title(f"linear mode connectivity, barrier {result.barrier:.4f}", fontsize=10)
+    ax.set_title(title, fontsize=10)
     right = ax.secondary_yaxis("right", functions=(np.exp, lambda y: np.log(np.maximum(y, 1e-12))))
     right.set_ylabel("perplexity")
     ax.legend(fontsize=8)

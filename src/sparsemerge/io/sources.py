@@ -174,12 +174,26 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
         else:
             from sparsemerge.io.reader import index_shards
 
-            index_shards(folder)  # refuse an index that points outside the folder before transformers reads it
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
+            from sparsemerge.io.shared import has_sharing, load_shared_state
+
+            if has_sharing(folder):  # cross-layer shared (sparsemerge.merge.share): rebuilt dense
+                config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+                missing, unexpected = model.load_state_dict(load_shared_state(folder), strict=False)
+                missing = [k for k in missing if not _is_tied(model, k)]
+                if missing or unexpected:
+                    raise SparsemergeError(f"shared model {source.name!r}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            else:
+                index_shards(folder)  # refuse an index that points outside the folder before transformers reads it
+                model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
     except SparsemergeError:
         raise
     except Exception as exc:
         raise SparsemergeError(f"could not load a model from {source.name!r}: {type(exc).__name__}: {exc}") from exc
+    from sparsemerge.io.stitched import has_adapters, install_adapters_
+
+    if has_adapters(folder):  # a stitched model's seam adapters (sparsemerge.merge.stitch)
+        install_adapters_(model, folder)
     model.eval()
     return LoadedModel(model, _load_tokenizer(folder), source)
 
@@ -210,6 +224,9 @@ def save_model(
     ``inputs``: the paths it was made from (``out`` must not be or contain one)."""
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         model.save_pretrained(tmp)
+        from sparsemerge.io.stitched import save_adapters
+
+        save_adapters(model, tmp)  # a stitched model's seam adapters live beside its weights
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, data in (records or {}).items():

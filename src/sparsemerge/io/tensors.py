@@ -121,4 +121,10 @@ class TensorSource:
 
 def open_tensor_source(spec: "str | os.PathLike[str] | ResolvedSource") -> TensorSource:
     source = spec if isinstance(spec, ResolvedSource) else resolve_source(spec)
+    if source.kind == "hf":  # folders whose weights alone are not the model: refuse, never drop a part
+        from sparsemerge.io.shared import refuse_sharing
+        from sparsemerge.io.stitched import refuse_adapters
+
+        refuse_adapters(source.path, "reading its tensors")
+        refuse_sharing(source.path, "reading its tensors")
     return TensorSource(source)

@@ -9,7 +9,10 @@ A parameter value is a scalar, a gradient (list of numbers interpolated over the
 
 sparsemerge keys: ``seed`` (stochastic methods), ``keep_pattern`` (e.g. ``2:4``: project the
 merged weights onto the pattern), ``keep_mask`` (``merged`` or ``base``), ``lora_rank`` (write
-the merge as a LoRA adapter of that rank), ``shard_size`` (bytes or ``"2GB"``).
+the merge as a LoRA adapter of that rank), ``shard_size`` (bytes or ``"2GB"``); for passthrough
+stitching, a slice's ``adapter`` (``true`` or ``{ridge, steps, lr}``: a linear adapter at the
+slice's entry, :mod:`sparsemerge.merge.stitch`) and ``stitch`` (its calibration text:
+``{data, nsamples, seqlen, seed, batch_size}``).
 A model is a Hugging Face folder, a .safetensors or .gguf file, a bundled name, a PEFT LoRA
 adapter folder, or ``BASE+ADAPTER`` (mergekit's LoRA syntax).
 """
@@ -24,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.io.dtypes import ALIASES as _DTYPE_ALIASES
 from sparsemerge.io.dtypes import FLOAT_NAMES as DTYPES
+from sparsemerge.merge.stitch import AdapterOptions, StitchCalibration
 
 
 def _check_setting(name: str, value: Any) -> Any:
@@ -89,6 +93,7 @@ class OutputSlice(_Strict):
     base_model: Optional[str] = None
     parameters: Optional[dict[str, Any]] = None
     residual_weight: Optional[float] = None
+    adapter: Union[bool, AdapterOptions, None] = None  # sparsemerge: stitching adapter at this slice's entry
 
     _params = field_validator("parameters")(classmethod(lambda cls, v: _check_parameters(v)))
 
@@ -129,6 +134,7 @@ class MergeConfig(_Strict):
     keep_mask: Literal["merged", "base"] = "merged"
     lora_rank: Optional[int] = Field(default=None, ge=1)
     shard_size: Union[int, str] = "5GB"
+    stitch: Optional[StitchCalibration] = None
 
     _params = field_validator("parameters")(classmethod(lambda cls, v: _check_parameters(v)))
 
@@ -170,6 +176,15 @@ class MergeConfig(_Strict):
     def _inputs(self) -> "MergeConfig":
         if bool(self.models) == bool(self.slices):
             raise SparsemergeError("a merge config needs exactly one of 'models' or 'slices' (mergekit's 'modules' is not supported)")
+        adapters = [i for i, sl in enumerate(self.slices or []) if sl.adapter not in (None, False)]
+        if adapters and self.merge_method != "passthrough":
+            raise SparsemergeError(f"slice adapters (stitching) need merge_method: passthrough, got {self.merge_method!r}")
+        if adapters and adapters[0] == 0:
+            raise SparsemergeError("the first slice has no seam before it; put 'adapter' on a later slice")
+        if adapters and self.lora_rank is not None:
+            raise SparsemergeError("slice adapters (stitching) cannot be written as a LoRA (lora_rank)")
+        if self.stitch is not None and not adapters:
+            raise SparsemergeError("'stitch' (adapter calibration) is given but no slice has 'adapter: true'")
         return self
 
     @property

@@ -30,6 +30,7 @@ from sparsemerge.merge.config import MergeConfig, load_config
 from sparsemerge.merge.lora import LoraAdapter, LoraTensorSource, is_lora_adapter, lora_config, lora_key, low_rank_factors
 from sparsemerge.merge.plan import Source, TensorJob, build_plan, split_layer
 from sparsemerge.merge.sparsity import PatternProjector
+from sparsemerge.merge.stitch import find_seams, fit_adapters, stitch_calibration
 
 log = logging.getLogger(__name__)
 
@@ -49,10 +50,14 @@ class MergeReport:
     files: list[str] = field(default_factory=list)
     pattern: Optional[dict[str, Any]] = None
     lora: Optional[dict[str, Any]] = None
+    stitch: Optional[dict[str, Any]] = None  # fitted seam adapters (passthrough slices with adapter)
 
     def to_json(self) -> dict[str, Any]:
-        return {"method": self.method, "tensors": self.tensors, "seconds": round(self.seconds, 3),
+        data = {"method": self.method, "tensors": self.tensors, "seconds": round(self.seconds, 3),
                 "files": self.files, "keep_pattern": self.pattern, "lora": self.lora}
+        if self.stitch is not None:
+            data["stitch"] = self.stitch
+        return data
 
 
 def open_model(ref: str, config: MergeConfig) -> Source:
@@ -223,6 +228,9 @@ def run_merge(
         else:
             report.files = list(writer.files) if writer else []
             _copy_model_files(tmp, cfg, sources, jobs, out_dtype or work_dtype)
+            seams = find_seams(cfg)
+            if seams:  # stitching: fit the seam adapters on the stitched model just written
+                report.stitch = fit_adapters(tmp, seams, stitch_calibration(cfg), progress)
         if projector is not None:
             report.pattern = projector.summary()
         report.seconds = time.perf_counter() - start

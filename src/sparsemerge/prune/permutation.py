@@ -261,19 +261,22 @@ def _layers_prefix(model: nn.Module, layers: nn.ModuleList) -> str:
     return next(name for name, module in model.named_modules() if module is layers)
 
 
-def _check_architecture(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+def _check_architecture(model: nn.Module, hint: str = "run without --permute") -> tuple[nn.Module, nn.Linear]:
     """``(decoder core, lm_head)`` of a supported model; refuse anything holding a parameter
-    this module would not permute (a permutation must keep the function exact)."""
+    this module would not permute (a permutation must keep the function exact). ``hint``: what
+    the user can do instead (the caller's words)."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     core = getattr(model, "model", None)
     lm_head = getattr(model, "lm_head", None)
     if model_type not in SUPPORTED or core is None or not isinstance(lm_head, nn.Linear):
         raise SparsemergeError(
             f"channel permutation supports {', '.join(SUPPORTED)} causal LMs (got model_type {model_type!r}); "
-            "run without --permute"
+            + hint
         )
     if lm_head.bias is not None:
-        raise SparsemergeError("channel permutation does not handle an lm_head bias; run without --permute")
+        raise SparsemergeError(f"channel permutation does not handle an lm_head bias; {hint}")
+    if any(hasattr(layer, "stitch_adapter") for layer in core.layers):  # maps the residual stream: not permuted here
+        raise SparsemergeError(f"channel permutation does not handle a stitched model's seam adapters; {hint}")
     hidden = core.embed_tokens.weight.shape[1]
     allowed = {"embed_tokens.weight", "norm.weight"}
     for i, layer in enumerate(core.layers):
@@ -289,6 +292,6 @@ def _check_architecture(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     if unknown:
         raise SparsemergeError(
             f"channel permutation does not know how to permute {unknown[:3]} of this {model_type} model; "
-            "run without --permute"
+            + hint
         )
     return core, lm_head
