@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,7 @@ def gguf_as_hf_folder(source: ResolvedSource, show_progress: bool = True) -> Pat
     target = cache_root() / "gguf" / digest[:16]
     if (target / "sparsemerge-cache.json").is_file():
         return target
+    _check_cache_writable(target.parent)  # before ~20 s of dequantizing, not after
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s once into %s", source.path, target)
@@ -129,6 +131,18 @@ def gguf_as_hf_folder(source: ResolvedSource, show_progress: bool = True) -> Pat
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "sparsemerge-cache.json", {"gguf": str(source.path), "sha256": digest})
     return target
+
+
+def _check_cache_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-")
+        probe.close()
+    except OSError as exc:
+        raise SparsemergeError(
+            f"the cache folder {str(folder)!r} is not writable ({exc.strerror or exc}); set SPARSEMERGE_CACHE "
+            "to a writable folder"
+        ) from None
 
 
 def _drop_gguf_quantization(model: Any) -> None:
