@@ -111,6 +111,8 @@ def eval_windows(tokenizer: Any, spec: str, seqlen: int, max_windows: "int | Non
     """Non-overlapping ``(n, seqlen)`` windows of the held-out text."""
     if seqlen < 2:
         raise SparsemergeError(f"seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise SparsemergeError(f"max_windows (--max-windows) must be >= 1, got {max_windows}")
     ids = tokenize_joined(tokenizer, load_texts(spec, "heldout"))
     n = ids.numel() // seqlen
     if max_windows is not None:

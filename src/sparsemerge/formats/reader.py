@@ -144,10 +144,8 @@ def _check_shard_lists(path: Path, tensors: dict[str, Any], shards: Any) -> None
     listed = {str(n): str(f) for f, names in shards.items() for n in names}
     extra = sorted(set(tensors) - set(listed))
     missing = sorted(set(listed) - set(tensors))
-    moved = sorted(n for n, r in tensors.items() if n in listed and isinstance(r, dict) and r.get("shard") != listed[n])
     for problem, names in (("are in the tensor table but in no shard list", extra),
-                           ("are in a shard list but not in the tensor table", missing),
-                           ("name a different shard than the shard list", moved)):
+                           ("are in a shard list but not in the tensor table", missing)):
         if names:
             raise SparsemergeError(f"{str(path)!r}: tensors {names[:5]} {problem}; the manifest was edited or is corrupt - repack it")
 

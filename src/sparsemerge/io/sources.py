@@ -167,6 +167,11 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
     source = spec if isinstance(spec, ResolvedSource) else resolve_source(spec)
     dtype = dtype or torch.float32
     folder = gguf_as_hf_folder(source) if source.kind == "gguf" else source.folder
+    if source.kind in ("hf", "safetensors"):
+        try:
+            _check_float_weights(source.path if source.kind == "safetensors" else folder)
+        except SparsemergeError as exc:
+            raise SparsemergeError(f"could not load a model from {source.name!r}: {exc}") from None
     try:
         if source.kind == "safetensors":
             if not (folder / "config.json").is_file():
@@ -196,6 +201,21 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
         raise SparsemergeError(f"could not load a model from {source.name!r}: {type(exc).__name__}: {exc}") from exc
     model.eval()
     return LoadedModel(model, _load_tokenizer(folder), source)
+
+
+def _check_float_weights(path: Path) -> None:
+    """Weights and biases are floats: an integer dtype in a header (e.g. float32 bytes labelled
+    I32) would be cast value by value into nonsense weights of ~1e9 by the model loader."""
+    from sparsemerge.io.tensors import open_tensor_source
+
+    with open_tensor_source(path) as tensors:
+        for name in tensors.names():
+            if name.endswith((".weight", ".bias")) and not tensors.dtype(name).is_floating_point:
+                raise SparsemergeError(
+                    f"tensor {name!r} of {str(path)!r} is stored as {str(tensors.dtype(name)).replace('torch.', '')}, "
+                    "but model weights are floats: the file header is wrong, or the checkpoint is quantized in a "
+                    "format sparsemerge does not load - re-export it with float weights"
+                )
 
 
 def _is_tied(model: Any, key: str) -> bool:
