@@ -95,7 +95,7 @@ def plot_lmc(result: "LMCResult", out: "str | Path", overwrite: bool = False) ->
     from sparsemerge.io.atomic import atomic_output
 
     out = Path(out)
-    check_plot_format(out)
+    fmt = check_plot_format(out)
     plt = _pyplot()
     alphas = [p.alpha for p in result.points]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -206,16 +206,21 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
 def _check_float_weights(path: Path) -> None:
     """Weights and biases are floats: an integer dtype in a header (e.g. float32 bytes labelled
     I32) would be cast value by value into nonsense weights of ~1e9 by the model loader."""
-    from sparsemerge.io.tensors import open_tensor_source
+    from sparsemerge.io.reader import SafetensorsFile, index_shards
 
-    with open_tensor_source(path) as tensors:
-        for name in tensors.names():
-            if name.endswith((".weight", ".bias")) and not tensors.dtype(name).is_floating_point:
-                raise SparsemergeError(
-                    f"tensor {name!r} of {str(path)!r} is stored as {str(tensors.dtype(name)).replace('torch.', '')}, "
-                    "but model weights are floats: the file header is wrong, or the checkpoint is quantized in a "
-                    "format sparsemerge does not load - re-export it with float weights"
-                )
+    files = [path] if path.is_file() else (index_shards(path) or sorted(path.glob("*.safetensors")))
+    for file in files:  # headers only (pytorch_model.bin folders carry their dtypes in the pickle)
+        if not file.is_file():
+            continue  # a missing shard is reported by the loader
+        with SafetensorsFile(file) as header:
+            for name in header.keys():
+                dtype = header.info(name).dtype
+                if name.endswith((".weight", ".bias")) and not dtype.is_floating_point:
+                    raise SparsemergeError(
+                        f"tensor {name!r} of {str(path)!r} is stored as {str(dtype).replace('torch.', '')}, "
+                        "but model weights are floats: the file header is wrong, or the checkpoint is quantized in a "
+                        "format sparsemerge does not load - re-export it with float weights"
+                    )
 
 
 def _is_tied(model: Any, key: str) -> bool:
