@@ -114,6 +114,10 @@ def run_lmc(args: argparse.Namespace) -> int:
     for out in (args.out, args.json_out):  # fail before any work
         if out:
             ensure_writable(out, args.overwrite)
+    if args.out:
+        from sparsemerge.eval.report import check_plot_format
+
+        check_plot_format(args.out)
     try:
         config = LMCConfig(
             grid=args.grid, data=args.data, seqlen=args.seqlen, max_windows=args.max_windows,

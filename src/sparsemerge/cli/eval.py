@@ -34,6 +34,11 @@ def run_ppl(args: argparse.Namespace) -> int:
     from sparsemerge.io import load_model
     from sparsemerge.kernels.model import is_packed_folder, load_packed
 
+    from sparsemerge.errors import SparsemergeError
+
+    for flag, value in (("--batch-size", args.batch_size), ("--seqlen", args.seqlen), ("--max-windows", args.max_windows)):
+        if value is not None and value < (2 if flag == "--seqlen" else 1):  # checked before the model loads
+            raise SparsemergeError(f"{flag} must be >= {2 if flag == '--seqlen' else 1}, got {value}")
     engine = None
     if is_packed_folder(args.model):
         if args.runtime == "auto":  # the packed model as it decodes
@@ -51,8 +56,6 @@ def run_ppl(args: argparse.Namespace) -> int:
         if engine is None:  # its stored values (INT4/INT8 codes included), decoded to float
             loaded = load_packed(args.model, dense=True)
         if loaded.tokenizer is None:
-            from sparsemerge.errors import SparsemergeError
-
             raise SparsemergeError(f"packed checkpoint {args.model!r} has no tokenizer; repack it from a folder with one")
     else:
         loaded = load_model(args.model)

@@ -7,8 +7,10 @@ code). To add a command group, append its module name to ``COMMAND_MODULES``.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import signal
 import sys
 from typing import Optional, Sequence
 
@@ -52,18 +54,54 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C so that every ``atomic_output`` removes
+    its temporary (``.OUT.tmp-*``) on the way out."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def _os_error_message(exc: OSError) -> str:
+    """A read-only output, a full disk, a missing or unreadable file: what failed, on which path."""
+    where = " -> ".join(repr(str(f)) for f in (exc.filename, exc.filename2) if f is not None)
+    reason = exc.strerror or str(exc)
+    hint = ""
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        hint = "; choose a location you can write to (or read, for an input)"
+    elif exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        hint = "; free space or choose another output location (nothing was left under the output name)"
+    return f"{reason}{': ' + where if where else ''}{hint}"
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    installed, previous = False, None
+    try:  # only the main thread may install handlers (main() also runs inside tests' threads)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        installed = True
+    except ValueError:
+        pass
     try:
         return int(args.func(args) or 0)
     except SparsemergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        print(f"error: {_os_error_message(exc)}", file=sys.stderr)
+        return 2
+    except Terminated:
+        print("terminated; no output was written", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print("interrupted; no output was written", file=sys.stderr)
         return 130
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
 
 
 if __name__ == "__main__":

@@ -203,7 +203,11 @@ def _plan(args: argparse.Namespace) -> int:
     vb = args.value_bits // 8
     if not patterns:
         raise SparsemergeError("--plan needs at least one PATTERN after SHAPE, e.g. 2:4 or 0.75")
-    for item in storage_plan(shape, patterns, vb, max_m=args.max_m, quant_bits=args.quant_bits, group_size=args.group):
+    if shape[0] * shape[1] > 2**48:
+        raise SparsemergeError(f"--plan shape {shape[0]}x{shape[1]} is larger than any weight (at most 2**48 elements)")
+    # every section computed first: a pattern that does not fit fails before anything is printed
+    items = list(storage_plan(shape, patterns, vb, max_m=args.max_m, quant_bits=args.quant_bits, group_size=args.group))
+    for item in items:
         if isinstance(item, SparsityChoices):
             print(f"N:M patterns with sparsity {item.sparsity:g} and M <= {item.max_m} (index overhead):")
             table = [
@@ -211,6 +215,8 @@ def _plan(args: argparse.Namespace) -> int:
                 for o in item.overheads
             ]
             print(format_table(["N:M", "bits2 b/group", "index b/group", "log2 C(M,N)", "index b/weight", "entropy b/weight"], table))
+            if item.skipped:
+                print(f"(no size plan for {', '.join(item.skipped)}: {shape[1]} columns are not divisible by M)")
         else:
             _print_plan(shape, item.pattern, vb, item.rows)
     return 0

@@ -198,5 +198,11 @@ def run_check(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(format_table(["tensor", "shape", "pattern", "sparsity", "violations", "status"], rows))
     checked = sum(1 for r in rows if not r[5].startswith("skipped"))
+    unfit = [r for r in rows if r[5].startswith("skipped") and r[2] != DENSE]
+    if not checked and unfit:  # "0 tensors checked, 0 violations" would read as a pass
+        raise SparsemergeError(
+            f"the pattern fits none of the {len(unfit)} selected tensors ({unfit[0][0]} {unfit[0][1]}: "
+            f"{unfit[0][5][len('skipped: '):]}); nothing was checked - choose a pattern whose M / block divides the shapes"
+        )
     print(f"{checked} tensors checked against {source}: {violations} violations")
     return 1 if violations else 0

@@ -89,6 +89,14 @@ def run_run(args: argparse.Namespace) -> int:
         if loaded.tokenizer is None:
             raise SparsemergeError(f"{args.model!r} has no tokenizer; run needs one to encode --prompt")
         ids = loaded.tokenizer(args.prompt, return_tensors="pt").input_ids.to(args.device)
+        if ids.shape[1] == 0:
+            raise SparsemergeError("the prompt is empty: give at least one token")
+        positions = getattr(getattr(loaded.model, "config", None), "max_position_embeddings", None)
+        if isinstance(positions, int) and ids.shape[1] + args.max_new_tokens > positions:
+            raise SparsemergeError(
+                f"{ids.shape[1]} prompt tokens + --max-new-tokens {args.max_new_tokens} exceed the model's "
+                f"{positions} positions (max_position_embeddings); lower --max-new-tokens to at most {max(positions - ids.shape[1], 0)}"
+            )
         engine, why = spec.decoder(loaded, max_seq=ids.shape[1] + args.max_new_tokens + 1)
         print(args.prompt, end="", flush=True)
         start = time.perf_counter()

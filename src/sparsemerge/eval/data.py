@@ -111,6 +111,8 @@ def eval_windows(tokenizer: Any, spec: str, seqlen: int, max_windows: "int | Non
     """Non-overlapping ``(n, seqlen)`` windows of the held-out text."""
     if seqlen < 2:
         raise SparsemergeError(f"seqlen must be at least 2, got {seqlen}")
+    if max_windows is not None and max_windows < 1:
+        raise SparsemergeError(f"max_windows (--max-windows) must be >= 1, got {max_windows}")
     ids = tokenize_joined(tokenizer, load_texts(spec, "heldout"))
     n = ids.numel() // seqlen
     if max_windows is not None:
@@ -120,10 +122,18 @@ def eval_windows(tokenizer: Any, spec: str, seqlen: int, max_windows: "int | Non
     return ids[: n * seqlen].reshape(n, seqlen)
 
 
+MAX_CALIBRATION_TOKENS = 2**26  # 256x the usual 128 x 2048; its ids alone take 512 MB
+
+
 def calibration_windows(tokenizer: Any, spec: str, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
     """``nsamples`` random ``seqlen``-token windows of the calibration text (seeded)."""
     if nsamples < 1 or seqlen < 2:
         raise SparsemergeError(f"need nsamples >= 1 and seqlen >= 2, got {nsamples}, {seqlen}")
+    if nsamples * seqlen > MAX_CALIBRATION_TOKENS:  # bounded before the windows (and activations) are allocated
+        raise SparsemergeError(
+            f"nsamples x seqlen = {nsamples} x {seqlen} calibration tokens is more than {MAX_CALIBRATION_TOKENS:,}; "
+            "lower --nsamples or --seqlen (128 x 2048 is the usual SparseGPT/Wanda setting)"
+        )
     ids = tokenize_joined(tokenizer, load_texts(spec, "calib"))
     if ids.numel() <= seqlen:
         raise SparsemergeError(f"calibration text {spec!r} has {ids.numel()} tokens; need more than seqlen={seqlen}")

@@ -8,10 +8,14 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from sparsemerge.errors import SparsemergeError
+
 
 @torch.no_grad()
 def perplexity(model: Any, windows: torch.Tensor, batch_size: int = 4, progress: bool = True, desc: str = "perplexity") -> float:
     """``windows``: ``(n, seqlen)`` token ids. Each window predicts its tokens 2..seqlen."""
+    if int(batch_size) < 1:
+        raise SparsemergeError(f"batch_size (--batch-size) must be >= 1, got {batch_size}")
     model.eval()
     total_nll = 0.0
     total_tokens = 0

@@ -80,6 +80,14 @@ def plot_perplexity(path: Path, rows: "list[DemoRow]") -> None:
     plt.close(fig)
 
 
+def check_plot_format(out: "str | Path") -> str:
+    """The plot format named by ``out``'s extension (none: png); call it before the work."""
+    fmt = Path(out).suffix.lstrip(".").lower() or "png"
+    if fmt not in PLOT_FORMATS:
+        raise SparsemergeError(f"plot format {fmt!r} is not supported; use .png, .pdf, .svg or .jpg")
+    return fmt
+
+
 def plot_lmc(result: "LMCResult", out: "str | Path", overwrite: bool = False, before: "LMCResult | None" = None) -> Path:
     """Loss along the path (solid) against the straight line between the ends (dashed); written
     atomically. ``before``: the curve before permutation alignment, drawn too (dotted)."""
@@ -88,9 +96,7 @@ def plot_lmc(result: "LMCResult", out: "str | Path", overwrite: bool = False, be
     from sparsemerge.io.atomic import atomic_output
 
     out = Path(out)
-    fmt = out.suffix.lstrip(".").lower() or "png"
-    if fmt not in PLOT_FORMATS:
-        raise SparsemergeError(f"plot format {fmt!r} is not supported; use .png, .pdf, .svg or .jpg")
+    fmt = check_plot_format(out)
     plt = _pyplot()
     alphas = [p.alpha for p in result.points]
     fig, ax = plt.subplots(figsize=(6, 4))

@@ -214,6 +214,12 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
         names = source.names()
         for name in _progress(names, progress, "pack"):
             tensor = source.get(name)
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise SparsemergeError(
+                    f"tensor {name!r} holds {bad} NaN or inf values: the packed model would compute NaN - "
+                    "fix or re-export the source before packing"
+                )
             layer_config, dense_reason = config.for_layer(patterns, name) if targeted(name) else (config, None)
             obj, reason = encode_tensor(name, tensor, layer_config, targeted(name))
             reason = reason or dense_reason

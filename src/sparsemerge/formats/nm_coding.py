@@ -120,8 +120,19 @@ def _unrank(ranks, n, m, table):  # pragma: no cover - compiled
     return out
 
 
+# A row's enumerative code is one integer below C**G; past this many groups per row (4M columns
+# at 2:4, far wider than any weight) computing C**G alone takes seconds, and a corrupt manifest
+# shape such as [1e12, 1e12] would hang on it.
+ENTROPY_MAX_GROUPS_PER_ROW = 2**20
+
+
 def entropy_row_bits(groups_per_row: int, combos: int) -> int:
     """``B = bitlength(C**G - 1)``: bits of one row's enumerative code."""
+    if groups_per_row > ENTROPY_MAX_GROUPS_PER_ROW:
+        raise SparsemergeError(
+            f"entropy-coded N:M rows hold at most {ENTROPY_MAX_GROUPS_PER_ROW:,} groups, got {groups_per_row:,} "
+            "(a corrupt shape, or use --metadata index for such wide rows)"
+        )
     return (combos**groups_per_row - 1).bit_length() if groups_per_row else 0
 
 

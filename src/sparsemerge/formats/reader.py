@@ -45,6 +45,7 @@ class PackedCheckpoint(TensorTable):
         self.manifest = manifest
         self.tensors: dict[str, Any] = manifest["tensors"]
         shards = manifest.get("shards")
+        _check_shard_lists(path, self.tensors, shards)
         self._reader = ShardReader(self.folder, shards if isinstance(shards, dict) else {})
 
     def record(self, name: str) -> dict[str, Any]:
@@ -55,7 +56,15 @@ class PackedCheckpoint(TensorTable):
 
     def config(self) -> dict[str, Any]:
         path = self.folder / "config.json"
-        return json.loads(path.read_text()) if path.is_file() else {}
+        if not path.is_file():
+            return {}
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise SparsemergeError(f"{str(path)!r} is not valid JSON ({exc}); restore it from the source model") from None
+        if not isinstance(config, dict):
+            raise SparsemergeError(f"{str(path)!r} must hold a JSON object; restore it from the source model")
+        return config
 
     def read_fields(self, name: str, verify: bool = True) -> dict[str, torch.Tensor]:
         record = self.record(name)
@@ -127,6 +136,20 @@ class PackedCheckpoint(TensorTable):
         self.close()
 
 
+def _check_shard_lists(path: Path, tensors: dict[str, Any], shards: Any) -> None:
+    """The manifest's tensor table and its per-shard name lists must agree: an entry added to,
+    or dropped from, one of them is an edited or damaged manifest."""
+    if not isinstance(shards, dict) or not all(isinstance(v, list) for v in shards.values()):
+        raise SparsemergeError(f"{str(path)!r} has no valid 'shards' table (shard file -> tensor names); the checkpoint is corrupt")
+    listed = {str(n): str(f) for f, names in shards.items() for n in names}
+    extra = sorted(set(tensors) - set(listed))
+    missing = sorted(set(listed) - set(tensors))
+    for problem, names in (("are in the tensor table but in no shard list", extra),
+                           ("are in a shard list but not in the tensor table", missing)):
+        if names:
+            raise SparsemergeError(f"{str(path)!r}: tensors {names[:5]} {problem}; the manifest was edited or is corrupt - repack it")
+
+
 def read_packed(path: "str | Path") -> "PackedCheckpoint":
     """Open a packed folder, or a compressed-tensors ``sparse-24-bitmask`` folder (same API)."""
     folder = Path(path)
@@ -147,8 +170,12 @@ def unpack(path: "str | Path", out: "str | Path", overwrite: bool = False, dtype
     from sparsemerge.io import atomic_output, ensure_writable
 
     target = None if dtype in (None, "keep") else dtype_from_name(str(dtype), "--dtype")
+    if target is not None and not target.is_floating_point:  # int8 would truncate every weight to 0
+        raise SparsemergeError(f"--dtype {dtype!r} is not a float dtype; use keep, float32, float16 or bfloat16")
     ensure_writable(out, overwrite, inputs=[path])
     packed = read_packed(path)
+    if isinstance(packed, PackedCheckpoint):
+        packed.config()  # a broken config.json fails now, not after every tensor is decoded
     with packed, atomic_output(out, overwrite=overwrite, inputs=[path]) as tmp:
         writer = ShardedWriter(tmp, shard_size, metadata={"format": "pt"})  # model.safetensors, or shards + index
         for name in _progress(packed.names(), progress, "unpack"):
@@ -159,7 +186,10 @@ def unpack(path: "str | Path", out: "str | Path", overwrite: bool = False, dtype
         writer.finish()
         for name in copy_side_files(packed.folder, tmp):
             if name == "config.json":
-                config = json.loads((tmp / name).read_text())
+                try:
+                    config = json.loads((tmp / name).read_text())
+                except ValueError as exc:
+                    raise SparsemergeError(f"config.json of {str(path)!r} is not valid JSON ({exc})") from None
                 _drop_ct_config(config)
                 if target is not None:
                     config["torch_dtype"] = config["dtype"] = dtype_name(target)

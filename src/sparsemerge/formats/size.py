@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Iterator
 
@@ -28,7 +28,7 @@ import torch
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.formats.bits import index_dtype
-from sparsemerge.formats.nm_coding import CODINGS, coding_row_bits
+from sparsemerge.formats.nm_coding import CODINGS, ENTROPY_MAX_GROUPS_PER_ROW, coding_row_bits
 from sparsemerge.patterns import NM, Block, Unstructured, parse_pattern
 
 
@@ -163,7 +163,7 @@ def nm_plan_rows(p: PlanInput) -> list[PlanRow]:
             "index": f"{max(math.comb(m, n) - 1, 0).bit_length()} bits/group",
             "entropy": f"~{math.log2(math.comb(m, n)):.3f} bits/group",
         }[coding]
-        if coding == "entropy" and math.comb(m, n) >= 2**32:
+        if coding == "entropy" and (math.comb(m, n) >= 2**32 or p.cols // m > ENTROPY_MAX_GROUPS_PER_ROW):
             continue
         out.append(p.row(f"nm/{coding}", detail, nm_nbytes(p.rows, p.cols, n, m, coding, p.value_bytes)))
     return out
@@ -177,7 +177,7 @@ def nm_quant_plan_rows(p: PlanInput) -> list[PlanRow]:
     qbytes = quantized_values_nbytes(p.rows, p.cols * n // m, bits, p.group_size)
     out = []
     for coding in CODINGS:
-        if coding == "entropy" and math.comb(m, n) >= 2**32:
+        if coding == "entropy" and (math.comb(m, n) >= 2**32 or p.cols // m > ENTROPY_MAX_GROUPS_PER_ROW):
             continue
         meta = (p.rows * coding_row_bits(coding, n, m, p.cols // m) + 7) // 8
         detail = f"group {p.group_size or 'channel'}; N/M*B/32 = {n / m * bits / 32:.4f} of fp32"
@@ -198,6 +198,7 @@ def bsr_plan_rows(p: PlanInput) -> list[PlanRow]:
     return []
 
 
+MAX_PLAN_M = 64  # --max-m: N:M groups wider than this are not a storage format anyone uses
 SPARSITY_TEXT = re.compile(r"^\s*0?\.\d+\s*$")
 
 
@@ -216,6 +217,7 @@ class SparsityChoices:
     sparsity: float
     max_m: int
     overheads: list["Overhead"]
+    skipped: list[str] = field(default_factory=list)  # N:M whose M does not divide the columns
 
 
 def storage_plan(
@@ -230,11 +232,15 @@ def storage_plan(
     ``block16:0.5``, ``unstructured:0.5``) gives its :class:`PlanSection`; a sparsity
     (``0.75``) gives :class:`SparsityChoices` (every N:M reaching it with ``M <= max_m``), then
     the :class:`PlanSection` of each of those N:M."""
+    if not 2 <= int(max_m) <= MAX_PLAN_M:
+        raise SparsemergeError(f"--max-m must be between 2 and {MAX_PLAN_M}, got {max_m}")
     for text in patterns:
         if SPARSITY_TEXT.match(text):
             choices = SparsityChoices(float(text), max_m, nm_overheads(float(text), max_m))
+            fitting = [o for o in choices.overheads if shape[1] % o.m == 0]
+            choices.skipped = [f"{o.n}:{o.m}" for o in choices.overheads if o not in fitting]
             yield choices
-            for o in choices.overheads:
+            for o in fitting:
                 yield PlanSection(f"{o.n}:{o.m}", plan(shape, f"{o.n}:{o.m}", value_bytes, quant_bits=quant_bits, group_size=group_size))
         else:
             yield PlanSection(text, plan(shape, text, value_bytes, quant_bits=quant_bits, group_size=group_size))

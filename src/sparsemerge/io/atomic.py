@@ -44,8 +44,37 @@ def ensure_writable(out: "str | Path", overwrite: bool, inputs: Optional[Iterabl
             "(overwrite=True) to replace it"
         )
     if not out.parent.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise SparsemergeError(f"cannot create the output's folder {str(out.parent)!r}: {exc.strerror or exc}") from None
+    if not os.access(out.parent, os.W_OK | os.X_OK):  # fail before the work, not after it
+        raise SparsemergeError(f"cannot write into {str(out.parent)!r} (permission denied); choose a writable output location")
     return out
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where Linux allows (os.umask can only be
+    read by setting it, which races with threads creating files)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def follow_umask(path: "str | Path", is_dir: Optional[bool] = None) -> None:
+    """Give ``path`` (made by ``tempfile``, which uses 0700 / 0600) the mode ``mkdir`` or
+    ``open`` would have given it: 0777 / 0666 minus the umask."""
+    path = Path(path)
+    if is_dir is None:
+        is_dir = path.is_dir()
+    os.chmod(path, (0o777 if is_dir else 0o666) & ~_umask())
 
 
 @contextlib.contextmanager
@@ -66,6 +95,7 @@ def atomic_output(out: "str | Path", overwrite: bool = False, is_dir: bool = Tru
         os.close(fd)
         tmp = Path(name)
     try:
+        follow_umask(tmp, is_dir)  # the output gets the usual mode, not tempfile's private one
         yield tmp
         if inputs:  # a symlink or rename while we worked must not turn the output into an input
             check_not_an_input(out, inputs)

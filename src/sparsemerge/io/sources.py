@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,7 @@ def gguf_as_hf_folder(source: ResolvedSource, show_progress: bool = True) -> Pat
     target = cache_root() / "gguf" / digest[:16]
     if (target / "sparsemerge-cache.json").is_file():
         return target
+    _check_cache_writable(target.parent)  # before ~20 s of dequantizing, not after
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s once into %s", source.path, target)
@@ -129,6 +131,18 @@ def gguf_as_hf_folder(source: ResolvedSource, show_progress: bool = True) -> Pat
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "sparsemerge-cache.json", {"gguf": str(source.path), "sha256": digest})
     return target
+
+
+def _check_cache_writable(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-")
+        probe.close()
+    except OSError as exc:
+        raise SparsemergeError(
+            f"the cache folder {str(folder)!r} is not writable ({exc.strerror or exc}); set SPARSEMERGE_CACHE "
+            "to a writable folder"
+        ) from None
 
 
 def _drop_gguf_quantization(model: Any) -> None:
@@ -153,6 +167,11 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
     source = spec if isinstance(spec, ResolvedSource) else resolve_source(spec)
     dtype = dtype or torch.float32
     folder = gguf_as_hf_folder(source) if source.kind == "gguf" else source.folder
+    if source.kind in ("hf", "safetensors"):
+        try:
+            _check_float_weights(source.path if source.kind == "safetensors" else folder)
+        except SparsemergeError as exc:
+            raise SparsemergeError(f"could not load a model from {source.name!r}: {exc}") from None
     try:
         if source.kind == "safetensors":
             if not (folder / "config.json").is_file():
@@ -196,6 +215,26 @@ def load_model(spec: "str | os.PathLike[str] | ResolvedSource", dtype: Any = Non
         install_adapters_(model, folder)
     model.eval()
     return LoadedModel(model, _load_tokenizer(folder), source)
+
+
+def _check_float_weights(path: Path) -> None:
+    """Weights and biases are floats: an integer dtype in a header (e.g. float32 bytes labelled
+    I32) would be cast value by value into nonsense weights of ~1e9 by the model loader."""
+    from sparsemerge.io.reader import SafetensorsFile, index_shards
+
+    files = [path] if path.is_file() else (index_shards(path) or sorted(path.glob("*.safetensors")))
+    for file in files:  # headers only (pytorch_model.bin folders carry their dtypes in the pickle)
+        if not file.is_file():
+            continue  # a missing shard is reported by the loader
+        with SafetensorsFile(file) as header:
+            for name in header.keys():
+                dtype = header.info(name).dtype
+                if name.endswith((".weight", ".bias")) and not dtype.is_floating_point:
+                    raise SparsemergeError(
+                        f"tensor {name!r} of {str(path)!r} is stored as {str(dtype).replace('torch.', '')}, "
+                        "but model weights are floats: the file header is wrong, or the checkpoint is quantized in a "
+                        "format sparsemerge does not load - re-export it with float weights"
+                    )
 
 
 def _is_tied(model: Any, key: str) -> bool:

@@ -60,7 +60,15 @@ class TensorSource:
                 raise SparsemergeError(f"weight file {str(path)!r} is missing")
             self._files[path] = SafetensorsFile(path)  # header read and checked now, data on demand
             return self._files[path].keys()
-        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        try:  # weights_only: a pickle that would run code, or a damaged file, is refused, never run
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as exc:  # torch raises pickle.UnpicklingError, RuntimeError, EOFError ...
+            raise SparsemergeError(
+                f"cannot read {str(path)!r} as a weights-only PyTorch checkpoint ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); convert it to safetensors from a trusted copy"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise SparsemergeError(f"{str(path)!r} does not hold a mapping of tensor names to tensors")
         self._torch_state[path] = state
         return list(state)
 

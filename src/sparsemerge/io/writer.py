@@ -37,6 +37,7 @@ from typing import Any, Iterable, Literal, Mapping, Optional
 import torch
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.io.atomic import follow_umask
 from sparsemerge.io.dtypes import BY_TORCH, dtype_name, itemsize, to_code
 
 Layout = Literal["safetensors", "plan"]
@@ -171,6 +172,7 @@ class ShardedWriter:
     def _temp(self, what: str) -> tuple[int, Path]:
         self.folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix=f".{self.prefix}-{what}-", suffix=".tmp", dir=self.folder)
+        follow_umask(name, is_dir=False)  # renamed to a shard: the mode open() would give, not 0600
         self._temps.append(Path(name))
         return fd, Path(name)
 

@@ -116,7 +116,8 @@ def kept_positions(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     if over:
         raise SparsemergeError(
             f"weight of shape {rows}x{cols} is not {n}:{m} sparse: {over} groups hold more than {n} nonzeros; "
-            f"prune it first (sparsemerge prune --pattern {n}:{m}) or pass prune=True"
+            f"prune it first (sparsemerge prune --pattern {n}:{m}), or let loading prune it: --prune on the command line, "
+            "prune=True in Python"
         )
     # nonzeros first (stable), then the first n positions in ascending order
     order = torch.sort((~nz).to(torch.int8), dim=-1, stable=True).indices[..., :n]

@@ -77,9 +77,16 @@ def load_packed(path: "str | os.PathLike[str]", dense: bool = False, verify: boo
     swapped: list[str] = []
     int8_tables: list[str] = []
     state: dict[str, torch.Tensor] = {}
+    expected = {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
     with read_packed(folder) as ckpt:
         for name in ckpt.names():
             obj = ckpt.get_format(name, verify=verify)
+            if name in expected and tuple(obj.shape) != expected[name]:  # checked before any layer is swapped
+                raise SparsemergeError(
+                    f"config.json of {str(folder)!r} does not match its weights: {name} is "
+                    f"{'x'.join(map(str, obj.shape))} in the checkpoint, the config makes it {'x'.join(map(str, expected[name]))}; "
+                    "restore the config.json of the model that was packed"
+                )
             module_name = name[: -len(".weight")] if name.endswith(".weight") else None
             module = _get(model, module_name) if module_name else None
             codes = None if dense else _int8_codes(obj)

@@ -40,6 +40,11 @@ def _check_setting(name: str, value: Any) -> Any:
             raise SparsemergeError(
                 f"parameter {name!r}: a conditional setting is {{filter: SUBSTRING, value: V}}, got keys {sorted(value)}"
             )
+        flt = value.get("filter")
+        if flt is not None and not isinstance(flt, str):
+            raise SparsemergeError(
+                f"parameter {name!r}: filter must be a substring of tensor names (a string such as 'self_attn' or '*'), got {flt!r}"
+            )
         _check_setting(name, value["value"])
         return value
     if isinstance(value, list):

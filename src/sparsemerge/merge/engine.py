@@ -124,12 +124,22 @@ def run_merge(
 
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
     updates = {k: v for k, v in (("keep_pattern", keep_pattern), ("keep_mask", keep_mask), ("lora_rank", lora_rank)) if v is not None}
-    if updates:
-        cfg = MergeConfig(**{**cfg.model_dump(), **updates})
+    if lora_rank is not None and (isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or lora_rank < 1):
+        raise SparsemergeError(f"lora_rank (--lora-rank) must be a whole number >= 1, got {lora_rank!r}")
+    if keep_pattern is not None:
+        from sparsemerge.patterns import parse_pattern
+
+        try:
+            parse_pattern(keep_pattern)
+        except ValueError as exc:
+            raise SparsemergeError(f"keep_pattern (--keep-pattern) {keep_pattern!r}: {exc}") from None
+    if updates:  # validated like the YAML's own keys (a clear error, not a pydantic traceback)
+        cfg = load_config({**cfg.model_dump(), **updates})
     inputs = _input_paths(cfg)
     ensure_writable(out, overwrite, inputs=inputs)
     workers = workers or min(4, os.cpu_count() or 1)
     spec = get_method(cfg.merge_method)
+    params_mod.check_values(spec, _all_scopes(cfg))
     start = time.perf_counter()
     sources: dict[str, Source] = {ref: open_model(ref, cfg) for ref in cfg.referenced_models()}
     unknown = params_mod.unknown_parameters(spec, _all_scopes(cfg))
@@ -168,6 +178,8 @@ def run_merge(
                 wd = work_dtype or job.dtype
                 tensors = [t.to(wd) for t in raw]
                 merged = spec.fn(_method_inputs(job, spec, tensors, cfg))
+                if not bool(torch.isfinite(merged).all()):
+                    _refuse_non_finite(job, tensors)
                 if projector is not None:
                     merged = projector(job.out_name, merged, tensors[bpos] if bpos is not None else None)
             if not lora_out:
@@ -241,6 +253,18 @@ def run_merge(
         if close:
             close()
     return report
+
+
+def _refuse_non_finite(job: TensorJob, tensors: list[torch.Tensor]) -> None:
+    """A merged tensor with NaN or inf: name the input that holds them, or else the parameters
+    (e.g. weight 1e308 overflows the working dtype)."""
+    for ref, t in zip(job.inputs, tensors):
+        if not bool(torch.isfinite(t).all()):
+            raise SparsemergeError(f"input {ref.model!r} holds NaN or inf values in {ref.name!r}; it cannot be merged")
+    raise SparsemergeError(
+        f"merging {job.out_name!r} gave NaN or inf values from finite inputs: a weight or parameter is too large "
+        f"for the working dtype {str(tensors[0].dtype).replace('torch.', '')}; use smaller values"
+    )
 
 
 def _all_scopes(cfg: MergeConfig) -> list[Optional[dict[str, Any]]]:

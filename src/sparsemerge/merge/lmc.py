@@ -31,7 +31,8 @@ class LMCConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    grid: int = Field(11, ge=2, description="number of evenly spaced points in [0, 1], ends included")
+    # each point is a full evaluation; past 1001 (a step of 0.001) a run would not end (or allocate the grid)
+    grid: int = Field(11, ge=2, le=1001, description="number of evenly spaced points in [0, 1], ends included")
     data: str = "bbc"
     seqlen: int = Field(256, ge=2)
     max_windows: "int | None" = Field(None, ge=1)

@@ -124,3 +124,52 @@ def unknown_parameters(spec: MethodSpec, settings: Iterable[Optional[dict[str, A
             if key not in known and key not in found:
                 found.append(key)
     return found
+
+
+# Parameters that take a number (besides those whose default is a number or REQUIRED), and the
+# ranges the methods need: outside them a method would clamp silently or compute NaN.
+_NUMERIC = {"weight", "density", "gamma", "epsilon", "lambda", "t", "scale"}
+_RANGES: dict[str, tuple[float, float, str]] = {
+    "density": (0.0, 1.0, "in (0, 1]: the fraction of each task vector kept"),
+    "gamma": (0.0, 1.0, "in [0, 1): the fraction of largest entries dropped"),
+    "epsilon": (0.0, 1.0, "in [0, 1): DELLA's spread of keep probabilities"),
+}
+
+
+def _leaves(setting: Any) -> Iterable[Any]:
+    if isinstance(setting, dict):
+        yield from _leaves(setting.get("value"))
+    elif isinstance(setting, list):
+        for item in setting:
+            yield from _leaves(item)
+    elif setting is not None:
+        yield setting
+
+
+def check_values(spec: MethodSpec, scopes: Iterable[Optional[dict[str, Any]]]) -> None:
+    """Before any tensor is read: every numeric parameter is a finite number in its range
+    (a weight of NaN or a density of 0, -1, 2 or inf otherwise gives a NaN model or a silent clamp)."""
+    import math
+
+    defaults = {**spec.global_params, **spec.model_params}
+    for scope in scopes:
+        for name, setting in (scope or {}).items():
+            default = defaults.get(name)
+            numeric = name in _NUMERIC or default is REQUIRED or (
+                isinstance(default, (int, float)) and not isinstance(default, bool))
+            if not numeric:
+                continue
+            for leaf in _leaves(setting):
+                try:
+                    value = float(leaf) if not isinstance(leaf, bool) else None
+                except (TypeError, ValueError):
+                    value = None
+                if value is None:
+                    raise SparsemergeError(f"parameter {name!r} must be a number, got {leaf!r}")
+                if not math.isfinite(value):
+                    raise SparsemergeError(f"parameter {name!r} must be a finite number, got {leaf!r}")
+                if name in _RANGES:
+                    low, high, what = _RANGES[name]
+                    ok = (low < value <= high) if name == "density" else (low <= value < high)
+                    if not ok:
+                        raise SparsemergeError(f"parameter {name!r} must be {what}; got {leaf!r}")

@@ -142,6 +142,7 @@ def build_plan(config: MergeConfig, spec: MethodSpec, sources: dict[str, Source]
 def _check(jobs: list[TensorJob], config: MergeConfig, sources: dict[str, Source]) -> None:
     missing: list[str] = []
     mismatched: list[str] = []
+    vocab = False  # only the first dimension of an embedding or head differs: the vocabularies
     for j in jobs:
         shapes: dict[str, tuple[int, ...]] = {}
         dtypes: list[torch.dtype] = []
@@ -155,6 +156,8 @@ def _check(jobs: list[TensorJob], config: MergeConfig, sources: dict[str, Source
             shapes[ref.model] = tuple(src.shape(resolved))
             dtypes.append(src.dtype(resolved))
         if len(set(shapes.values())) > 1:
+            if re.search(r"embed|lm_head|wte", j.out_name) and len({s[1:] for s in shapes.values()}) == 1:
+                vocab = True
             mismatched.append(f"{j.out_name}: " + ", ".join(f"{m} {list(s)}" for m, s in shapes.items()))
         if shapes:
             j.shape = next(iter(shapes.values()))
@@ -168,8 +171,8 @@ def _check(jobs: list[TensorJob], config: MergeConfig, sources: dict[str, Source
             + "; ".join(missing[:20]) + (" ..." if len(missing) > 20 else "")
         )
     if mismatched:
-        vocab = any(re.search(r"embed|lm_head|wte", m) for m in mismatched)
-        hint = " The vocabularies differ: merge models that share one tokenizer." if vocab else ""
+        hint = (" The vocabularies differ: merge models that share one tokenizer." if vocab
+                else " The models have different sizes (hidden size, layers or heads): merge models of one architecture.")
         raise SparsemergeError(
             f"{len(mismatched)} tensors have different shapes across models:{hint} "
             + "; ".join(mismatched[:20]) + (" ..." if len(mismatched) > 20 else "")
