@@ -352,7 +352,7 @@ def test_kill_9_and_resume_gives_the_uninterrupted_result(tmp_path, tiny_llama_d
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:  # wait for a checkpoint inside stage 2, then kill
         if (work / "checkpoint.pt").exists():
-            state = torch.load(work / "checkpoint.pt", weights_only=False)
+            state = torch.load(work / "checkpoint.pt", weights_only=True)
             if state["stage"] == 1 and state["stage_state"] is not None:
                 break
         time.sleep(0.02)
@@ -409,3 +409,18 @@ def test_activation_aware_masks_weight_magnitudes_by_input_norms():
     with pytest.raises(SparsemergeError, match="Linear layers only"):
         conv = nn.Conv2d(4, 4, 1)
         MaskController({"c": conv.weight}, Constant(NM24), activation_aware=True, modules={"c": conv})
+
+
+class _Evil:
+    def __reduce__(self):
+        return (print, ("this must never run",))
+
+
+def test_a_checkpoint_holding_code_is_refused_not_unpickled(tmp_path, capsys):
+    from sparsemerge.train.sparse_train import Checkpointer
+
+    ckpt = Checkpointer(tmp_path, 5, "key")
+    torch.save({"key": "key", "payload": _Evil()}, ckpt.path)
+    with pytest.raises(SparsemergeError, match="cannot be read"):
+        ckpt.load()
+    assert "this must never run" not in capsys.readouterr().out

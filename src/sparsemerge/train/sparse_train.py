@@ -205,7 +205,7 @@ class Checkpointer:
         if not self.path.is_file():
             return None
         try:
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            state = torch.load(self.path, map_location="cpu", weights_only=True)  # never unpickle code
         except Exception as exc:
             raise SparsemergeError(f"{self.path} cannot be read ({exc}); delete it or pass --restart") from None
         if state.get("key") != self.key:
