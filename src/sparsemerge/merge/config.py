@@ -222,28 +222,6 @@ def parse_size(value: "int | str") -> int:
 
 def load_config(source: "str | Path | dict[str, Any]") -> MergeConfig:
     """Read a merge config from a YAML file (mergekit's format or ours) or a mapping."""
-    import yaml
-    from pydantic import ValidationError
+    from sparsemerge.io.yaml_config import load_yaml_config
 
-    if isinstance(source, dict):
-        data = source
-        where = "config"
-    else:
-        path = Path(source)
-        where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise SparsemergeError(f"could not read merge config {where!r}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise SparsemergeError(f"merge config {where!r} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SparsemergeError(f"merge config {where!r} must be a mapping with merge_method and models or slices")
-    try:
-        return MergeConfig(**data)
-    except ValidationError as exc:
-        inner = [e for e in exc.errors() if isinstance(e.get("ctx", {}).get("error"), SparsemergeError)]
-        if inner:
-            raise SparsemergeError(f"merge config {where!r}: {inner[0]['ctx']['error']}") from None
-        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise SparsemergeError(f"invalid merge config {where!r}: {details}") from None
+    return load_yaml_config(source, MergeConfig, "merge config", "merge_method and models or slices")

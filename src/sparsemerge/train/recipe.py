@@ -90,20 +90,9 @@ class TrainRecipe(BaseModel):
 
 
 def load_recipe(path: "str | Path") -> TrainRecipe:
-    import yaml
+    from sparsemerge.io.yaml_config import load_yaml_config
 
-    try:
-        data = yaml.safe_load(Path(path).read_text())
-    except OSError as exc:
-        raise SparsemergeError(f"cannot read the recipe {path}: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise SparsemergeError(f"{path} is not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise SparsemergeError(f"{path}: a training recipe is a mapping with 'model' and 'stages'")
-    try:
-        return TrainRecipe(**data)
-    except ValueError as exc:  # pydantic.ValidationError
-        raise SparsemergeError(f"{path}: invalid training recipe: {exc}") from None
+    return load_yaml_config(path, TrainRecipe, "training recipe", "'model' and 'stages'")
 
 
 @dataclass

@@ -166,33 +166,11 @@ class MoEConfig(_Strict):
 
 def load_moe_config(source: "str | Path | dict[str, Any] | MoEConfig") -> MoEConfig:
     """Read an MoE config from a mergekit-moe YAML file, a mapping, or pass one through."""
-    import yaml
-    from pydantic import ValidationError
+    from sparsemerge.io.yaml_config import load_yaml_config
 
     if isinstance(source, MoEConfig):
         return source
-    if isinstance(source, dict):
-        data: Any = source
-        where = "config"
-    else:
-        path = Path(source)
-        where = str(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise SparsemergeError(f"could not read MoE config {where!r}: {exc}") from exc
-        except yaml.YAMLError as exc:
-            raise SparsemergeError(f"MoE config {where!r} is not valid YAML: {exc}") from exc
-    if not isinstance(data, dict):
-        raise SparsemergeError(f"MoE config {where!r} must be a mapping with base_model and experts (mergekit-moe's YAML)")
-    try:
-        return MoEConfig(**data)
-    except ValidationError as exc:
-        inner = [e for e in exc.errors() if isinstance(e.get("ctx", {}).get("error"), SparsemergeError)]
-        if inner:
-            raise SparsemergeError(f"MoE config {where!r}: {inner[0]['ctx']['error']}") from None
-        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise SparsemergeError(f"invalid MoE config {where!r}: {details}") from None
+    return load_yaml_config(source, MoEConfig, "MoE config", "base_model and experts (mergekit-moe's YAML)")
 
 
 __all__ = ["ARCHITECTURES", "Expert", "GATE_MODES", "MoEConfig", "RANDOM_MODES", "load_moe_config"]
