@@ -127,6 +127,22 @@ def run_greedy_soup(base: Path, specialists: list[Path], val: torch.Tensor, test
     return evaluate_model(model, test), result.chosen
 
 
+def find_specialists(models: Path, categories: "list[str] | None") -> "tuple[Path, list[str], list[Path]] | None":
+    """``(base, categories, specialist folders)`` of make_task_models.py's folder, or None after
+    saying on stderr what is missing."""
+    base = models / "base"
+    if not base.is_dir():
+        print(f"error: {base} not found; build the task models first: .venv/bin/python benchmarks/make_task_models.py", file=sys.stderr)
+        return None
+    cats = categories or sorted(p.name[4:] for p in models.glob("bbc-*") if (p / "config.json").is_file())
+    specialists = [models / f"bbc-{c}" for c in cats]
+    missing = [str(p) for p in specialists if not (p / "config.json").is_file()]
+    if len(specialists) < 2 or missing:
+        print(f"error: need at least two specialists; missing {missing or cats}", file=sys.stderr)
+        return None
+    return base, cats, specialists
+
+
 def main(argv: "list[str] | None" = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", type=Path, default=DEFAULT_MODELS, help="folder of make_task_models.py")
@@ -151,16 +167,10 @@ def main(argv: "list[str] | None" = None) -> int:
     from sparsemerge.merge import run_merge
 
     torch.set_num_threads(args.threads)
-    base = args.models / "base"
-    if not base.is_dir():
-        print(f"error: {base} not found; build the task models first: .venv/bin/python benchmarks/make_task_models.py", file=sys.stderr)
+    found = find_specialists(args.models, args.categories)
+    if found is None:
         return 2
-    cats = args.categories or sorted(p.name[4:] for p in args.models.glob("bbc-*") if (p / "config.json").is_file())
-    specialists = [args.models / f"bbc-{c}" for c in cats]
-    missing = [str(p) for p in specialists if not (p / "config.json").is_file()]
-    if len(specialists) < 2 or missing:
-        print(f"error: need at least two specialists; missing {missing or cats}", file=sys.stderr)
-        return 2
+    base, cats, specialists = found
     eval_cats = args.eval_categories or [*cats, "entertainment"]
     tokenizer = load_model(base).tokenizer
     heldout = {c: eval_windows(tokenizer, f"bbc:{c}", args.seqlen, args.windows + args.val_windows) for c in eval_cats}

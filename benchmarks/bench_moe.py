@@ -35,7 +35,6 @@ import json
 import math
 import os
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -71,16 +70,6 @@ def moe_config(base: Path, specialists: list[Path], cats: list[str], args: argpa
             "experts_per_token": args.experts_per_token, "experts": experts}
 
 
-def timed(cmd: list[str], env: dict[str, str]) -> tuple[float, float, int, str]:
-    """(wall seconds, peak RSS MiB, return code, stderr tail) of one child process."""
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
-    stderr = proc.stderr.read() if proc.stderr else ""
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - start, usage.ru_maxrss / 1024, proc.returncode, stderr[-1500:]
-
-
 def max_diff(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
@@ -100,6 +89,9 @@ def max_diff(a: Path, b: Path) -> float:
 
 def run_speed(cfg_path: Path, work: Path, args: argparse.Namespace) -> tuple[list[dict[str, Any]], Path]:
     """Both tools on ``cfg_path``; returns the rows and sparsemerge's output folder (kept for evaluation)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_merge_speed import timed  # wall time and peak RSS of a child process
+
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads),
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
@@ -156,7 +148,7 @@ def main(argv: "list[str] | None" = None) -> int:
     args = parser.parse_args(argv)
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_merge_quality import evaluate, evaluate_model, recipe  # the same protocol and TIES recipe
+    from bench_merge_quality import evaluate, evaluate_model, find_specialists, recipe  # the same protocol and TIES recipe
 
     from sparsemerge.eval.data import eval_windows, load_texts
     from sparsemerge.eval.report import format_table
@@ -165,16 +157,10 @@ def main(argv: "list[str] | None" = None) -> int:
     from sparsemerge.merge.moe import build_moe, format_routing, load_moe_config, route_texts, sparse_experts_
 
     torch.set_num_threads(args.threads)
-    base = args.models / "base"
-    if not base.is_dir():
-        print(f"error: {base} not found; build the task models first: .venv/bin/python benchmarks/make_task_models.py", file=sys.stderr)
+    found = find_specialists(args.models, args.categories)
+    if found is None:
         return 2
-    cats = args.categories or sorted(p.name[4:] for p in args.models.glob("bbc-*") if (p / "config.json").is_file())
-    specialists = [args.models / f"bbc-{c}" for c in cats]
-    missing = [str(p) for p in specialists if not (p / "config.json").is_file()]
-    if len(specialists) < 2 or missing:
-        print(f"error: need at least two specialists; missing {missing or cats}", file=sys.stderr)
-        return 2
+    base, cats, specialists = found
     work = args.work or args.models / "moe-bench"
     work.mkdir(parents=True, exist_ok=True)
     cfg = moe_config(base, specialists, cats, args)
