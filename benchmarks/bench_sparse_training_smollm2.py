@@ -17,6 +17,8 @@ The mask-changing recipes score weights by ``|W_ij| * ||X_j||`` (``activation_aw
   srste        SR-STE 2:4 from the first step (masks every step)
   dynamic      2:4 from the first step, TopK(|W| + gamma c |grad W|) every 5 steps
   three-stage  dense + L1 (10%) -> gradual 2:4 (60%) -> fixed masks (30%), the chapter's 10.1.7
+  sparsegpt-srste, sparsegpt-dynamic
+               one-shot SparseGPT 2:4, then SR-STE / dynamic reallocation (masks free to change)
 Target (issue 14): the best recipe at most 2.0x the dense perplexity, and better than recover.
 
 ``--throughput``: tokens/s of one training step - a plain transformers loop (model(ids,
@@ -49,6 +51,12 @@ def stages(recipe: str, steps: int, lr: float) -> list[dict]:
         return [{"name": "sparsegpt", "method": "prune", "pattern": "2:4", "steps": 0,
                  "prune": {"method": "sparsegpt", "nsamples": 32, "seqlen": 512}},
                 {"name": "recover", "method": "fixed", "steps": steps, **common}]
+    if recipe in ("sparsegpt-srste", "sparsegpt-dynamic"):  # one-shot start, masks free to change afterwards
+        method = recipe.split("-")[1]
+        extra = {"update_every": 1} if method == "srste" else {"update_every": 5, "gamma": 0.1}
+        return [{"name": "sparsegpt", "method": "prune", "pattern": "2:4", "steps": 0,
+                 "prune": {"method": "sparsegpt", "nsamples": 32, "seqlen": 512}},
+                {"name": method, "method": method, "steps": steps, **extra, **common}]
     if recipe == "gradual":
         return [{"method": "gradual", "steps": steps, "ramp_end": 0.7, "update_every": 5, **common}]
     if recipe == "progressive":
