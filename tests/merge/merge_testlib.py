@@ -3,10 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from conftest import make_tiny_llama
+
+ROOT = Path(__file__).resolve().parents[2]
+MK_PYTHON = ROOT / ".venv-peers" / "mergekit" / "bin" / "python"  # the mergekit peer venv's interpreter
+needs_mergekit = pytest.mark.skipif(
+    not MK_PYTHON.exists(),
+    reason="mergekit peer venv absent; create it with: bash benchmarks/peers/setup_mergekit.sh",
+)
 
 
 def save_family(root: Path, n: int = 3, scale: float = 0.02, seed: int = 0, tokenizer=None, layers: int = 2) -> tuple[Path, list[Path]]:

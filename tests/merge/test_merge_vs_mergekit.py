@@ -16,17 +16,12 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from merge_testlib import save_family, tensors
+from merge_testlib import MK_PYTHON, ROOT, needs_mergekit, save_family, tensors
 from sparsemerge.merge import run_merge
 
-ROOT = Path(__file__).resolve().parents[2]
-MK_PYTHON = ROOT / ".venv-peers" / "mergekit" / "bin" / "python"
 BATCH = ROOT / "benchmarks" / "peers" / "mergekit_batch.py"
 
-pytestmark = pytest.mark.skipif(
-    not MK_PYTHON.exists(),
-    reason="mergekit peer venv absent; create it with: bash benchmarks/peers/setup_mergekit.sh",
-)
+pytestmark = needs_mergekit
 
 
 def _write_lora(folder: Path, base_dir: Path, rank: int = 4, alpha: int = 8) -> None:

@@ -16,17 +16,12 @@ import torch
 import yaml
 
 from conftest import make_tokenizer
-from merge_testlib import save_family, tensors
+from merge_testlib import MK_PYTHON, ROOT, needs_mergekit, save_family, tensors
 from sparsemerge.merge.moe import build_moe
 
-ROOT = Path(__file__).resolve().parents[2]
-MK_PYTHON = ROOT / ".venv-peers" / "mergekit" / "bin" / "python"
 BATCH = ROOT / "benchmarks" / "peers" / "mergekit_moe_batch.py"
 
-pytestmark = pytest.mark.skipif(
-    not MK_PYTHON.exists(),
-    reason="mergekit peer venv absent; create it with: bash benchmarks/peers/setup_mergekit.sh",
-)
+pytestmark = needs_mergekit
 
 PROMPTS = [
     {"positive_prompts": ["The government said on Monday", "Ministers will discuss the plan"], "negative_prompts": ["The team won"]},
