@@ -21,6 +21,7 @@ what the mask should be at a step.
 """
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -55,14 +56,16 @@ def as_nm(text: "str | NM") -> NM:
     return pattern
 
 
-class Schedule:
-    """Base: ``target(step)`` for ``0 <= step < steps``."""
+class Schedule(abc.ABC):
+    """Abstract base: what the mask should be at a step, and where the schedule ends."""
 
+    @abc.abstractmethod
     def target(self, step: int) -> Target:
-        raise NotImplementedError
+        """The mask wanted at optimizer step ``step``."""
 
+    @abc.abstractmethod
     def final(self) -> Target:
-        raise NotImplementedError
+        """The exact pattern the schedule ends on (the masks a stage leaves behind)."""
 
 
 @dataclass
