@@ -77,6 +77,18 @@ def tiny_llama_dir(tmp_path: Path, tiny_tokenizer) -> Path:
 
 
 @pytest.fixture
+def two_tiny_llama_dirs(tmp_path: Path, tiny_tokenizer) -> list[Path]:
+    """Two Hugging Face folders of tiny random Llamas of the same shape (seeds 0 and 1)."""
+    dirs = []
+    for seed in (0, 1):
+        folder = tmp_path / f"m{seed}"
+        make_tiny_llama(seed=seed).save_pretrained(folder)
+        tiny_tokenizer.save_pretrained(folder)
+        dirs.append(folder)
+    return dirs
+
+
+@pytest.fixture
 def text_file(tmp_path: Path) -> Path:
     path = tmp_path / "text.txt"
     path.write_text(TINY_TEXT)

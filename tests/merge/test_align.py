@@ -175,14 +175,8 @@ def test_errors():
 
 
 @pytest.fixture
-def two_llamas(tmp_path, tiny_tokenizer):
-    dirs = []
-    for seed in (0, 1):
-        d = tmp_path / f"m{seed}"
-        make_tiny_llama(seed=seed).save_pretrained(d)
-        tiny_tokenizer.save_pretrained(d)
-        dirs.append(d)
-    return dirs
+def two_llamas(two_tiny_llama_dirs):
+    return two_tiny_llama_dirs
 
 
 def test_align_cli_writes_permuted_b(two_llamas, tmp_path, capsys):

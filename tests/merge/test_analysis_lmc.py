@@ -35,14 +35,8 @@ def test_barrier_from_points():
 
 
 @pytest.fixture
-def two_models(tmp_path, tiny_tokenizer):
-    dirs = []
-    for seed in (0, 1):
-        d = tmp_path / f"m{seed}"
-        make_tiny_llama(seed=seed).save_pretrained(d)
-        tiny_tokenizer.save_pretrained(d)
-        dirs.append(d)
-    return dirs
+def two_models(two_tiny_llama_dirs):
+    return two_tiny_llama_dirs
 
 
 def test_curve_matches_direct_evaluation(two_models, text_file):
