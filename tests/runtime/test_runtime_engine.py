@@ -272,7 +272,7 @@ def test_int8_head_with_int8_activations_runs_the_dense_a8_kernel(level):
 
 
 def test_long_context_splits_attention_over_threads_and_still_matches():
-    from sparsemerge.runtime.step import ATTN_PAR_MIN_POS
+    from sparsemerge.runtime.attention import PAR_MIN_POS as ATTN_PAR_MIN_POS
 
     model = _sparse_llama("int4", group_size=128)
     engine = DecodeEngine(model, max_seq=200)

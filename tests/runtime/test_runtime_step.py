@@ -19,27 +19,6 @@ def test_silu_mul_matches_the_formula_including_extremes():
     np.testing.assert_allclose(out, ref, rtol=2e-6, atol=1e-30)
 
 
-@pytest.mark.parametrize("pos,window", [(0, 0), (7, 0), (40, 0), (40, 8)])
-def test_attention_matches_softmax_formula(pos, window):
-    rng = np.random.default_rng(pos)
-    heads, kv, hd = 6, 2, 16
-    q = rng.standard_normal(heads * hd).astype(np.float32)
-    kc = rng.standard_normal((kv, 64, hd)).astype(np.float32)
-    vc = rng.standard_normal((kv, 64, hd)).astype(np.float32)
-    out = np.zeros(heads * hd, np.float32)
-    S.attend(q, kc, vc, pos, heads, kv, hd, np.float32(hd ** -0.5), window, np.zeros((heads, 64), np.float32), out)
-    par = np.zeros_like(out)
-    S.attend_par(q, kc, vc, pos, heads, kv, hd, np.float32(hd ** -0.5), window, np.zeros((heads, 64), np.float32), par)
-    np.testing.assert_array_equal(par, out)
-    t0 = 0 if window == 0 else max(0, pos - window + 1)
-    for h in range(heads):
-        g = h // (heads // kv)
-        s = kc[g, t0:pos + 1].astype(np.float64) @ q[h * hd:(h + 1) * hd] * hd ** -0.5
-        p = np.exp(s - s.max())
-        p /= p.sum()
-        np.testing.assert_allclose(out[h * hd:(h + 1) * hd], p @ vc[g, t0:pos + 1], rtol=1e-5, atol=1e-6)
-
-
 def test_rope_rotates_halves():
     hd = 8
     v = np.arange(2 * hd, dtype=np.float32)

@@ -21,6 +21,7 @@ from torch import nn
 
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.runtime import step as S
+from sparsemerge.runtime.attention import make_scratch
 from sparsemerge.runtime.plan import DecodePlan, UnsupportedModel, build_plan, concat_rows
 from sparsemerge.runtime.sampling import SamplingConfig, Sampler
 
@@ -363,7 +364,7 @@ class DecodeEngine:
             np.full((cols // 128 + 2) * 128, 128, np.uint8),  # INT8 activations + 128
             np.ones(cols // 256 + 2, f),  # their scales per 256
             np.zeros(((self.max_rows + 63) // 64) * 64 + SLACK, f),  # kernel output scratch
-            np.zeros((NH, self.max_seq), f),  # attention scores, a row per head
+            make_scratch(NH, KVH, HD, self.max_seq),  # attention: per (kv head, chunk) task
             np.zeros(I + SLACK, np.uint32),  # silu's 2^n as float bits
         )
         self.kc = np.zeros((c["layers"], KVH, self.max_seq, HD), f)

@@ -6,7 +6,8 @@ A Llama-family layer (Llama, SmolLM2, Mistral, Qwen2) at position ``p`` with hid
     qkv = [W_q; W_k; W_v] x (+ b)                    one fused product (3 if they cannot fuse)
     q, k = RoPE(q, p), RoPE(k, p)                    rotate_half form: (a, b) -> (a c - b s, b c + a s)
     K[p], V[p] = k, v                                the float32 KV cache
-    o_h = sum_t softmax_t(q_h . K_t[g(h)] / sqrt(d)) V_t[g(h)]    GQA: g(h) = h // (heads / kv_heads)
+    o_h = sum_t softmax_t(q_h . K_t[g(h)] / sqrt(d)) V_t[g(h)]    GQA: g(h) = h // (heads / kv_heads),
+                                                     in chunks of positions (runtime/attention.py)
     h  = h + W_o o
     x  = RMSNorm(h) * w_post
     [g; u] = [W_gate; W_up] x                        one fused product
@@ -34,6 +35,7 @@ from numba import njit, prange
 
 from sparsemerge.kernels.cpu_blocked import BITS, FP16_SCALE, R, _g24_f32_block, _g24_half_block, _g24_q_block
 from sparsemerge.kernels.cpu_general import F32, Q4, Q8, _decode_run
+from sparsemerge.runtime.attention import LN2, LOG2E, PAR_MIN_POS, attend, exp_poly
 from sparsemerge.runtime.ffi import call_a8, call_f32
 
 KIND_A8, KIND_F32, KIND_BQ, KIND_BF, KIND_DF, KIND_DQ, KIND_BH, KIND_BG = 0, 1, 2, 3, 4, 5, 6, 7
@@ -443,80 +445,17 @@ def rope(v, heads, hd, cos, sin):  # pragma: no cover - jitted
 
 
 @njit(fastmath=FAST, error_model="numpy", cache=True)
-def _attend_head(q, kc, vc, h, group, t0, pos, hd, scaling, scores, out):  # pragma: no cover - jitted
-    """Head ``h``: ``out_h = sum_t softmax_t(scaling * q_h . K[g, t]) V[g, t]`` over t0..pos."""
-    g = h // group
-    qh = q[h * hd:(h + 1) * hd]
-    mx = np.float32(-np.inf)
-    for t in range(t0, pos + 1):
-        k = kc[g, t]
-        s = np.float32(0.0)
-        for i in range(hd):
-            s += qh[i] * k[i]
-        s *= scaling
-        scores[t] = s
-        if s > mx:
-            mx = s
-    tot = np.float32(0.0)
-    for t in range(t0, pos + 1):
-        e = np.exp(scores[t] - mx)
-        scores[t] = e
-        tot += e
-    inv = np.float32(1.0) / tot
-    o = out[h * hd:(h + 1) * hd]
-    for i in range(hd):
-        o[i] = 0.0
-    for t in range(t0, pos + 1):
-        p = scores[t] * inv
-        v = vc[g, t]
-        for i in range(hd):
-            o[i] += p * v[i]
-
-
-@njit(error_model="numpy", cache=True)
-def attend(q, kc, vc, pos, heads, kv_heads, hd, scaling, window, scores, out):  # pragma: no cover - jitted
-    """Grouped-query attention of one token over the cache positions ``t0..pos``:
-    ``out_h = sum_t softmax_t(scaling * q_h . K[g, t]) V[g, t]``, g = h // (heads / kv_heads).
-    ``scores``: (heads, max_seq); this serial version uses its first row."""
-    group = heads // kv_heads
-    t0 = 0 if window <= 0 else max(0, pos - window + 1)
-    srow = scores[0]  # one row serves every head in turn (stays in L1)
-    for h in range(heads):
-        _attend_head(q, kc, vc, h, group, t0, pos, hd, scaling, srow, out)
-
-
-@njit(parallel=True, error_model="numpy", cache=True)
-def attend_par(q, kc, vc, pos, heads, kv_heads, hd, scaling, window, scores, out):  # pragma: no cover - jitted
-    """:func:`attend` with the heads spread over the threads (long contexts: attention grows
-    with the position while a parallel region costs a fixed few microseconds)."""
-    group = heads // kv_heads
-    t0 = 0 if window <= 0 else max(0, pos - window + 1)
-    for h in prange(heads):
-        _attend_head(q, kc, vc, h, group, t0, pos, hd, scaling, scores[h], out)
-
-
-ATTN_PAR_MIN_POS = 96  # from here on attention is split over the threads (~10 us per layer)
-
-
-LOG2E = np.float32(1.4426950408889634)
-LN2 = np.float32(0.6931471805599453)
-
-
-@njit(fastmath=FAST, error_model="numpy", cache=True)
 def silu_mul(gu, inter, out, bits):  # pragma: no cover - jitted
     """``out = silu(g) * u`` for ``gu = [g; u]``, silu(z) = z / (1 + e^-z).
 
-    ``e^-z = 2^n 2^f`` (n = floor(-z log2 e), f in [0, 1)): 2^f by its Taylor polynomial
-    of degree 7 (relative error < 2e-7) and 2^n as float bits ``(n + 127) << 23`` in ``bits``
-    (uint32, >= inter) - loops LLVM vectorizes, where a call of exp per element does not."""
+    ``e^-z = 2^n 2^f`` (n = rint(-z log2 e), |f| <= 1/2): 2^f by a Taylor polynomial
+    (``attention.exp_poly``) and 2^n as float bits ``(n + 127) << 23`` in ``bits`` (uint32,
+    >= inter) - loops LLVM vectorizes, where a call of exp per element does not."""
     fb = bits.view(np.float32)
     for i in range(inter):
         z = min(max(-gu[i] * LOG2E, np.float32(-126.0)), np.float32(126.0))
-        n = np.floor(z)
-        f = (z - n) * LN2
-        p = np.float32(1.0) + f * (np.float32(1.0) + f * (np.float32(0.5) + f * (np.float32(1 / 6) + f * (
-            np.float32(1 / 24) + f * (np.float32(1 / 120) + f * (np.float32(1 / 720) + f * np.float32(1 / 5040)))))))
-        out[i] = p
+        n = np.rint(z)
+        out[i] = exp_poly((z - n) * LN2)
         bits[i] = np.uint32(np.int32(n) + 127) << np.uint32(23)
     for i in range(inter):
         out[i] = gu[i] / (np.float32(1.0) + out[i] * fb[i]) * gu[inter + i]
@@ -539,7 +478,7 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
     INTER = cfg[C_INTER]
     L = cfg[C_LAYERS]
     threads = cfg[C_THREADS]
-    h_buf, x_buf, qkv, att, gu, act, xu, xs, tmp, scores, bits = bufs
+    h_buf, x_buf, qkv, att, gu, act, xu, xs, tmp, attn, bits = bufs
     h = h_buf[:H]  # the buffers carry slack behind them: norms need the exact length
     x = x_buf[:H]
     table, codes, escale = emb
@@ -568,10 +507,7 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
             for i in range(HD):
                 kl[g, pos, i] = qkv[(NH + g) * HD + i]
                 vl[g, pos, i] = qkv[(NH + KVH + g) * HD + i]
-        if threads > 1 and pos >= ATTN_PAR_MIN_POS:
-            attend_par(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], scores, att)
-        else:
-            attend(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], scores, att)
+        attend(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], attn, att, threads if pos >= PAR_MIN_POS else 1)
         if a8_in[layer, 2] != 0:
             ok &= quantize_a8(att[: NH * HD], xu, xs)
         run_op(lo[SLOT_O[0]], att[: NH * HD], xu, xs, x_buf, tmp, threads, kw)
@@ -603,7 +539,7 @@ def products_only(cfg, ops, head_op, bufs, kw, sink):  # pragma: no cover - jitt
     HD = cfg[C_HEAD_DIM]
     INTER = cfg[C_INTER]
     threads = cfg[C_THREADS]
-    h_buf, x_buf, qkv, att, gu, act, xu, xs, tmp, scores, bits = bufs
+    h_buf, x_buf, qkv, att, gu, act, xu, xs, tmp, attn, bits = bufs
     x = x_buf[:H]
     for layer in range(cfg[C_LAYERS]):
         lo = ops[layer]
