@@ -82,7 +82,9 @@ def worker(args) -> None:
     per_token = best_res.decode_seconds / max(1, len(best_res.tokens) - 1)
     step = float(np.mean(best_res.step_seconds))  # the mean, as per_token is: outliers land in neither share
     kernels = engine.time_products(repeats=20)
-    out["breakdown_ms"] = {"token": 1e3 * per_token, "products": 1e3 * kernels,
+    attention = engine.time_attention(repeats=20)  # at the last decoded position
+    out["kv_cache"] = engine.kv_cache
+    out["breakdown_ms"] = {"token": 1e3 * per_token, "products": 1e3 * kernels, "attention": 1e3 * attention,
                            "rest_of_step": 1e3 * max(0.0, step - kernels), "python": 1e3 * max(0.0, per_token - step)}
     best = math.inf
     for _ in range(args.repeats):
@@ -207,7 +209,7 @@ def print_table(results: list[dict]) -> None:
     ppl = {r["model"]: r["perplexity"] for r in results if "perplexity" in r}
     peer = {r["threads"]: r for r in results if r["model"].startswith("llama.cpp")}
     head = ["model", "threads", "kernels", "file MB", "decode tok/s", "x llama.cpp", "prompt tok/s", "x llama.cpp",
-            "peak RSS MiB", "perplexity", "ms/token: products / rest / python"]
+            "peak RSS MiB", "perplexity", "ms/token: products / rest of step (attention) / python"]
     rows = []
     for r in results:
         p = peer.get(r["threads"])
@@ -217,7 +219,8 @@ def print_table(results: list[dict]) -> None:
         rows.append([r["model"], r["threads"], r.get("cpu_level", "-"), f"{r['file_mb']:.1f}", f"{r['decode_tps']:.1f}",
                      f"{dx:.2f}", f"{r['prompt_tps']:.0f}", f"{px:.2f}", f"{r['peak_rss_mib']:.0f}",
                      f"{ppl.get(r['model'], float('nan')):.2f}",
-                     f"{b['products']:.2f} / {b['rest_of_step']:.2f} / {b['python']:.2f}" if b else "-"])
+                     f"{b['products']:.2f} / {b['rest_of_step']:.2f} ({b.get('attention', float('nan')):.2f}) / {b['python']:.2f}"
+                     if b else "-"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for row in rows:

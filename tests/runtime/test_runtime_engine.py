@@ -13,7 +13,12 @@ from sparsemerge.kernels.cpu_vnni import fake_quant_inputs
 from sparsemerge.kernels.sparse_linear import SparseLinear
 from sparsemerge.kernels.features import cpu_level, missing_reason
 from sparsemerge.runtime import UnsupportedModel, build_plan
+from sparsemerge.runtime import half
 from sparsemerge.runtime.engine import DecodeEngine
+
+# the products and the step are checked against transformers with the float32 KV cache (its
+# values exactly); the float16 cache, the default where the CPU converts it, has its own tests
+KV = "float32"
 from sparsemerge.runtime.step import KIND_A8, KIND_BF, KIND_BG, KIND_BQ, KIND_F32
 
 IDS = [1, 5, 9, 3, 7, 11, 2, 40, 41, 8]
@@ -51,7 +56,7 @@ def _engine_logits(engine, ids, prompt=3):
 @pytest.mark.parametrize("quant,group_size", [("none", None), ("int8", None), ("int4", None), ("int4", 128)])
 def test_float_activations_match_transformers(quant, group_size):
     model = _sparse_llama(quant, group_size=group_size)
-    engine = DecodeEngine(model, max_seq=32)
+    engine = DecodeEngine(model, max_seq=32, kv_cache=KV)
     ref = _reference_logits(model, IDS)[2:-1]
     got = _engine_logits(engine, IDS)
     np.testing.assert_allclose(got, ref, atol=2e-5, rtol=1e-4)
@@ -63,7 +68,7 @@ def test_float_activations_match_transformers(quant, group_size):
 
 def test_step_only_equals_prefill_then_step():
     model = _sparse_llama("int4")
-    engine = DecodeEngine(model, max_seq=32)
+    engine = DecodeEngine(model, max_seq=32, kv_cache=KV)
     via_prefill = _engine_logits(engine, IDS, prompt=5)
     engine.reset()
     stepped = np.stack([engine.step(t).copy() for t in IDS[:-1]])[4:]
@@ -74,7 +79,7 @@ def test_step_only_equals_prefill_then_step():
 @pytest.mark.parametrize("quant,group_size", [("int8", None), ("int4", 128)])
 def test_int8_activations_match_fake_quantized_transformers(quant, group_size):
     model = _sparse_llama(quant, act_quant="int8", group_size=group_size)
-    engine = DecodeEngine(model, act_quant="int8", max_seq=32)
+    engine = DecodeEngine(model, act_quant="int8", max_seq=32, kv_cache=KV)
     assert {p.kind for p in engine.plan.layers if p.name != "lm_head"} == {KIND_A8}
     engine.reset()
     got = np.stack([engine.step(t).copy() for t in IDS[:-1]])
@@ -88,7 +93,7 @@ def test_int8_activations_match_fake_quantized_transformers(quant, group_size):
 def test_unfused_small_layers_and_separate_ops():
     # hidden 64 with 2 KV heads of 16: k/v have 32 rows, not a multiple of the 64-row blocks
     model = _sparse_llama("int8", hidden=64, intermediate=128)
-    engine = DecodeEngine(model, max_seq=32)
+    engine = DecodeEngine(model, max_seq=32, kv_cache=KV)
     assert not any("+" in p.name and "self_attn" in p.name for p in engine.plan.layers)
     np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=2e-5, rtol=1e-4)
 
@@ -96,7 +101,7 @@ def test_unfused_small_layers_and_separate_ops():
 def test_dense_layers_and_float_head_are_planned_dense():
     model = make_tiny_llama(hidden=128, intermediate=256)
     sparsify_(model, SparsifyConfig(prune=True, exclude=[r"norm", r"lm_head", r"down_proj"]))
-    engine = DecodeEngine(model, max_seq=32)
+    engine = DecodeEngine(model, max_seq=32, kv_cache=KV)
     kernels = {p.name.split(".")[-1]: p.kernel for p in engine.plan.layers}
     assert kernels["down_proj"] == "numba-dense-f32" and kernels["lm_head"] == "numba-dense-f32"
     np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=2e-5, rtol=1e-4)
@@ -114,7 +119,7 @@ def test_qwen2_biases_and_mistral_window():
             if name.endswith("bias"):  # Qwen2's q/k/v biases: make them matter
                 torch.nn.init.normal_(p, std=0.5)
         sparsify_(model, SparsifyConfig(prune=True))
-        engine = DecodeEngine(model, max_seq=32)
+        engine = DecodeEngine(model, max_seq=32, kv_cache=KV)
         ref = _reference_logits(model, IDS)[2:-1]
         np.testing.assert_allclose(_engine_logits(engine, IDS), ref, atol=3e-5, rtol=1e-4)
     assert engine.plan.config["window"] == 4
@@ -139,7 +144,7 @@ def test_unsupported_architecture_and_pattern_say_why():
 
 
 def test_bad_inputs():
-    engine = DecodeEngine(_sparse_llama(), max_seq=4)
+    engine = DecodeEngine(_sparse_llama(), max_seq=4, kv_cache=KV)
     with pytest.raises(SparsemergeError, match="vocabulary"):
         engine.step(10_000)
     with pytest.raises(SparsemergeError, match="max_seq"):
@@ -151,7 +156,7 @@ def test_bad_inputs():
     with pytest.raises(SparsemergeError, match="max_new_tokens"):
         engine.generate([1], max_new_tokens=0)
     with pytest.raises(SparsemergeError, match="max_seq"):
-        DecodeEngine(_sparse_llama(), max_seq=0)
+        DecodeEngine(_sparse_llama(), max_seq=0, kv_cache=KV)
     with pytest.raises(SparsemergeError, match="act_quant"):
         build_plan(_sparse_llama(), act_quant="int3")
 
@@ -159,7 +164,7 @@ def test_bad_inputs():
 @pytest.mark.skipif(bool(vnni_missing()), reason="the CPU lacks the AVX-512 VNNI features of the A8 kernel")
 def test_non_finite_activations_give_nan_logits_not_stale_ones():
     model = _sparse_llama("int8", act_quant="int8")
-    engine = DecodeEngine(model, act_quant="int8", max_seq=8)
+    engine = DecodeEngine(model, act_quant="int8", max_seq=8, kv_cache=KV)
     table = model.model.embed_tokens.weight
     with torch.no_grad():
         table[7, 3] = float("nan")  # the engine reads the same storage
@@ -189,12 +194,12 @@ def test_capped_cpu_levels_plan_and_match(level, f32_row, a8_row):
         pytest.skip("the CPU lacks AVX2/FMA")
     with cpu_level(level):
         model = _sparse_llama("none")
-        engine = DecodeEngine(model, max_seq=32)
+        engine = DecodeEngine(model, max_seq=32, kv_cache=KV)
         assert {p.kernel for p in engine.plan.layers if p.name != "lm_head"} == {f32_row}
         assert level in engine.plan.cpu
         np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=2e-5, rtol=1e-4)
         model = _sparse_llama("int4", act_quant="int8", group_size=128)
-        engine = DecodeEngine(model, act_quant="int8", max_seq=32)
+        engine = DecodeEngine(model, act_quant="int8", max_seq=32, kv_cache=KV)
         assert {p.kernel for p in engine.plan.layers if p.name != "lm_head"} == {a8_row}
         engine.reset()
         got = np.stack([engine.step(t).copy() for t in IDS[:-1]])
@@ -213,7 +218,7 @@ def test_other_nm_patterns_run_on_the_general_kernel(pattern, quant, group_size,
     model = make_tiny_llama(hidden=256, intermediate=512)
     sparsify_(model, SparsifyConfig(pattern=pattern, quant=quant, prune=True, group_size=group_size,
                                     value_dtype=value_dtype))
-    engine = DecodeEngine(model, max_seq=32)
+    engine = DecodeEngine(model, max_seq=32, kv_cache=KV)
     sparse = [p for p in engine.plan.layers if p.pattern != "dense"]
     assert sparse and {p.kernel for p in sparse} == {"numba-general"} and {p.kind for p in sparse} == {KIND_BG}
     assert all(p.pattern == pattern for p in sparse)
@@ -225,7 +230,7 @@ def test_mixed_patterns_run_each_with_its_own_kernel():
     sparsify_(model, SparsifyConfig(pattern="1:4", quant="int4", group_size=128, prune=True, include=[r"q_proj$", r"down_proj$"]))
     sparsify_(model, SparsifyConfig(pattern="4:8", quant="int4", group_size=128, prune=True, include=[r"k_proj$"]))
     sparsify_(model, SparsifyConfig(pattern="2:4", quant="int4", group_size=128, prune=True, exclude=[r"o_proj$", "norm"]))
-    engine = DecodeEngine(model, max_seq=32)
+    engine = DecodeEngine(model, max_seq=32, kv_cache=KV)
     by_name = {p.name: p for p in engine.plan.layers}
     assert by_name["model.layers.0.self_attn.q_proj"].kernel == "numba-general"
     assert by_name["model.layers.0.self_attn.k_proj"].pattern == "4:8"
@@ -240,7 +245,7 @@ def test_mixed_storage_in_one_layer_runs_unfused_with_a_kernel_each():
     model = make_tiny_llama(hidden=256, intermediate=512)
     sparsify_(model, SparsifyConfig(quant="int8", prune=True, include=[r"k_proj$", r"up_proj$"]))
     sparsify_(model, SparsifyConfig(quant="int4", group_size=128, prune=True))
-    engine = DecodeEngine(model, max_seq=32)
+    engine = DecodeEngine(model, max_seq=32, kv_cache=KV)
     names = [p.name for p in engine.plan.layers]
     assert "model.layers.0.self_attn.k_proj" in names and "model.layers.0.mlp.up_proj" in names
     assert all("not fused" in p.why for p in engine.plan.layers if p.name.endswith(("k_proj", "up_proj")))
@@ -255,7 +260,7 @@ def test_int8_head_with_int8_activations_runs_the_dense_a8_kernel(level):
     with cpu_level(level):
         model = make_tiny_llama(hidden=256, intermediate=512)
         sparsify_(model, SC(quant="int4", group_size=128, prune=True, act_quant="int8", head_quant="int8"))
-        engine = DecodeEngine(model, act_quant="int8", max_seq=32)
+        engine = DecodeEngine(model, act_quant="int8", max_seq=32, kv_cache=KV)
         head = engine.plan.layers[-1]
         assert head.name == "lm_head" and head.kernel.startswith("dense-a8-") and head.kind == KIND_A8
         engine.reset()
@@ -275,7 +280,7 @@ def test_long_context_splits_attention_over_threads_and_still_matches():
     from sparsemerge.runtime.attention import PAR_MIN_POS as ATTN_PAR_MIN_POS
 
     model = _sparse_llama("int4", group_size=128)
-    engine = DecodeEngine(model, max_seq=200)
+    engine = DecodeEngine(model, max_seq=200, kv_cache=KV)
     ids = torch.randint(0, 384, (ATTN_PAR_MIN_POS + 40,), generator=torch.Generator().manual_seed(0)).tolist()
     got = _engine_logits(engine, ids, prompt=ATTN_PAR_MIN_POS - 20)  # steps cross the threshold
     ref = _reference_logits(model, ids)[ATTN_PAR_MIN_POS - 21:-1]
@@ -288,7 +293,48 @@ def test_half_precision_values_are_widened_as_read(value_dtype):
 
     model = make_tiny_llama(hidden=256, intermediate=512)
     sparsify_(model, SparsifyConfig(prune=True, value_dtype=value_dtype))
-    engine = DecodeEngine(model, max_seq=32)
+    engine = DecodeEngine(model, max_seq=32, kv_cache=KV)
     assert {p.kind for p in engine.plan.layers if p.name != "lm_head"} == {KIND_BH}
     assert all(p.codec == value_dtype for p in engine.plan.layers if p.name != "lm_head")
     np.testing.assert_allclose(_engine_logits(engine, IDS), _reference_logits(model, IDS)[2:-1], atol=3e-5, rtol=1e-4)
+
+
+@pytest.mark.skipif(not half.supported(), reason="no hardware float16 conversion on this CPU")
+def test_float16_kv_cache_equals_the_float32_step_on_rounded_keys_and_values():
+    """The float16 cache changes nothing but the rounding of the stored keys and values: the
+    float32 engine whose cache is rounded to float16 after every write gives the same logits."""
+    model = _sparse_llama("int4", group_size=128)
+    half_engine = DecodeEngine(model, max_seq=200, kv_cache="float16")
+    ref_engine = DecodeEngine(model, max_seq=200, kv_cache="float32")
+    assert half_engine.kc.dtype == np.uint16 and half_engine.kc.nbytes * 2 == ref_engine.kc.nbytes
+
+    def rounded(t):
+        ref_engine.kc[:] = ref_engine.kc.astype(np.float16).astype(np.float32)
+        ref_engine.vc[:] = ref_engine.vc.astype(np.float16).astype(np.float32)
+        return t
+
+    ids = torch.randint(0, 384, (150,), generator=torch.Generator().manual_seed(1)).tolist()  # past PAR_MIN_POS
+    got = _engine_logits(half_engine, ids, prompt=5)
+    ref_engine.reset()
+    ref = [rounded(ref_engine.prefill(ids[:5])).copy()]
+    for t in ids[5:-1]:
+        rounded(None)  # the step reads the cache before writing its own row: round it first
+        ref.append(ref_engine.step(t).copy())
+    ref = np.stack(ref)
+    # the float32 step also reads its own new row, unrounded: equal up to that one row's rounding
+    np.testing.assert_allclose(got, ref, atol=3e-4, rtol=0)  # logits up to ~3: measured 9e-5
+    assert (got.argmax(-1) == ref.argmax(-1)).all()
+    # against transformers: float16 rounding of K and V, nothing more
+    np.testing.assert_allclose(got, _reference_logits(model, ids)[4:-1], atol=1e-3, rtol=0)  # measured 2.6e-4
+
+
+def test_kv_cache_choice_and_errors(monkeypatch):
+    from sparsemerge.runtime.engine import resolve_kv_cache
+
+    assert resolve_kv_cache("float32") == "float32"
+    with pytest.raises(SparsemergeError, match="kv_cache must be one of"):
+        resolve_kv_cache("int8")
+    monkeypatch.setattr(half, "supported", lambda: False)
+    assert resolve_kv_cache("auto") == "float32"
+    with pytest.raises(SparsemergeError, match="F16C"):
+        resolve_kv_cache("float16")

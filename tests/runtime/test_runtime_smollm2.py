@@ -7,6 +7,7 @@ import torch
 
 from sparsemerge.kernels import SparsifyConfig, sparsify_
 from sparsemerge.kernels.dense_int8 import Int8Embedding
+from sparsemerge.runtime import half
 from sparsemerge.runtime.engine import DecodeEngine
 
 pytestmark = pytest.mark.slow
@@ -32,6 +33,7 @@ def test_64_greedy_tokens_identical_to_transformers(smollm2_int4):
     ids = tok(prompt, return_tensors="pt").input_ids
     engine = DecodeEngine(model, tok, max_seq=128)
     assert engine.plan.supported and sum("+" in p.name for p in engine.plan.layers) == 60  # QKV, gate/up fused
+    assert engine.kv_cache == ("float16" if half.supported() else "float32")  # the default cache
     with torch.no_grad():
         ref = model.generate(ids, max_new_tokens=64, min_new_tokens=64, do_sample=False,
                              pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()

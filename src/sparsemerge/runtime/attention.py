@@ -15,12 +15,15 @@ are then combined exactly: ``M = max_c m_c``, ``o = sum_c e^(m_c - M) o_c / sum_
 Chunk boundaries depend on the position only, so one thread and many give the same bits.
 
 The exponentials are a vectorized polynomial (``exp_poly``; a call of ``exp`` per element does not
-vectorize), shared with SwiGLU's sigmoid.
+vectorize), shared with SwiGLU's sigmoid. The cache is float32 or float16 (its bits as uint16,
+widened as read: runtime/half.py): one compiled function per cache dtype.
 """
 from __future__ import annotations
 
 import numpy as np
 from numba import njit, prange
+
+from sparsemerge.runtime.half import to_f32
 
 # fast-math without "no NaN/Inf": a NaN must still reach the logits (runtime/step.py)
 FAST = {"nsz", "arcp", "contract", "afn", "reassoc"}
@@ -77,16 +80,16 @@ def _chunk(q, kc, vc, g, group, hd, scaling, lo, hi, sc, bits, o, ml):  # pragma
             s0 = s1 = s2 = s3 = np.float32(0.0)
             for i in range(hd):
                 qi = qh[i]
-                s0 += qi * k0[i]
-                s1 += qi * k1[i]
-                s2 += qi * k2[i]
-                s3 += qi * k3[i]
+                s0 += qi * to_f32(k0[i])
+                s1 += qi * to_f32(k1[i])
+                s2 += qi * to_f32(k2[i])
+                s3 += qi * to_f32(k3[i])
             s_j[tt], s_j[tt + 1], s_j[tt + 2], s_j[tt + 3] = s0 * scaling, s1 * scaling, s2 * scaling, s3 * scaling
         for tt in range(n4, n):
             k = kc[g, lo + tt]
             s = np.float32(0.0)
             for i in range(hd):
-                s += qh[i] * k[i]
+                s += qh[i] * to_f32(k[i])
             s_j[tt] = s * scaling
         mx = np.float32(-np.inf)
         bad = False
@@ -108,12 +111,12 @@ def _chunk(q, kc, vc, g, group, hd, scaling, lo, hi, sc, bits, o, ml):  # pragma
             v0, v1, v2, v3 = vc[g, lo + tt], vc[g, lo + tt + 1], vc[g, lo + tt + 2], vc[g, lo + tt + 3]
             p0, p1, p2, p3 = s_j[tt], s_j[tt + 1], s_j[tt + 2], s_j[tt + 3]
             for i in range(hd):
-                oj[i] += (p0 * v0[i] + p1 * v1[i]) + (p2 * v2[i] + p3 * v3[i])
+                oj[i] += (p0 * to_f32(v0[i]) + p1 * to_f32(v1[i])) + (p2 * to_f32(v2[i]) + p3 * to_f32(v3[i]))
         for tt in range(n4, n):
             v = vc[g, lo + tt]
             pt = s_j[tt]
             for i in range(hd):
-                oj[i] += pt * v[i]
+                oj[i] += pt * to_f32(v[i])
 
 
 @njit(fastmath=FAST, error_model="numpy", cache=True)
@@ -173,7 +176,7 @@ def _tasks_par(q, kc, vc, t0, pos, kv_heads, group, hd, scaling, nch, scratch, t
 @njit(error_model="numpy", cache=True)
 def attend(q, kc, vc, pos, heads, kv_heads, hd, scaling, window, scratch, out, threads):  # pragma: no cover - jitted
     """``out`` (heads * hd) = grouped-query attention of ``q`` (heads * hd) over cache positions
-    t0..pos of ``kc``/``vc`` (kv_heads, max_seq, hd; float32), t0 = 0 or
+    t0..pos of ``kc``/``vc`` (kv_heads, max_seq, hd; float32, or float16 bits as uint16), t0 = 0 or
     ``pos - window + 1`` with a sliding window. ``scratch``: :func:`make_scratch`'s tuple.
     ``threads`` > 1: the tasks spread over that many threads (the same bits as one)."""
     group = heads // kv_heads

@@ -48,14 +48,35 @@ class GenerationResult:
         return n / self.decode_seconds if self.decode_seconds > 0 else float("nan")
 
 
+KV_CACHES = ("auto", "float16", "float32")
+
+
+def resolve_kv_cache(kv_cache: str) -> str:
+    """"float16" or "float32" for ``kv_cache`` (see :class:`DecodeEngine`)."""
+    from sparsemerge.runtime import half
+
+    if kv_cache not in KV_CACHES:
+        raise SparsemergeError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {kv_cache!r}")
+    if kv_cache == "auto":
+        return "float16" if half.supported() else "float32"
+    if kv_cache == "float16" and not half.supported():
+        raise SparsemergeError("this CPU has no hardware float16 conversion (x86-64 F16C or AArch64): "
+                               "use kv_cache='float32'")
+    return kv_cache
+
+
 class DecodeEngine:
     """Compiled batch-1 decoding of ``model`` (see module docstring).
 
     ``act_quant="int8"`` feeds the 2:4 INT8/INT4 layers INT8 activations (the A8 kernels),
-    as ``SparseLinear`` does with ``act_quant="int8"``; ``max_seq`` bounds prompt + output."""
+    as ``SparseLinear`` does with ``act_quant="int8"``; ``max_seq`` bounds prompt + output.
+    ``kv_cache``: the KV cache's precision - "float16" halves its memory and the bytes attention
+    reads per token (llama.cpp's default; keys/values rounded to float16, attention itself in
+    float32), "float32" keeps transformers' values exactly, "auto" (default) is float16 where
+    the CPU converts it in hardware (runtime/half.py), else float32."""
 
     def __init__(self, model: nn.Module, tokenizer=None, act_quant: str = "none", max_seq: int = 2048,
-                 plan: Optional[DecodePlan] = None) -> None:
+                 plan: Optional[DecodePlan] = None, kv_cache: str = "auto") -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.plan = plan if plan is not None else build_plan(model, act_quant)
@@ -66,6 +87,7 @@ class DecodeEngine:
             raise SparsemergeError(f"max_seq must be >= 1 (prompt + generated tokens), got {max_seq}")
         limit = int(getattr(model.config, "max_position_embeddings", max_seq) or max_seq)
         self.max_seq = min(max_seq, limit)
+        self.kv_cache = resolve_kv_cache(kv_cache)
         self._build_weights()
         self._build_buffers()
         self.pos = 0
@@ -367,7 +389,7 @@ class DecodeEngine:
             make_scratch(NH, KVH, HD, self.max_seq),  # attention: per (kv head, chunk) task
             np.zeros(I + SLACK, np.uint32),  # silu's 2^n as float bits
         )
-        self.kc = np.zeros((c["layers"], KVH, self.max_seq, HD), f)
+        self.kc = np.zeros((c["layers"], KVH, self.max_seq, HD), np.uint16 if self.kv_cache == "float16" else f)
         self.vc = np.zeros_like(self.kc)
         self.logits = np.zeros(c["vocab"], f)
 
@@ -444,6 +466,25 @@ class DecodeEngine:
             times.append(time.perf_counter() - t0)
         return float(np.median(times[1:]))
 
+    def time_attention(self, repeats: int = 20) -> float:
+        """Median seconds of one step's attention alone (every layer, over the cache positions
+        written so far, on the step's buffers): the share of a token that grows with the context."""
+        from sparsemerge.runtime.attention import PAR_MIN_POS, attend
+
+        if self.pos < 1:
+            raise SparsemergeError("time_attention needs a filled cache: run a prompt first")
+        c = self.plan.config
+        bufs = self.bufs
+        pos, threads = self.pos - 1, self.threads if self.pos - 1 >= PAR_MIN_POS else 1
+        times = []
+        for _ in range(repeats + 1):
+            t0 = time.perf_counter()
+            for layer in range(c["layers"]):
+                attend(bufs[2], self.kc[layer], self.vc[layer], pos, c["heads"], c["kv_heads"], c["head_dim"],
+                       self.scaling, c["window"], bufs[9], bufs[3], threads)
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times[1:]))
+
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Run the prompt through the transformers model (batched sparse kernels), keep its
         keys/values, return the last position's logits."""
@@ -466,11 +507,17 @@ class DecodeEngine:
         cache = out["cache"] if "cache" in out else out.past_key_values
         T = len(ids)
         for i, layer in enumerate(cache.layers):
-            self.kc[i, :, :T] = layer.keys[0].float().numpy()
-            self.vc[i, :, :T] = layer.values[0].float().numpy()
+            self.kc[i, :, :T] = self._cache_values(layer.keys[0])
+            self.vc[i, :, :T] = self._cache_values(layer.values[0])
         self.pos = T
         self.logits[:] = out.logits[0, -1].float().numpy()
         return self.logits
+
+    def _cache_values(self, t: torch.Tensor) -> np.ndarray:
+        """Keys or values of the prompt (kv_heads, T, head_dim) in the cache's dtype."""
+        if self.kv_cache == "float16":  # the same rounding as the step's (to nearest even)
+            return t.float().numpy().astype(np.float16).view(np.uint16)
+        return t.float().numpy()
 
     def generate(self, prompt: "str | Sequence[int]", max_new_tokens: int = 64,
                  sampling: Optional[SamplingConfig] = None, stop: Sequence[str] = (),

@@ -5,7 +5,7 @@ A Llama-family layer (Llama, SmolLM2, Mistral, Qwen2) at position ``p`` with hid
     x  = RMSNorm(h) * w_in                          x_i / sqrt(mean(x^2) + eps), then the weight
     qkv = [W_q; W_k; W_v] x (+ b)                    one fused product (3 if they cannot fuse)
     q, k = RoPE(q, p), RoPE(k, p)                    rotate_half form: (a, b) -> (a c - b s, b c + a s)
-    K[p], V[p] = k, v                                the float32 KV cache
+    K[p], V[p] = k, v                                the KV cache (float16 or float32)
     o_h = sum_t softmax_t(q_h . K_t[g(h)] / sqrt(d)) V_t[g(h)]    GQA: g(h) = h // (heads / kv_heads),
                                                      in chunks of positions (runtime/attention.py)
     h  = h + W_o o
@@ -37,6 +37,7 @@ from sparsemerge.kernels.cpu_blocked import BITS, FP16_SCALE, R, _g24_f32_block,
 from sparsemerge.kernels.cpu_general import F32, Q4, Q8, _decode_run
 from sparsemerge.runtime.attention import LN2, LOG2E, PAR_MIN_POS, attend, exp_poly
 from sparsemerge.runtime.ffi import call_a8, call_f32
+from sparsemerge.runtime.half import from_f32
 
 KIND_A8, KIND_F32, KIND_BQ, KIND_BF, KIND_DF, KIND_DQ, KIND_BH, KIND_BG = 0, 1, 2, 3, 4, 5, 6, 7
 KIND_NAMES = ("A8", "F32", "BQ", "BF", "DF", "DQ", "BH", "BG")
@@ -505,8 +506,8 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
         vl = vc[layer]
         for g in range(KVH):
             for i in range(HD):
-                kl[g, pos, i] = qkv[(NH + g) * HD + i]
-                vl[g, pos, i] = qkv[(NH + KVH + g) * HD + i]
+                kl[g, pos, i] = from_f32(kl, qkv[(NH + g) * HD + i])
+                vl[g, pos, i] = from_f32(vl, qkv[(NH + KVH + g) * HD + i])
         attend(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], attn, att, threads if pos >= PAR_MIN_POS else 1)
         if a8_in[layer, 2] != 0:
             ok &= quantize_a8(att[: NH * HD], xu, xs)
