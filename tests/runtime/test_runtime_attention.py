@@ -64,3 +64,13 @@ def test_exp_nonpositive_matches_exp():
     # float32's rounding of x log2 e bounds the relative error by ~1e-7 |x|
     assert (np.abs(y[normal] / ref[normal] - 1) <= 2e-7 + 1e-7 * np.abs(x[normal])).all()
     assert (y[~normal] <= 1.2e-38).all() and (y >= 0).all()
+
+
+def test_half_helpers_in_python_equal_numpy():
+    from sparsemerge.runtime.half import from_f32, to_f32
+
+    cache = np.zeros(1, np.uint16)
+    for v in (1.5, -3.1e-5, 65519.0, 1e6):
+        bits = from_f32(cache, np.float32(v))
+        assert bits == np.float32(v).astype(np.float16).view(np.uint16)
+        assert to_f32(bits) == np.float32(v).astype(np.float16).astype(np.float32)

@@ -51,12 +51,22 @@ def f32_to_half_bits(typingctx, x):
     return types.uint16(types.float32), codegen
 
 
-def to_f32(x):  # pragma: no cover - replaced by the overload in compiled code
-    raise NotImplementedError
+def to_f32(x):
+    """A cache element as float32 (plain Python; compiled code uses the overload below)."""
+    import numpy as np
+
+    if isinstance(x, np.uint16):
+        return np.array(x, np.uint16).view(np.float16).astype(np.float32)[()]
+    return np.float32(x)
 
 
-def from_f32(cache, v):  # pragma: no cover - replaced by the overload in compiled code
-    raise NotImplementedError
+def from_f32(cache, v):
+    """float32 ``v`` in ``cache``'s dtype (plain Python; compiled code uses the overload below)."""
+    import numpy as np
+
+    if cache.dtype == np.uint16:
+        return np.array(v, np.float32).astype(np.float16).view(np.uint16)[()]
+    return np.float32(v)
 
 
 @overload(to_f32, inline="always")
