@@ -65,7 +65,8 @@ def from_f32(cache, v):
     import numpy as np
 
     if cache.dtype == np.uint16:
-        return np.array(v, np.float32).astype(np.float16).view(np.uint16)[()]
+        with np.errstate(over="ignore"):  # beyond 65504 rounds to inf, as the hardware conversion does
+            return np.array(v, np.float32).astype(np.float16).view(np.uint16)[()]
     return np.float32(v)
 
 
