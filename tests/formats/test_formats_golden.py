@@ -16,9 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from sparsemerge.errors import SparsemergeError
+from sparsemerge.formats.layout import CT_CHECKSUMS_NAME
 from sparsemerge.formats.model import MANIFEST_NAME, pack, read_packed
+from sparsemerge.io.checksum import MANIFEST_DIGEST_KEY, manifest_digest
 
 GOLDEN = Path(__file__).parent / "golden"
+GOLDEN_V1 = Path(__file__).parent / "golden-v1"  # layout version 1 (before 2026-12), kept to prove it still reads
 REGEN = os.environ.get("SPARSEMERGE_REGEN_GOLDEN") == "1"
 
 VARIANTS = {
@@ -79,7 +83,7 @@ def _layout_json(folder: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
         return {"tensors": manifest["tensors"], "shards": manifest["shards"], "totals": manifest["totals"]}
     config = json.loads((folder / "config.json").read_text())
-    return {"quantization_config": config["quantization_config"]}
+    return {"quantization_config": config["quantization_config"], "checksums": json.loads((folder / CT_CHECKSUMS_NAME).read_text())}
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -103,29 +107,62 @@ def test_on_disk_layout_is_byte_exact(tmp_path, variant):
     assert _layout_json(out) == json.loads((expected_dir / "layout.json").read_text())
 
 
-@pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_golden_files_still_read(tmp_path, variant):
-    """The committed files decode to the source (exactly without a codec)."""
-    src = golden_source(tmp_path / "src")
-    from safetensors.torch import load_file
-
-    source = load_file(str(src / "model.safetensors"))
-    folder = tmp_path / "golden"
-    shutil.copytree(GOLDEN / variant, folder)
+def _rebuild(golden: Path, folder: Path, version: int) -> None:
+    """A readable folder from committed golden files: the manifest (or config.json) rebuilt
+    around the committed tensor table, as pack writes it for ``version``."""
+    shutil.copytree(golden, folder)
     (folder / "config.json").write_text(json.dumps({"model_type": "golden-test"}))
     layout = json.loads((folder / "layout.json").read_text())
     if "tensors" in layout:
-        manifest = {"layout": "sparsemerge-packed", "version": 1, "options": {}, "source": {}, "files": [], **layout}
+        manifest = {"layout": "sparsemerge-packed", "version": version, "options": {}, "source": {}, "files": [], **layout}
+        if version >= 2:
+            manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
         (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
     else:
-        (folder / "config.json").write_text(json.dumps({"model_type": "golden-test", **layout}))
-    packed = read_packed(folder)
+        (folder / "config.json").write_text(json.dumps({"model_type": "golden-test", "quantization_config": layout["quantization_config"]}))
+        (folder / CT_CHECKSUMS_NAME).write_text(json.dumps(layout["checksums"]))
+
+
+def _assert_decodes_to_source(packed, source, variant):
     lossy = any(k in variant for k in ("int", "codebook"))
     for name, tensor in source.items():
-        decoded = packed.get_dense(name)
+        decoded = packed.get_dense(name)  # verify=True: every digest of the golden files holds
         if lossy:
             tolerance = 0.75 if "codebook4" in variant else 0.2  # 3 free centroids for ~30 values
             assert torch.allclose(decoded, tensor, atol=tolerance), name
             assert torch.equal(decoded[tensor == 0], tensor[tensor == 0]), name
         else:
             assert torch.equal(decoded, tensor), name
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_golden_files_still_read(tmp_path, variant):
+    """The committed files decode to the source (exactly without a codec), all checks full."""
+    from safetensors.torch import load_file
+
+    source = load_file(str(golden_source(tmp_path / "src") / "model.safetensors"))
+    _rebuild(GOLDEN / variant, tmp_path / "golden", version=2)
+    packed = read_packed(tmp_path / "golden")
+    assert packed.checks.startswith("full:")
+    _assert_decodes_to_source(packed, source, variant)
+
+
+def test_version_1_files_still_read_with_data_checks(tmp_path):
+    """Layout version 1 manifests (no entry digests) still read; their bytes are verified and
+    ``checks`` says the entries are not covered. Labelling one version 2 is refused."""
+    from safetensors.torch import load_file
+
+    source = load_file(str(golden_source(tmp_path / "src") / "model.safetensors"))
+    _rebuild(GOLDEN_V1 / "nm-entropy", tmp_path / "v1", version=1)
+    packed = read_packed(tmp_path / "v1")
+    assert packed.version == 1 and packed.checks.startswith("data only")
+    _assert_decodes_to_source(packed, source, "nm-entropy")
+    _rebuild(GOLDEN_V1 / "nm-entropy", tmp_path / "as-v2", version=2)  # v1 digests under a v2 label
+    name = "model.layers.0.mlp.up_proj.weight"
+    with pytest.raises(SparsemergeError, match=rf"tensor '{name}': checksum mismatch"):
+        read_packed(tmp_path / "as-v2").get(name)
+    manifest = json.loads((tmp_path / "v1" / MANIFEST_NAME).read_text())
+    manifest["version"] = 3
+    (tmp_path / "v1" / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(SparsemergeError, match="layout version 3; this sparsemerge reads versions 1, 2"):
+        read_packed(tmp_path / "v1")

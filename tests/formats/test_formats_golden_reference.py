@@ -6,7 +6,7 @@ re-encoded - by hand-written reference code that follows only the documented lay
   (https://github.com/huggingface/safetensors#format), parsed with ``struct`` + ``json``
   and cross-checked against the ``safetensors`` library;
 * the packed manifest (``layout.json``: formats/model.py docstring), its ``nbytes`` and
-  ``sha256`` (formats/shards.py ``fields_digest``);
+  ``sha256`` (io/checksum.py ``record_digest`` over ``fields_digest``);
 * the field layouts in the docstrings of formats/bits.py, nm.py, nm_coding.py, quant.py,
   codebook.py, bitmask.py, coo.py, csr.py, bsr.py and ct.py;
 * the compressed-tensors layout also against the compressed-tensors library (peer venv).
@@ -78,7 +78,13 @@ def test_golden_packed_files_decode_by_hand(tmp_path, variant):
             digest.update(f"{field}\0{info['dtype']}\0{','.join(map(str, arr.shape))}\0".encode() + raw)
             fields[field], nbytes = arr, nbytes + len(raw)
             stored_keys.add(info["key"])
-        assert record["sha256"] == digest.hexdigest() and record["nbytes"] == nbytes, name
+        # record_digest (layout version 2): sha256 over "sparsemerge-tensor\0" NAME "\0", the entry
+        # without its sha256 as canonical JSON (sorted keys, no spaces), "\0" and the fields digest
+        entry = {k: v for k, v in record.items() if k != "sha256"}
+        sealed = hashlib.sha256(b"sparsemerge-tensor\0" + name.encode() + b"\0"
+                                + json.dumps(entry, sort_keys=True, separators=(",", ":")).encode()
+                                + b"\0" + digest.hexdigest().encode())
+        assert record["sha256"] == sealed.hexdigest() and record["nbytes"] == nbytes, name
         decoded = decode_tensor(record, fields)
         codec = record["params"].get("codec")
         want = source[name]

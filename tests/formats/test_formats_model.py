@@ -193,17 +193,26 @@ def test_flipped_metadata_byte_is_caught(pruned_dir, tmp_path):
         read_packed(tmp_path / "p").get(name, verify=False)
 
 
+def _write_resealed(path, manifest):
+    """Write an edited manifest with a fresh manifest digest: what a careful forger (or a
+    bug) would do, so that the per-tensor checks behind the digest are tested too."""
+    from sparsemerge.io.checksum import MANIFEST_DIGEST_KEY, manifest_digest
+
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest))
+
+
 def test_manifest_disagreeing_with_data_is_refused(packed_dir):
     path = packed_dir / MANIFEST_NAME
     manifest = json.loads(path.read_text())
     name = "model.layers.0.mlp.gate_proj.weight"
     manifest["tensors"][name]["shape"] = [128, 32]  # claims another shape
-    path.write_text(json.dumps(manifest))
-    with pytest.raises(SparsemergeError, match=rf"tensor '{name}'"):
+    _write_resealed(path, manifest)
+    with pytest.raises(SparsemergeError, match=rf"tensor '{name}': checksum mismatch"):
         read_packed(packed_dir).get(name)
     manifest["tensors"][name]["shape"] = [128, 64]
     manifest["tensors"][name]["fields"]["values.scale"]["dtype"] = "float16"
-    path.write_text(json.dumps(manifest))
+    _write_resealed(path, manifest)
     with pytest.raises(SparsemergeError, match=rf"tensor '{name}': field 'values.scale'.*manifest does not match"):
         read_packed(packed_dir).get(name)
     path.write_text("{not json")
@@ -276,7 +285,7 @@ def test_manifest_cannot_point_outside_the_folder(packed_dir):
     path = packed_dir / MANIFEST_NAME
     manifest = json.loads(path.read_text())
     manifest["tensors"]["model.norm.weight"]["shard"] = "../pruned/model.safetensors"
-    path.write_text(json.dumps(manifest))
+    _write_resealed(path, manifest)
     with pytest.raises(SparsemergeError, match="not a file name inside"):
         read_packed(packed_dir).get("model.norm.weight")
 

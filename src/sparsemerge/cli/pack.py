@@ -7,7 +7,7 @@ import sys
 from typing import Any
 
 from sparsemerge.cli.common import KeepLinesFormatter, add_overwrite, defer, format_table
-from sparsemerge.errors import SparsemergeError
+from sparsemerge.errors import SparsemergeError, options_error
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*$", re.I)
 
@@ -146,7 +146,7 @@ def run_pack(args: argparse.Namespace) -> int:
     except SparsemergeError:
         raise
     except Exception as exc:  # pydantic.ValidationError
-        raise SparsemergeError(f"invalid pack options: {exc}") from None
+        raise options_error("pack options", exc, {"group_size": "--group", "symmetric": "--asymmetric"}) from None
     if note:
         print(f"packing {note}", file=sys.stderr)
     report = pack(args.src, args.out, config, overwrite=args.overwrite, progress=not args.no_progress)
@@ -187,6 +187,10 @@ def run_inspect(args: argparse.Namespace) -> int:
         f"total: {len(rows)} tensors, {nbytes:,} bytes, {8 * nbytes / max(numel, 1):.3f} bits/weight, "
         f"{nbytes / max(2 * numel, 1):.4f}x dense fp16 ({2 * numel:,} B), {nbytes / max(4 * numel, 1):.4f}x dense fp32 ({4 * numel:,} B)"
     )
+    if args.verify:
+        from sparsemerge.formats.inspect import verified_what
+
+        print(f"verified {len(rows)} tensors - checks: {verified_what(args.path)}")
     return 0
 
 

@@ -15,6 +15,12 @@ its source and, when the peer venv exists, against the library itself):
   "global_sparsity": float}}``.
 
 Groups with fewer than two nonzeros mark their lowest-index zeros as kept (stored zeros).
+
+That layout has no checksums. Beside it we write ``sparsemerge_checksums.json`` (ignored by
+vLLM and compressed-tensors): a :func:`fields_digest` per safetensors key, a digest of the
+``quantization_config`` and a digest of the file itself, so our reader detects a flipped byte,
+an edited, added or dropped tensor, or an edited sparsity config. Folders written by other
+tools (no such file) get structure checks only, and ``checks`` says so.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from sparsemerge.formats.base import LAYOUTS, PackLayout, SparseFormat, TensorTa
 from sparsemerge.formats.bitmask import Bitmask, pack_mask, unpack_mask
 from sparsemerge.formats.nm import NMPacked
 from sparsemerge.formats.size import PlanRow, ct_nbytes
+from sparsemerge.io.checksum import canonical_json, fields_digest
 from sparsemerge.patterns import NM
 
 if TYPE_CHECKING:
@@ -39,6 +46,59 @@ if TYPE_CHECKING:
 CT_FORMAT = "sparse-24-bitmask"
 CT_SUFFIXES = ("compressed", "bitmask", "shape")
 CT_VERSION_WRITTEN = "0.9.4"  # the compressed-tensors release line that reads and writes this layout
+CHECKSUMS_LAYOUT = "sparsemerge-ct-checksums"
+
+
+def _key_digest(key: str, tensor: torch.Tensor) -> str:
+    return fields_digest({key: tensor})
+
+
+def _sealed(body: dict[str, Any]) -> str:
+    import hashlib
+
+    return hashlib.sha256(b"sparsemerge-ct-checksums\0" + canonical_json(body)).hexdigest()
+
+
+def write_checksums(folder: Path, digests: dict[str, str], quantization_config: dict[str, Any]) -> None:
+    """The digests file beside a compressed-tensors folder (see the module docstring)."""
+    from sparsemerge.formats.layout import CT_CHECKSUMS_NAME
+
+    body = {"layout": CHECKSUMS_LAYOUT, "version": 1, "tensors": dict(sorted(digests.items())),
+            "quantization_config_sha256": _sealed({"quantization_config": quantization_config})}
+    body["sha256"] = _sealed(body)
+    (folder / CT_CHECKSUMS_NAME).write_text(json.dumps(body, indent=1) + "\n")
+
+
+def read_checksums(folder: Path, config: dict[str, Any], keys: "set[str]") -> "dict[str, str] | None":
+    """The per-key digests of a folder we wrote, checked against itself, the config and the
+    set of keys in the safetensors; None where there is no checksums file."""
+    from sparsemerge.formats.layout import CT_CHECKSUMS_NAME
+
+    path = folder / CT_CHECKSUMS_NAME
+    if not path.is_file():
+        return None
+    where = f"{str(path)!r}"
+    try:
+        body = json.loads(path.read_text())
+        recorded = body.pop("sha256")
+        tensors = body["tensors"]
+        sealed = _sealed(body)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SparsemergeError(f"{where} is unreadable or malformed ({exc}); repack, or delete it to read the folder unchecked") from None
+    if body.get("layout") != CHECKSUMS_LAYOUT or recorded != sealed or not isinstance(tensors, dict):
+        raise SparsemergeError(f"{where} does not match its own sha256: it was edited or is corrupt - repack the model")
+    if body.get("quantization_config_sha256") != _sealed({"quantization_config": config.get("quantization_config")}):
+        raise SparsemergeError(
+            f"the quantization_config in {str(folder / 'config.json')!r} differs from the one written with the weights "
+            f"({where}): it was edited - restore it or repack the model"
+        )
+    extra, missing = sorted(keys - set(tensors)), sorted(set(tensors) - keys)
+    if extra or missing:
+        raise SparsemergeError(
+            f"{str(folder)!r}: the safetensors hold tensors that were not written with them ({extra[:5]}) or lack "
+            f"tensors that were ({missing[:5]}); the folder was edited or is incomplete - repack the model"
+        )
+    return {str(k): str(v) for k, v in tensors.items()}
 
 
 def sparsity_config_of(config: dict[str, Any]) -> "dict[str, Any] | None":
@@ -110,6 +170,7 @@ def write_ct(src: Any, out: "str | Path", config: "PackConfig", overwrite: bool 
     targets: list[str] = []
     ignore: list[str] = []
     zeros = total = 0
+    digests: dict[str, str] = {}
     with open_tensor_source(src) as source, atomic_output(out, overwrite=overwrite, inputs=[src]) as tmp:
         writer = ShardedWriter(tmp, config.shard_size, metadata={"format": "pt"})  # model.safetensors, or shards + index
         for name in _progress(source.names(), progress, "pack"):
@@ -127,8 +188,9 @@ def write_ct(src: Any, out: "str | Path", config: "PackConfig", overwrite: bool 
                         packed = NMPacked.from_dense(tensor, 2, 4, "bits2")
                     except SparsemergeError as exc:
                         raise type(exc)(f"tensor {name!r}: {exc}") from None
-                    fields = to_ct_fields(packed)
-                    writer.add_group({f"{module}.{k}": v for k, v in fields.items()})
+                    fields = {f"{module}.{k}": v for k, v in to_ct_fields(packed).items()}
+                    writer.add_group(fields)
+                    digests.update({k: _key_digest(k, v) for k, v in fields.items()})
                     report.nbytes += sum(v.numel() * v.element_size() for v in fields.values())
                     report.packed.append(name)
                     targets.append(module)
@@ -136,6 +198,7 @@ def write_ct(src: Any, out: "str | Path", config: "PackConfig", overwrite: bool 
                     total += tensor.numel()
                     continue
             writer.add(name, tensor)
+            digests[name] = _key_digest(name, tensor)
             report.nbytes += tensor.numel() * tensor.element_size()
         writer.finish()
         copy_side_files(source.folder, tmp, only_known=source.source.kind == "safetensors")
@@ -155,6 +218,7 @@ def write_ct(src: Any, out: "str | Path", config: "PackConfig", overwrite: bool 
             },
         }
         config_path.write_text(json.dumps(model_config, indent=2) + "\n")
+        write_checksums(tmp, digests, json.loads(config_path.read_text())["quantization_config"])
         report.tensors = len(source.names())
     report.seconds = time.perf_counter() - started
     return report
@@ -163,8 +227,8 @@ def write_ct(src: Any, out: "str | Path", config: "PackConfig", overwrite: bool 
 class CTCheckpoint(TensorTable):
     """A compressed-tensors sparse-24-bitmask folder behind the :class:`PackedCheckpoint` API.
 
-    That layout carries no checksums: ``verify`` is accepted for the common API, and reads
-    check shapes and bit counts only."""
+    Reads check shapes and bit counts; where we wrote the folder, ``verify`` also checks each
+    tensor's digest from ``sparsemerge_checksums.json`` (``checks`` says which applies)."""
 
     def __init__(self, folder: "str | Path") -> None:
         from sparsemerge.io.reader import ShardReader
@@ -199,6 +263,20 @@ class CTCheckpoint(TensorTable):
             else:
                 self.tensors[key] = {"": key}
         self.manifest = {"layout": CT_FORMAT, "sparsity_config": sparsity_config_of(self._config)}
+        self._digests = read_checksums(self.folder, self._config, set(location))
+        self.checks = (
+            "structure only: a compressed-tensors folder without sparsemerge_checksums.json (shapes and bit counts)"
+            if self._digests is None
+            else "full: every tensor's bytes, the key set and the sparsity config (sparsemerge_checksums.json)"
+        )
+
+    def _read(self, key: str, what: str, verify: bool) -> torch.Tensor:
+        tensor = self._reader.get(self._location[key], key, what)
+        if verify and self._digests is not None and _key_digest(key, tensor) != self._digests[key]:
+            raise SparsemergeError(
+                f"{what}: checksum mismatch of {key!r} in shard {self._location[key]!r}; the file is corrupt - repack the model"
+            )
+        return tensor
 
     def config(self) -> dict[str, Any]:
         return dict(self._config)
@@ -213,8 +291,8 @@ class CTCheckpoint(TensorTable):
         entry = self._entry(name)
         what = f"tensor {name!r}"
         if "" in entry:
-            return self._reader.get(self._location[entry[""]], entry[""], what)
-        parts = {s: self._reader.get(self._location[k], k, what) for s, k in entry.items()}
+            return self._read(entry[""], what, verify)
+        parts = {s: self._read(k, what, verify) for s, k in entry.items()}
         obj = from_ct_fields(name, parts["compressed"], parts["bitmask"], parts["shape"])
         obj.check()
         return obj

@@ -49,6 +49,19 @@ def inspect_rows(path: "str | Path", verify: bool = False) -> tuple[list[Inspect
     return rows, (nbytes_total, numel_total)
 
 
+def verified_what(path: "str | Path") -> str:
+    """What ``inspect --verify`` checked for this checkpoint (the reader's ``checks``)."""
+    from sparsemerge.formats.ct import is_ct_folder
+    from sparsemerge.formats.layout import MANIFEST_NAME
+    from sparsemerge.formats.model import read_packed
+
+    folder = Path(path)
+    if folder.is_dir() and ((folder / MANIFEST_NAME).is_file() or is_ct_folder(folder)):
+        with read_packed(folder) as packed:
+            return str(packed.checks)
+    return "readable: a dense checkpoint has no checksums of ours (every tensor was read)"
+
+
 def format_label(record: dict[str, Any]) -> str:
     """``format`` of a manifest record, with N:M and metadata coding for nm and ``+codec``."""
     params = record.get("params") or {}

@@ -21,9 +21,14 @@ if TYPE_CHECKING:  # formats/model.py imports this module
 MANIFEST_NAME = "sparsemerge_packed.json"
 # --dtype of pack: "keep" the source dtype, or store floats in one of these
 STORED_DTYPES = {"keep": None, **{n: DTYPE_NAMES[n] for n in ("float32", "float16", "bfloat16")}}
-LAYOUT, VERSION = "sparsemerge-packed", 1
+# Version 2 (2026-12): each tensor's sha256 covers its manifest entry, and the manifest carries
+# a digest of itself (io/checksum.py). Version 1 files still read; only their bytes are checked.
+LAYOUT, VERSION = "sparsemerge-packed", 2
+READABLE_VERSIONS = (1, 2)
+# Beside a compressed-tensors folder we write: the digests its own layout has no room for.
+CT_CHECKSUMS_NAME = "sparsemerge_checksums.json"
 WEIGHT_FILE = re.compile(r"(\.safetensors|\.bin|\.pt|\.pth|\.gguf|\.safetensors\.index\.json|\.bin\.index\.json)$")
-SKIP_FILES = {"sparsemerge-cache.json", MANIFEST_NAME}
+SKIP_FILES = {"sparsemerge-cache.json", MANIFEST_NAME, CT_CHECKSUMS_NAME}  # describe a folder's weights: never copied
 # Beside a bare .safetensors file only these belong to the model (the folder may hold anything).
 HF_SIDE_FILES = {
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",

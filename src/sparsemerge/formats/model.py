@@ -28,15 +28,20 @@ safetensors entry per storage field, keyed ``NAME:FIELD`` (fields of a format, e
           "shard": shard file name,
           "fields": {FIELD: {"key": "NAME:FIELD", "dtype": str, "shape": [int, ...]}},
           "nbytes": bytes of all fields,
-          "sha256": fields_digest (sha256 over name, dtype, shape, bytes of each field, sorted)
+          "sha256": record_digest (sha256 over NAME, this entry but its sha256, and
+                    fields_digest: name, dtype, shape, bytes of each field, sorted)
         }
       },
-      "totals": {"tensors", "nbytes", "numel", "dense_fp32_bytes", "dense_fp16_bytes"}
+      "totals": {"tensors", "nbytes", "numel", "dense_fp32_bytes", "dense_fp16_bytes"},
+      "manifest_sha256": manifest_digest (sha256 over the canonical JSON of all of the above)
     }
 
-Reading checks every field's dtype and shape against the manifest, the digest against the
-bytes, and each format's invariants; any failure raises :class:`SparsemergeError` naming the
-tensor (and the shard). Writes go to a temporary folder renamed when complete.
+Opening checks the manifest digest, so any edit of the manifest (a dtype, a deleted or
+swapped entry, the options) is caught before a tensor is read; reading a tensor checks every
+field's dtype and shape against the manifest, its digest against entry and bytes, and the
+format's invariants. Any failure raises :class:`SparsemergeError` naming the tensor (and the
+shard). Version 1 manifests (before 2026-12) read too, with only their bytes checksummed.
+Writes go to a temporary folder renamed when complete.
 """
 from __future__ import annotations
 
@@ -53,7 +58,7 @@ from sparsemerge.formats.base import FORMATS, LAYOUTS, CodecSpec, SparseFormat, 
 from sparsemerge.formats.dense import Dense
 from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, STORED_DTYPES, VERSION, PackReport, _progress, _targets, copy_side_files
 from sparsemerge.formats.nm_coding import CODINGS
-from sparsemerge.io.checksum import fields_digest
+from sparsemerge.io.checksum import MANIFEST_DIGEST_KEY, fields_digest, manifest_digest, record_digest
 from sparsemerge.io.writer import ShardedWriter
 from sparsemerge.patterns import NM, Hierarchical, parse_pattern
 from sparsemerge.selection import DENSE, LayerPatterns
@@ -239,6 +244,7 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
             keys = [f["key"] for f in record["fields"].values()]
             record["shard"] = location[keys[0]] if keys else next(iter(set(location.values())), "")
             shards.setdefault(record["shard"], []).append(name)
+            record["sha256"] = record_digest(name, record, record["sha256"])  # entry complete: seal it
         files = copy_side_files(source.folder, tmp, only_known=source.source.kind == "safetensors")
         manifest = {
             "layout": LAYOUT,
@@ -250,6 +256,7 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
             "tensors": records,
             "totals": _totals(records),
         }
+        manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
         (tmp / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1) + "\n")
         report.tensors = len(records)
     report.seconds = time.perf_counter() - started
@@ -267,7 +274,7 @@ def _record(name: str, obj: SparseFormat, source_dtype: torch.dtype, fields: dic
             k: {"key": f"{name}:{k}", "dtype": dtype_name(v.dtype), "shape": list(v.shape)} for k, v in fields.items()
         },
         "nbytes": sum(v.numel() * v.element_size() for v in fields.values()),
-        "sha256": fields_digest(fields),
+        "sha256": fields_digest(fields),  # of the bytes; pack() seals it with the entry once the shard is known
     }
 
 

@@ -12,8 +12,8 @@ import torch
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.formats.base import FORMATS, SparseFormat, TensorTable, dtype_from_name, dtype_name
 from sparsemerge.formats.dense import Dense
-from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, VERSION, _progress, copy_side_files
-from sparsemerge.io.checksum import fields_digest
+from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, READABLE_VERSIONS, _progress, copy_side_files
+from sparsemerge.io.checksum import MANIFEST_DIGEST_KEY, fields_digest, manifest_digest, record_digest
 from sparsemerge.io.reader import ShardReader
 from sparsemerge.io.writer import ShardedWriter
 
@@ -38,10 +38,27 @@ class PackedCheckpoint(TensorTable):
             raise SparsemergeError(f"the manifest {str(path)!r} is not valid JSON ({exc}); the checkpoint is corrupt") from None
         if not isinstance(manifest, dict) or manifest.get("layout") != LAYOUT:
             raise SparsemergeError(f"{str(path)!r} is not a {LAYOUT} manifest")
-        if manifest.get("version") != VERSION:
-            raise SparsemergeError(f"{str(path)!r} has layout version {manifest.get('version')!r}; this sparsemerge reads version {VERSION}")
+        version = manifest.get("version")
+        if version not in READABLE_VERSIONS:
+            readable = ", ".join(str(v) for v in READABLE_VERSIONS)
+            raise SparsemergeError(
+                f"{str(path)!r} has layout version {version!r}; this sparsemerge reads versions {readable} - "
+                "repack it from the source, or upgrade sparsemerge if a newer one wrote it"
+            )
         if not isinstance(manifest.get("tensors"), dict):
             raise SparsemergeError(f"{str(path)!r} has no 'tensors' table")
+        self.version = int(version)
+        if self.version >= 2:
+            # The manifest digest covers every entry, so edits are caught here, before any tensor is used.
+            recorded, actual = manifest.get(MANIFEST_DIGEST_KEY), _manifest_digest(path, manifest)
+            if recorded != actual:
+                state = "has no manifest_sha256" if recorded is None else "does not match its manifest_sha256"
+                raise SparsemergeError(
+                    f"{str(path)!r} {state}: the manifest was edited or is corrupt - repack it from the source"
+                )
+            self.checks = "full: every tensor's bytes and manifest entry, and the manifest as a whole (sha256)"
+        else:
+            self.checks = "data only: version 1 manifest - tensor bytes are checksummed, manifest entries are not (repack to cover them)"
         self.manifest = manifest
         self.tensors: dict[str, Any] = manifest["tensors"]
         shards = manifest.get("shards")
@@ -85,10 +102,13 @@ class PackedCheckpoint(TensorTable):
             fields[fname] = tensor
         if verify:
             digest = fields_digest(fields)
+            if self.version >= 2:
+                digest = record_digest(name, record, digest)  # bytes and entry together
             if digest != record.get("sha256"):
                 raise SparsemergeError(
                     f"{what}: checksum mismatch in shard {shard!r} (manifest sha256 {str(record.get('sha256'))[:12]}..., "
-                    f"data {digest[:12]}...); the file is corrupt - repack it from the source"
+                    f"data {digest[:12]}...); {'the data or its manifest entry was changed' if self.version >= 2 else 'the file is corrupt'}"
+                    " - repack it from the source"
                 )
         return fields
 
@@ -134,6 +154,13 @@ class PackedCheckpoint(TensorTable):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _manifest_digest(path: Path, manifest: dict[str, Any]) -> str:
+    try:
+        return manifest_digest(manifest)
+    except ValueError as exc:  # NaN or infinity in a number: canonical JSON refuses it
+        raise SparsemergeError(f"{str(path)!r} holds a value JSON cannot digest ({exc}); the manifest is corrupt - repack it") from None
 
 
 def _check_shard_lists(path: Path, tensors: dict[str, Any], shards: Any) -> None:
