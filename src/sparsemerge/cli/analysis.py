@@ -80,13 +80,13 @@ def _write_json(path: str, data: dict, overwrite: bool) -> None:
 
 
 def _align_config(scopes, max_iters: int = 100, seed: int = 0):
-    from sparsemerge.errors import SparsemergeError
+    from sparsemerge.errors import SparsemergeError, options_error
     from sparsemerge.merge.align import AlignConfig
 
     try:
         return AlignConfig(**({"scopes": scopes} if scopes else {}), max_iters=max_iters, seed=seed)
     except ValueError as exc:  # pydantic.ValidationError
-        raise SparsemergeError(f"invalid alignment options: {exc}") from exc
+        raise options_error("alignment options", exc) from None
 
 
 def _print_alignment(result) -> None:
@@ -107,7 +107,7 @@ def run_align(args: argparse.Namespace) -> int:
 
 
 def run_lmc(args: argparse.Namespace) -> int:
-    from sparsemerge.errors import SparsemergeError
+    from sparsemerge.errors import SparsemergeError, options_error
     from sparsemerge.io import ensure_writable
     from sparsemerge.merge.lmc import LMCConfig, lmc_curve, plot_lmc
 
@@ -124,7 +124,7 @@ def run_lmc(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, progress=not args.no_progress,
         )
     except ValueError as exc:  # pydantic.ValidationError
-        raise SparsemergeError(f"invalid lmc options: {exc}") from exc
+        raise options_error("lmc options", exc) from None
     align = _align_config(args.align_scope) if args.align else None
     if args.align_scope and not args.align:
         raise SparsemergeError("--align-scope needs --align")

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from sparsemerge.cli.common import add_overwrite, format_table
-from sparsemerge.errors import SparsemergeError
+from sparsemerge.errors import SparsemergeError, options_error
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -98,7 +98,7 @@ def config_from_args(args: argparse.Namespace):
     except SparsemergeError:
         raise
     except Exception as exc:  # pydantic.ValidationError
-        raise SparsemergeError(f"invalid pruning options: {exc}") from exc
+        raise options_error("pruning options", exc) from None
 
 
 def run_prune(args: argparse.Namespace) -> int:
@@ -151,7 +151,7 @@ def check_patterns(args: argparse.Namespace):
         try:
             config = PruneConfig(**{k: v for k, v in read_recipe(args.recipe).items() if k in ("pattern", "layer_patterns")})
         except Exception as exc:  # pydantic.ValidationError
-            raise SparsemergeError(f"invalid recipe {args.recipe!r}: {exc}") from exc
+            raise options_error(f"recipe {args.recipe!r}", exc) from None
         return LayerPatterns(config.pattern, config.layer_patterns), f"the patterns of {args.recipe}"
     record = read_prune_record(args.model)
     if record is not None:

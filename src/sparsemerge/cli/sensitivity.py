@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from sparsemerge.cli.common import add_overwrite, format_table
-from sparsemerge.errors import SparsemergeError
+from sparsemerge.errors import SparsemergeError, options_error
 
 
 def _csv(text: str) -> list[str]:
@@ -87,7 +87,7 @@ def run_sensitivity(args: argparse.Namespace) -> int:
     try:
         config = SensitivityConfig(**values)
     except Exception as exc:  # pydantic.ValidationError
-        raise SparsemergeError(f"invalid sensitivity options: {exc}") from exc
+        raise options_error("sensitivity options", exc) from None
     for out in (args.json_out, args.plot):  # fail before any work
         if out:
             ensure_writable(out, args.overwrite)

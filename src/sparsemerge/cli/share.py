@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_share(args: argparse.Namespace) -> int:
-    from sparsemerge.errors import SparsemergeError
+    from sparsemerge.errors import options_error
     from sparsemerge.merge.share import ShareConfig, share_layers
 
     options = {"groups": args.groups, "residual": args.residual, "rank": args.rank, "density": args.density, "dtype": args.dtype}
@@ -38,7 +38,7 @@ def run_share(args: argparse.Namespace) -> int:
     try:
         config = ShareConfig(**options)
     except ValueError as exc:  # pydantic.ValidationError
-        raise SparsemergeError(f"invalid share options: {exc}") from exc
+        raise options_error("share options", exc) from None
     report = share_layers(args.model, args.out, config, overwrite=args.overwrite, progress=not args.no_progress)
     rows = [[k.kind, len(k.groups), " ".join(f"{a}-{b - 1}" for a, b in k.groups), f"{k.neighbour_cosine:.3f}",
              f"{k.within:.4f}", f"{k.residual_error:.4f}"] for k in report.kinds]

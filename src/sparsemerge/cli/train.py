@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from sparsemerge.cli.common import add_overwrite, format_table
-from sparsemerge.errors import SparsemergeError
+from sparsemerge.errors import SparsemergeError, options_error
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -153,7 +153,7 @@ def run_recover(args: argparse.Namespace) -> int:
                                temperature=args.temperature, kd_weight=args.kd_weight, ce_weight=args.ce_weight,
                                seed=args.seed, progress=not args.no_progress)
     except ValueError as exc:  # pydantic.ValidationError
-        raise SparsemergeError(f"invalid recovery options: {exc}") from None
+        raise options_error("recovery options", exc) from None
     teacher_name = args.teacher or _default_teacher(args.pruned)
     ensure_writable(args.out, args.overwrite, inputs=[args.pruned, teacher_name])  # fail before any work
     student = load_model(args.pruned)

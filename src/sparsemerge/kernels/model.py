@@ -18,7 +18,7 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from sparsemerge.errors import SparsemergeError
+from sparsemerge.errors import SparsemergeError, options_error
 from sparsemerge.kernels.dense_int8 import Int8Embedding, Int8Linear
 from sparsemerge.kernels.sparse_linear import SparseLinear, SparsifyConfig, SparsifyReport, sparsify_
 
@@ -213,7 +213,7 @@ def load_for_run(
         config = SparsifyConfig(pattern=pattern, quant=quant, group_size=group_size, prune=prune, head_quant=head_quant,
                                 act_quant=act_quant)
     except ValueError as exc:  # pydantic.ValidationError
-        raise SparsemergeError(f"invalid sparse execution options: {exc}") from None
+        raise options_error("sparse execution options", exc) from None
     start = time.perf_counter()
     loaded = load_model(spec)
     if dense:

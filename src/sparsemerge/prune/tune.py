@@ -22,7 +22,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, Sequence
 
-from sparsemerge.errors import SparsemergeError
+from sparsemerge.errors import SparsemergeError, options_error
 from sparsemerge.patterns import NM, parse_pattern
 from sparsemerge.selection import DENSE
 
@@ -216,7 +216,7 @@ def compute_allocations(model: Any, tokenizer: Any, patterns: Sequence[str], spa
     except SparsemergeError:
         raise
     except Exception as exc:  # pydantic.ValidationError: e.g. an unknown criterion
-        raise SparsemergeError(f"invalid sensitivity options for the allocations: {exc}") from None
+        raise options_error("sensitivity options for the allocations", exc) from None
     report = layer_sensitivity(model, tokenizer, config)
     out = []
     for s in sparsities:

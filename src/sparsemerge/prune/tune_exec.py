@@ -18,7 +18,7 @@ import traceback
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from sparsemerge.errors import SparsemergeError
+from sparsemerge.errors import SparsemergeError, options_error
 from sparsemerge.prune.tune import MB
 
 PRUNE_RECORD = "sparsemerge_prune.json"  # as written by ``sparsemerge prune``
@@ -116,7 +116,7 @@ def build_candidate(model: str, candidate: dict[str, Any], out: "str | Path", wo
     try:
         config = PackConfig(**candidate["pack"])
     except Exception as exc:  # pydantic.ValidationError
-        raise SparsemergeError(f"invalid pack options {candidate['pack']}: {exc}") from None
+        raise options_error(f"pack options {candidate['pack']}", exc) from None
     report = pack(str(src), out, config, overwrite=overwrite)
     info["bytes"] = int(report.nbytes)
     info["kept_dense"] = len(report.kept_dense)
