@@ -72,12 +72,61 @@ def _merge_yaml(w: World, t: Path, method: str, params: str, base: bool = False)
     return path
 
 
-def _edit_manifest(w: World, t: Path, edit: Callable[[dict], None]) -> Path:
+def _edit_manifest(w: World, t: Path, edit: Callable[[dict], None], reseal: bool = False) -> Path:
+    """A copy of the packed model with its manifest edited; ``reseal`` recomputes the manifest
+    digest, as a careful forger would, so the checks behind it are reached."""
+    from sparsemerge.io.checksum import MANIFEST_DIGEST_KEY, manifest_digest
+
     folder = t / "pk"
     shutil.copytree(w.pk, folder)
     path = folder / "sparsemerge_packed.json"
     manifest = json.loads(path.read_text())
     edit(manifest)
+    if reseal:
+        manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
+    path.write_text(json.dumps(manifest, indent=1))
+    return folder
+
+
+def _drop_entry(m: dict) -> None:
+    del m["tensors"][GATE]
+    for names in m["shards"].values():
+        if GATE in names:
+            names.remove(GATE)
+
+
+def dropped_entry(w: World, t: Path, mp) -> Path:
+    """A tensor deleted from both tables of the manifest: unpack exited 0 without it."""
+    return _edit_manifest(w, t, _drop_entry)
+
+
+def edited_dtype(w: World, t: Path, mp) -> Path:
+    """A tensor's dtype edited in the manifest: unpack wrote zeros."""
+    return _edit_manifest(w, t, lambda m: m["tensors"][GATE].__setitem__("dtype", "int8"))
+
+
+def huge_shape_resealed(w: World, t: Path, mp) -> Path:
+    return _edit_manifest(w, t, lambda m: m["tensors"][GATE].__setitem__("shape", [10**12, 10**12]), reseal=True)
+
+
+def nan_in_packed(w: World, t: Path, mp) -> Path:
+    """A packed model holding a NaN with digests that match, as one packed before pack refused NaN."""
+    from sparsemerge.io.checksum import MANIFEST_DIGEST_KEY, fields_digest, manifest_digest, record_digest
+
+    folder = t / "pk"
+    shutil.copytree(w.pk, folder)
+    path = folder / "sparsemerge_packed.json"
+    manifest = json.loads(path.read_text())
+    name = "model.norm.weight"
+    record = manifest["tensors"][name]
+    shard = folder / record["shard"]
+    state = load_file(shard)
+    key = record["fields"]["values"]["key"]
+    state[key][0] = float("nan")
+    save_file(state, shard, metadata={"format": "sparsemerge-packed"})
+    fields = {f: state[spec["key"]] for f, spec in record["fields"].items()}
+    record["sha256"] = record_digest(name, record, fields_digest(fields))
+    manifest[MANIFEST_DIGEST_KEY] = manifest_digest(manifest)
     path.write_text(json.dumps(manifest, indent=1))
     return folder
 
@@ -228,10 +277,19 @@ CASES = [
     Case("merge-density-inf", _yaml("ties", "weight: 0.5, density: .inf", True), 2, "'density' must be a finite number"),
     Case("check-pattern-huge-m", lambda w, t, s: ["check", w.pruned, "--pattern", "1:100000000000"], 2, "fits none of the"),
     Case("check-pattern-block7", lambda w, t, s: ["check", w.pruned, "--pattern", "block7:0.5"], 2, "fits none of the"),
-    # -- hangs -----------------------------------------------------------------------------------------------
-    Case("inspect-verify-huge-shape", lambda w, t, s: ["inspect", s, "--verify"], 2, "groups", huge_shape),
-    Case("unpack-huge-shape", lambda w, t, s: ["unpack", s, t / "out"], 2, "groups", huge_shape),
-    Case("run-huge-shape", lambda w, t, s: ["run", s, "--prompt", "hi", "--max-new-tokens", "2"], 2, "groups", huge_shape),
+    Case("unpack-dropped-manifest-entry", lambda w, t, s: ["unpack", s, t / "out"], 2, "manifest was edited", dropped_entry),
+    Case("unpack-edited-dtype", lambda w, t, s: ["unpack", s, t / "out"], 2, "manifest was edited", edited_dtype),
+    Case("run-nan-inside-packed", lambda w, t, s: ["run", s, "--prompt", "hi", "--max-new-tokens", "2"], 2,
+         "logits are NaN or infinite", nan_in_packed),
+    Case("pack-group-negative", lambda w, t, s: ["pack", w.pruned, t / "out", "--group", "-5"], 2,
+         "invalid pack options: --group: Input should be greater than or equal to 0 (got -5)"),
+    # -- hangs (an edited manifest is caught by its digest; resealed, by the tensor's) --------------------
+    Case("inspect-verify-huge-shape", lambda w, t, s: ["inspect", s, "--verify"], 2, "manifest was edited", huge_shape),
+    Case("unpack-huge-shape", lambda w, t, s: ["unpack", s, t / "out"], 2, "manifest was edited", huge_shape),
+    Case("run-huge-shape", lambda w, t, s: ["run", s, "--prompt", "hi", "--max-new-tokens", "2"], 2, "manifest was edited", huge_shape),
+    Case("inspect-verify-huge-shape-resealed", lambda w, t, s: ["inspect", s, "--verify"], 2, "checksum mismatch", huge_shape_resealed),
+    Case("run-huge-shape-resealed", lambda w, t, s: ["run", s, "--prompt", "hi", "--max-new-tokens", "2"], 2, "checksum mismatch",
+         huge_shape_resealed),
     Case("plan-huge-shape", lambda w, t, s: ["inspect", "--plan", "4x400000000000", "2:4"], 0, ""),
     Case("plan-max-m-huge", lambda w, t, s: ["inspect", "--plan", "64x64", "0.5", "--max-m", "100000"], 2, "--max-m must be between"),
     Case("run-max-new-tokens-past-positions", lambda w, t, s: ["run", w.pk, "--prompt", "hi", "--max-new-tokens", "1000000000"],
@@ -258,7 +316,7 @@ CASES = [
     Case("merge-hidden-size-mismatch", lambda w, t, s: ["merge", s, t / "out", "--no-progress"], 2, "different sizes", other_hidden_size),
     Case("check-malicious-bin", lambda w, t, s: ["check", s], 2, "weights-only", malicious_bin),
     Case("unpack-broken-config", lambda w, t, s: ["unpack", s, t / "out"], 2, "config.json' is not valid JSON", broken_config),
-    Case("unpack-extra-manifest-entry", lambda w, t, s: ["unpack", s, t / "out"], 2, "in no shard list", extra_entry),
+    Case("unpack-extra-manifest-entry", lambda w, t, s: ["unpack", s, t / "out"], 2, "manifest was edited", extra_entry),
     Case("run-config-does-not-match", lambda w, t, s: ["run", s, "--prompt", "hi", "--max-new-tokens", "2"], 2,
          "does not match its weights", wrong_config),
     Case("lmc-plot-extension-first", lambda w, t, s: ["lmc", w.ft0, w.ft1, "--data", w.text, "--out", t / "curve.xyz"], 2,
@@ -267,7 +325,8 @@ CASES = [
                                                  "--calib", w.text, "--seqlen", "16", "--no-progress"], 2, "calibration tokens is more than"),
     Case("lmc-grid-huge", lambda w, t, s: ["lmc", w.ft0, w.ft1, "--data", w.text, "--grid", "1000000000"], 2,
          "less than or equal to 1001"),
-    Case("lmc-max-windows-0", lambda w, t, s: ["lmc", w.ft0, w.ft1, "--data", w.text, "--max-windows", "0"], 2, "max_windows"),
+    Case("lmc-max-windows-0", lambda w, t, s: ["lmc", w.ft0, w.ft1, "--data", w.text, "--max-windows", "0"], 2,
+         "invalid lmc options: --max-windows: Input should be greater than or equal to 1 (got 0)"),
     Case("run-unpruned-tells-cli-flag", lambda w, t, s: ["run", w.base, "--prompt", "hi", "--max-new-tokens", "2"], 2,
          "--prune on the command line"),
 ]

@@ -71,3 +71,32 @@ def test_streaming_and_stop_strings(engine):
 def test_max_seq_is_checked_before_generating(engine):
     with pytest.raises(Exception, match="max_seq"):
         engine.generate([1] * 90, max_new_tokens=10)
+
+
+def test_a_non_finite_weight_stops_generation_with_a_clear_error(tiny_tokenizer):
+    """NaN in a weight (e.g. a checkpoint packed before pack refused NaN) made every logit NaN;
+    argmax then chose token 0 and `run` printed nothing. Now the sampler, the perplexity loop and
+    transformers' generate (through the logits processor) all refuse non-finite logits."""
+    from transformers import LogitsProcessorList
+
+    from sparsemerge.errors import SparsemergeError
+    from sparsemerge.eval.perplexity import engine_perplexity
+    from sparsemerge.runtime.sampling import finite_logits_processor
+
+    model = make_tiny_llama(vocab_size=384, hidden=128, intermediate=256)
+    with torch.no_grad():
+        model.model.norm.weight[3] = float("nan")
+    sparsify_(model, SparsifyConfig(prune=True, quant="int8"))
+    engine = DecodeEngine(model, tiny_tokenizer, max_seq=32)
+    with pytest.raises(SparsemergeError, match="logits are NaN or infinite.*inspect MODEL --verify"):
+        engine.generate("the quick brown", max_new_tokens=4)
+    with pytest.raises(SparsemergeError, match="logits are NaN or infinite"):
+        engine_perplexity(engine, torch.arange(8).reshape(1, 8), progress=False)
+    ids = tiny_tokenizer("the quick brown", return_tensors="pt").input_ids
+    with pytest.raises(SparsemergeError, match="logits are NaN or infinite"), torch.no_grad():
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0,
+                       logits_processor=LogitsProcessorList([finite_logits_processor()]))
+    for bad in (np.array([0.0, np.nan]), np.array([np.inf, 0.0])):
+        with pytest.raises(SparsemergeError):
+            Sampler(SamplingConfig(temperature=1.0, seed=0))(bad)
+    assert Sampler(SamplingConfig())(np.array([0.0, 1.0, -np.float32(3e38)])) == 1  # large but finite is fine

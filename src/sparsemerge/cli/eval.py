@@ -25,6 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                      "token - the numbers decoding gives; off: the stored values decoded into a dense transformers model")
     ppl.add_argument("--act-quant", choices=["none", "int8"], default="none",
                      help="with the runtime: int8 evaluates with the INT8 activations decoding uses (--act-quant of run)")
+    ppl.add_argument("--kv-cache", choices=["auto", "float16", "float32"], default="auto",
+                     help="with the runtime: the KV cache's precision (--kv-cache of run; auto: float16 where the CPU converts it)")
     ppl.set_defaults(func=run_ppl)
 
 
@@ -46,11 +48,15 @@ def run_ppl(args: argparse.Namespace) -> int:
             from sparsemerge.runtime.engine import DecodeEngine
             from sparsemerge.runtime.plan import build_plan
 
+            from sparsemerge.runtime.engine import resolve_kv_cache
+
+            resolve_kv_cache(args.kv_cache)  # before the model loads
             loaded = load_packed(args.model)
             set_act_quant_(loaded.model, args.act_quant)
             plan = build_plan(loaded.model, args.act_quant)
             if plan.supported:
-                engine = DecodeEngine(loaded.model, loaded.tokenizer, args.act_quant, max_seq=args.seqlen, plan=plan)
+                engine = DecodeEngine(loaded.model, loaded.tokenizer, args.act_quant, max_seq=args.seqlen, plan=plan,
+                                      kv_cache=args.kv_cache)
             else:
                 print(f"decode runtime not used ({plan.reason}): evaluating the stored values in transformers")
         if engine is None:  # its stored values (INT4/INT8 codes included), decoded to float
@@ -64,7 +70,7 @@ def run_ppl(args: argparse.Namespace) -> int:
         from sparsemerge.eval.perplexity import engine_perplexity
 
         value = engine_perplexity(engine, windows, progress=not args.no_progress)
-        how = f"decode runtime, {'INT8' if args.act_quant == 'int8' else 'float'} activations"
+        how = f"decode runtime, {'INT8' if args.act_quant == 'int8' else 'float'} activations, {engine.kv_cache} KV cache"
     else:
         value = perplexity(loaded.model, windows, batch_size=args.batch_size, progress=not args.no_progress)
         how = "transformers"

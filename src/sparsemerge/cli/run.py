@@ -28,6 +28,9 @@ def _add_model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--runtime", choices=["auto", "off"], default="auto",
                    help="auto (default): the compiled decode runtime for the models it supports (Llama, Mistral, "
                    "Qwen2 shapes; see `sparsemerge plan`), transformers otherwise; off: always transformers")
+    p.add_argument("--kv-cache", choices=["auto", "float16", "float32"], default="auto",
+                   help="the decode runtime's KV cache: auto (default) float16 where the CPU converts it in hardware "
+                   "(half the cache memory and attention's reads), float32 otherwise; float32 keeps transformers' values")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +72,7 @@ def _spec(args: argparse.Namespace) -> RunSpec:
             raise SparsemergeError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     return RunSpec(model=args.model, quant=args.quant, group_size=args.group_size, pattern=args.pattern, prune=args.prune,
                    head_quant=args.head_quant, act_quant=args.act_quant, kernel=args.kernel, threads=args.threads,
-                   device=args.device, runtime=args.runtime)
+                   device=args.device, runtime=args.runtime, kv_cache=args.kv_cache)
 
 
 def run_run(args: argparse.Namespace) -> int:
@@ -105,8 +108,13 @@ def run_run(args: argparse.Namespace) -> int:
                                   on_token=lambda t, piece: print(piece, end="", flush=True))
             n, stop_reason = len(res.tokens), res.stop_reason
         else:
+            from transformers import LogitsProcessorList
+
+            from sparsemerge.runtime.sampling import finite_logits_processor
+
             with torch.no_grad():
                 out = loaded.model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=sampling.temperature > 0,
+                                            logits_processor=LogitsProcessorList([finite_logits_processor()]),
                                             temperature=sampling.temperature or None, top_k=sampling.top_k or None,
                                             top_p=sampling.top_p, pad_token_id=loaded.tokenizer.eos_token_id)
             text = loaded.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

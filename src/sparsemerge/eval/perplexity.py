@@ -38,6 +38,8 @@ def engine_perplexity(engine: Any, windows: torch.Tensor, progress: bool = True,
     next one - the numbers a user's decoding produces (INT8 activations included)."""
     import numpy as np
 
+    from sparsemerge.runtime.sampling import check_finite
+
     total_nll = 0.0
     total_tokens = 0
     bar = tqdm(total=windows.shape[0], desc=desc, disable=not progress, leave=False)
@@ -45,6 +47,7 @@ def engine_perplexity(engine: Any, windows: torch.Tensor, progress: bool = True,
         engine.reset()
         for t, nxt in zip(window[:-1], window[1:]):
             z = engine.step(t).astype(np.float64)
+            check_finite(z)
             m = z.max()
             total_nll += float(m + np.log(np.exp(z - m).sum()) - z[nxt])
         total_tokens += len(window) - 1

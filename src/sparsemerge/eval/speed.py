@@ -59,10 +59,14 @@ class RunSpec:
     threads: Optional[int] = None  # torch/numba threads (None: all cores)
     device: str = "cpu"
     runtime: str = "auto"  # "auto": the decode runtime where it supports the model; "off": transformers
+    kv_cache: str = "auto"  # the decode runtime's KV cache precision (runtime.engine.KV_CACHES)
 
     def __post_init__(self) -> None:
         if self.runtime not in RUNTIMES:
             raise SparsemergeError(f"runtime must be one of {', '.join(RUNTIMES)}, got {self.runtime!r}")
+        from sparsemerge.runtime.engine import resolve_kv_cache
+
+        resolve_kv_cache(self.kv_cache)  # an unknown value, or float16 on a CPU without F16C, fails before loading
         if self.threads is not None and self.threads < 1:
             raise SparsemergeError(f"threads must be >= 1, got {self.threads}")
         if self.device not in DEVICES:
@@ -114,7 +118,8 @@ class RunSpec:
         plan = build_plan(loaded.model, self.act_quant)
         if not plan.supported:
             return None, plan.reason
-        return DecodeEngine(loaded.model, loaded.tokenizer, self.act_quant, max_seq=max_seq, plan=plan), "decode runtime"
+        engine = DecodeEngine(loaded.model, loaded.tokenizer, self.act_quant, max_seq=max_seq, plan=plan, kv_cache=self.kv_cache)
+        return engine, "decode runtime"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

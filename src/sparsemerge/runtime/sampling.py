@@ -11,6 +11,36 @@ from typing import Optional
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
+from sparsemerge.errors import SparsemergeError
+
+NOT_FINITE = (
+    "the model's logits are NaN or infinite, so no token can be chosen: a weight is not finite (a checkpoint "
+    "packed with NaN values or edited; `sparsemerge inspect MODEL --verify` reads every tensor) or an activation "
+    "overflowed (try --act-quant none, --kv-cache float32, or the dense model with --dense)"
+)
+
+
+def check_finite(logits: np.ndarray) -> None:
+    """Raise :class:`SparsemergeError` when ``logits`` hold NaN or inf: argmax of NaN is token 0,
+    which would end or garble the text without a word."""
+    if not np.isfinite(logits).all():
+        raise SparsemergeError(NOT_FINITE)
+
+
+def finite_logits_processor():  # type: ignore[no-untyped-def]
+    """The same check for transformers' ``generate`` (the path for architectures the runtime
+    does not support): a ``LogitsProcessor`` that raises on non-finite scores."""
+    import torch
+    from transformers import LogitsProcessor
+
+    class _Finite(LogitsProcessor):
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if not bool(torch.isfinite(scores).all()):
+                raise SparsemergeError(NOT_FINITE)
+            return scores
+
+    return _Finite()
+
 
 class SamplingConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -52,6 +82,7 @@ class Sampler:
         self.rng = np.random.default_rng(cfg.seed)
 
     def __call__(self, logits: np.ndarray) -> int:
+        check_finite(logits)
         if self.cfg.temperature == 0:
             return int(np.argmax(logits))
         p = sample_probs(logits, self.cfg)
