@@ -1,0 +1,59 @@
+"""runtime/heap.py: with the mmap threshold fixed, a large temporary gets its own mapping
+(returned to the system on free) even after glibc's dynamic threshold would have risen; with
+the dynamic threshold it comes from the heap. Counted with glibc's ``mallinfo2().hblks`` (the
+number of mmapped blocks), in a fresh interpreter per case (the setting is process-wide)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from sparsemerge.runtime import heap
+
+PROBE = textwrap.dedent("""
+    import ctypes, sys
+    from sparsemerge.runtime.heap import fixed_mmap_threshold
+    libc = ctypes.CDLL("libc.so.6")
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc.mallinfo2.restype = MallInfo2
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    if sys.argv[1] == "fixed":
+        assert fixed_mmap_threshold()
+    libc.free(libc.malloc(8 << 20))  # dynamic threshold: rises to 8 MiB here
+    before = libc.mallinfo2().hblks
+    p = libc.malloc(2 << 20)  # a 2 MiB temporary
+    print(libc.mallinfo2().hblks - before)
+    libc.free(p)
+""")
+
+
+def _new_mappings(mode: str) -> int:
+    env = {k: v for k, v in os.environ.items() if k not in (heap.ENV, heap.OPT_OUT)}
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(heap._libc() is None or not hasattr(heap._libc(), "mallinfo2"), reason="needs glibc >= 2.33")
+def test_fixed_threshold_gives_large_temporaries_their_own_mapping():
+    assert _new_mappings("dynamic") == 0  # from the heap: its pages stay with the process after free
+    assert _new_mappings("fixed") == 1  # its own mmap: munmapped on free
+
+
+def test_opting_out_keeps_the_dynamic_threshold(monkeypatch):
+    monkeypatch.delenv(heap.ENV, raising=False)
+    monkeypatch.setenv(heap.OPT_OUT, "dynamic")
+    assert heap.fixed_mmap_threshold() is False
+
+
+def test_threshold_arguments():
+    with pytest.raises(ValueError, match=">= 0"):
+        heap.fixed_mmap_threshold(-1)
+    if heap._libc() is None:
+        assert heap.fixed_mmap_threshold() is False
