@@ -105,17 +105,24 @@ def run_prune(args: argparse.Namespace) -> int:
     from sparsemerge.io import ensure_writable, load_model, resolve_source, save_model
     from sparsemerge.prune.api import prune_
     from sparsemerge.prune.record import PRUNE_RECORD
+    from sparsemerge.prune.streaming import prune_streaming, streaming_unsupported
 
     config = config_from_args(args)
     ensure_writable(args.out, args.overwrite, inputs=[args.src])  # fail before any work
     source = resolve_source(args.src)
-    loaded = load_model(source)
-    report = prune_(loaded.model, config, tokenizer=loaded.tokenizer)
-    record = report.to_json()
-    record["source"] = {"name": args.src, "path": str(Path(source.path).resolve()), "kind": source.kind,
-                        "sha256": source.checksum()}
-    save_model(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, records={PRUNE_RECORD: record},
-               inputs=[args.src, source.path])
+    source_entry = lambda: {"name": args.src, "path": str(Path(source.path).resolve()), "kind": source.kind,  # noqa: E731
+                            "sha256": source.checksum()}
+    report = None
+    if streaming_unsupported(config, source) is None:  # magnitude: one tensor at a time, not the whole model
+        report = prune_streaming(source, args.out, config, overwrite=args.overwrite,
+                                 record_extra={"source": source_entry()}, inputs=[args.src, source.path])
+    if report is None:
+        loaded = load_model(source)
+        report = prune_(loaded.model, config, tokenizer=loaded.tokenizer)
+        record = report.to_json()
+        record["source"] = source_entry()
+        save_model(loaded.model, loaded.tokenizer, args.out, overwrite=args.overwrite, records={PRUNE_RECORD: record},
+                   inputs=[args.src, source.path])
     for name, reason in report.skipped:
         print(f"skipped {name}: {reason}", file=sys.stderr)
     counts: dict[str, int] = {}

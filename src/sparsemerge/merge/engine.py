@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.finite import all_finite
 from sparsemerge.io.dtypes import dtype_from_name, dtype_name
 from sparsemerge.io.writer import PlannedTensor, ShardedWriter
 from sparsemerge.merge import mergekit_yaml as params_mod
@@ -178,7 +179,7 @@ def run_merge(
                 wd = work_dtype or job.dtype
                 tensors = [t.to(wd) for t in raw]
                 merged = spec.fn(_method_inputs(job, spec, tensors, cfg))
-                if not bool(torch.isfinite(merged).all()):
+                if not all_finite(merged):  # no tensor-sized temporary (isfinite(...).all() needs ~1.7x)
                     _refuse_non_finite(job, tensors)
                 if projector is not None:
                     merged = projector(job.out_name, merged, tensors[bpos] if bpos is not None else None)
