@@ -54,6 +54,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sparsemerge.errors import SparsemergeError
+from sparsemerge.finite import all_finite
 from sparsemerge.formats.base import FORMATS, LAYOUTS, CodecSpec, SparseFormat, check_pack_format, dtype_name, format_options
 from sparsemerge.formats.dense import Dense
 from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, STORED_DTYPES, VERSION, PackReport, _progress, _targets, copy_side_files
@@ -219,7 +220,7 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
         names = source.names()
         for name in _progress(names, progress, "pack"):
             tensor = source.get(name)
-            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            if not all_finite(tensor):  # one pass, no tensor-sized temporary (finite.py)
                 bad = int((~torch.isfinite(tensor)).sum())
                 raise SparsemergeError(
                     f"tensor {name!r} holds {bad} NaN or inf values: the packed model would compute NaN - "
