@@ -1,4 +1,4 @@
-"""Where a decoding process's memory goes, with glibc's mmap threshold fixed (runtime/heap.py,
+"""Where a decoding process's memory goes, with glibc's mmap threshold fixed (heap.py,
 the default) and dynamic (``SPARSEMERGE_MMAP_THRESHOLD=dynamic``), in one run.
 
 Each mode runs in a fresh process: resident memory after importing torch, after loading the

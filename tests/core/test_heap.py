@@ -1,4 +1,4 @@
-"""runtime/heap.py: with the mmap threshold fixed, a large temporary gets its own mapping
+"""heap.py: with the mmap threshold fixed, a large temporary gets its own mapping
 (returned to the system on free) even after glibc's dynamic threshold would have risen; with
 the dynamic threshold it comes from the heap. Counted with glibc's ``mallinfo2().hblks`` (the
 number of mmapped blocks), in a fresh interpreter per case (the setting is process-wide)."""
@@ -11,11 +11,11 @@ import textwrap
 
 import pytest
 
-from sparsemerge.runtime import heap
+from sparsemerge import heap
 
 PROBE = textwrap.dedent("""
     import ctypes, sys
-    from sparsemerge.runtime.heap import fixed_mmap_threshold
+    from sparsemerge.heap import fixed_mmap_threshold
     libc = ctypes.CDLL("libc.so.6")
     class MallInfo2(ctypes.Structure):
         _fields_ = [(n, ctypes.c_size_t) for n in

@@ -66,7 +66,7 @@ def load_packed(path: "str | os.PathLike[str]", dense: bool = False, verify: boo
     from sparsemerge.io.sources import _load_tokenizer
     from sparsemerge.kernels.hier import HierLinear
 
-    from sparsemerge.runtime.heap import fixed_mmap_threshold
+    from sparsemerge.heap import fixed_mmap_threshold
 
     fixed_mmap_threshold()  # decoding the tensors' temporaries must not grow the heap for good
     start = time.perf_counter()
@@ -190,9 +190,9 @@ def load_for_run(
     """Packed folder -> SparseLinear model as stored (``quant`` must be 'none' there: the
     codes come from the checkpoint); HF folder / file / 'smollm2' -> loaded, then its N:M
     layers converted with ``quant``. ``dense=True`` gives the dense float32 baseline."""
-    from sparsemerge.runtime.heap import fixed_mmap_threshold
+    from sparsemerge.heap import fixed_mmap_threshold
 
-    fixed_mmap_threshold()  # runtime/heap.py: conversion temporaries go back to the system
+    fixed_mmap_threshold()  # heap.py: conversion temporaries go back to the system
     from sparsemerge.io import load_model
 
     if is_packed_folder(spec):
