@@ -66,12 +66,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def read_recipe(path: str) -> dict:
     """The PruneConfig keys of a recipe YAML (top level or under ``prune:``)."""
-    import yaml
+    from sparsemerge.io.yaml_config import read_yaml
 
-    try:
-        loaded = yaml.safe_load(Path(path).read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise SparsemergeError(f"could not read recipe {path!r}: {exc}") from exc
+    loaded = read_yaml(path, "recipe")
     if not isinstance(loaded, dict):
         raise SparsemergeError(f"recipe {path!r} must be a mapping of PruneConfig keys")
     values = loaded.get("prune", loaded)

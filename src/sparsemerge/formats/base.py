@@ -196,6 +196,7 @@ class SparseFormat(abc.ABC):
     options: ClassVar[tuple[FormatOption, ...]] = ()  # packing options this format reads (pack_params)
     plan_order: ClassVar[int] = 100  # position of its rows in the size plan
     float_values_only: ClassVar[bool] = True
+    two_d_only: ClassVar[bool] = True  # False: any shape (dense)
     shape: tuple[int, int]
     dtype: torch.dtype  # dtype of the dense tensor this stands for
     values: "torch.Tensor | ValueCodec"
@@ -289,6 +290,8 @@ class SparseFormat(abc.ABC):
     def from_fields(
         cls, shape: tuple[int, int], dtype: torch.dtype, params: dict[str, Any], fields: dict[str, torch.Tensor], what: str = "tensor"
     ) -> "SparseFormat":
+        if cls.two_d_only and len(shape) != 2:  # a manifest entry says so: the index fields assume (rows, cols)
+            raise SparsemergeError(f"{what}: {cls.name} stores 2-D weights, but the entry gives shape {list(shape)}")
         obj = cls._from_index_fields(tuple(shape), dtype, params, fields, what)  # type: ignore[arg-type]
         vshape = obj._values_shape()
         codec_params = params.get("codec")

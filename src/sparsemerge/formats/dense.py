@@ -18,6 +18,7 @@ class Dense(SparseFormat):
     help = "every tensor dense (the targeted weights take --quant / --codebook)"
     plan_order = 0
     float_values_only = False
+    two_d_only = False
 
     @classmethod
     def plan_rows(cls, p: Any) -> list[PlanRow]:

@@ -85,14 +85,20 @@ class SafetensorsFile:
                 row = BY_CODE[info["dtype"]]
                 shape = tuple(info["shape"])
                 begin, end = info["data_offsets"]
-                ok = all(type(d) is int and d >= 0 for d in (*shape, begin, end)) and begin <= end
+                # torch sizes are int64: a dimension of 2**63 (legal next to a 0) cannot be built
+                ok = all(type(d) is int and 0 <= d < 2**63 for d in (*shape, begin, end)) and begin <= end
             except (KeyError, TypeError, ValueError):
                 raise self._fail(f"entry {name!r} is malformed: {str(info)[:120]}") from None
             if not ok:
-                raise self._fail(f"entry {name!r} has invalid shape or offsets: {str(info)[:120]}")
-            count = 1
+                raise self._fail(
+                    f"entry {name!r} has invalid shape or offsets (integers in [0, 2**63), begin <= end): {str(info)[:120]}"
+                )
+            count = span = 1
             for d in shape:
                 count *= d
+                span *= max(d, 1)  # torch's strides: a zero-size tensor still needs them to fit int64
+            if span >= 2**63:
+                raise self._fail(f"entry {name!r}: shape {list(shape)} is too large for any tensor (its strides overflow int64)")
             if count * row.itemsize != end - begin:
                 raise self._fail(f"entry {name!r}: {row.code} {list(shape)} needs {count * row.itemsize} bytes, offsets span {end - begin}")
             spans.append((begin, end, name))
@@ -122,7 +128,7 @@ class SafetensorsFile:
     def info(self, name: str) -> TensorInfo:
         try:
             return self.entries[name]
-        except KeyError:
+        except (KeyError, TypeError):  # TypeError: a manifest gave a list or dict as the name
             raise SparsemergeError(f"tensor {name!r} is not in {str(self.path)!r}") from None
 
     def get(self, name: str) -> torch.Tensor:
@@ -186,20 +192,25 @@ def index_shards(folder: "str | os.PathLike[str]") -> "list[Path] | None":
     index = folder / INDEX_NAME
     if not index.is_file():
         return None
-    try:
+    try:  # RecursionError: JSON nested thousands deep
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SparsemergeError(f"corrupt shard index {str(index)!r}: {exc}") from None
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise SparsemergeError(
+            f"corrupt shard index {str(index)!r} ({type(exc).__name__}: {exc}); it must be JSON with a 'weight_map' "
+            "of tensor name -> shard file - restore it from the source model"
+        ) from None
     if not isinstance(weight_map, dict):
         raise SparsemergeError(f"corrupt shard index {str(index)!r}: 'weight_map' is not a mapping")
-    for shard in set(weight_map.values()):
+    shards: set[str] = set()
+    for shard in weight_map.values():  # checked before hashing: a list or dict value is refused, not a TypeError
         if (not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", "..")
                 or not shard.endswith(".safetensors")):
             raise SparsemergeError(
                 f"shard index {str(index)!r} names {shard!r}: shards must be .safetensors files inside the "
                 "model folder; the index is corrupt or points elsewhere"
             )
-    return sorted({folder / shard for shard in weight_map.values()})
+        shards.add(shard)
+    return sorted(folder / shard for shard in shards)
 
 
 class ShardReader:
@@ -213,11 +224,12 @@ class ShardReader:
 
     def _who(self, shard: str) -> str:
         names = self.holders.get(shard, [])
-        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        names = list(names) if isinstance(names, (list, tuple)) else []
+        shown = ", ".join(map(str, names[:4])) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         return f" (it holds {shown})" if shown else ""
 
     def open(self, shard: str) -> SafetensorsFile:
-        if shard not in self._files:
+        if not isinstance(shard, str) or shard not in self._files:
             if not isinstance(shard, str) or Path(shard).name != shard or shard in ("", ".", ".."):
                 raise SparsemergeError(f"shard name {shard!r} is not a file name inside {str(self.folder)!r}; the manifest is corrupt")
             path = self.folder / shard

@@ -116,14 +116,32 @@ def gguf_as_hf_folder(source: ResolvedSource, show_progress: bool = True) -> Pat
     if (target / "sparsemerge-cache.json").is_file():
         return target
     _check_cache_writable(target.parent)  # before ~20 s of dequantizing, not after
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from sparsemerge.io.gguf_header import check_gguf_model, read_gguf_header
+
+    # transformers trusts the metadata (a block_count of a million builds a million layers) and the
+    # gguf package's reader every count: the header is walked and checked here first, in milliseconds.
+    header = read_gguf_header(source.path)
+    check_gguf_model(source.path, header)
     log.info("dequantizing %s once into %s", source.path, target)
+    where = dict(pretrained_model_name_or_path=source.path.parent, gguf_file=source.path.name, trust_remote_code=False)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source.path.parent, gguf_file=source.path.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(source.path.parent, gguf_file=source.path.name, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(**where)  # parsed once, handed to the model loader
+        _check_gguf_model_size(source.path, config, header.numel())
+        tokenizer = AutoTokenizer.from_pretrained(**where)
+        model, info = AutoModelForCausalLM.from_pretrained(**where, config=config, output_loading_info=True)
+    except SparsemergeError:
+        raise
     except Exception as exc:  # transformers/gguf raise many types for a corrupt file
         raise SparsemergeError(f"could not read GGUF file {str(source.path)!r}: {exc}") from exc
+    missing = [k for k in info.get("missing_keys", ()) if not _is_tied(model, k)]
+    if missing:  # transformers fills them with random numbers and carries on
+        raise SparsemergeError(
+            f"GGUF file {str(source.path)!r} lacks weights of the model its metadata describes ({sorted(missing)[:4]}"
+            f"{' and more' if len(missing) > 4 else ''} would be random); the file is corrupt, or its metadata does not "
+            "match its tensors"
+        )
     _drop_gguf_quantization(model)
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(target, overwrite=True) as tmp:
@@ -131,6 +149,24 @@ def gguf_as_hf_folder(source: ResolvedSource, show_progress: bool = True) -> Pat
         tokenizer.save_pretrained(tmp)
         write_json_atomic(tmp / "sparsemerge-cache.json", {"gguf": str(source.path), "sha256": digest})
     return target
+
+
+def _check_gguf_model_size(path: Path, config: Any, stored: int) -> None:
+    """The model ``config`` describes, built on the meta device (no memory), has at most as many
+    parameters as the GGUF file stores values: metadata that claims more (a hidden size of a
+    million, a default-sized model for an architecture whose keys are missing) would make
+    transformers allocate the difference and fill it with random numbers."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    params = sum(p.numel() for p in model.parameters())
+    if params > stored:
+        raise SparsemergeError(
+            f"GGUF file {str(path)!r}: its metadata describes a model of {params:,} parameters, but its tensors hold "
+            f"{stored:,} values; the file is corrupt, or its metadata does not match its tensors"
+        )
 
 
 def _check_cache_writable(folder: Path) -> None:

@@ -111,8 +111,17 @@ class TensorSource:
         return self._files[path].get(name)
 
     def config(self) -> dict[str, Any]:
-        config = self.folder / "config.json"
-        return json.loads(config.read_text()) if config.is_file() else {}
+        """The folder's config.json ({} without one); a corrupt one is a SparsemergeError."""
+        path = self.folder / "config.json"
+        if not path.is_file():
+            return {}
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, ValueError, RecursionError) as exc:  # ValueError: invalid JSON or UTF-8
+            raise SparsemergeError(f"{str(path)!r} is not valid JSON ({exc}); restore it from the source model") from None
+        if not isinstance(config, dict):
+            raise SparsemergeError(f"{str(path)!r} must hold a JSON object; restore it from the source model")
+        return config
 
     def close(self) -> None:
         for f in self._files.values():

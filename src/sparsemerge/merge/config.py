@@ -143,6 +143,12 @@ class MergeConfig(_Strict):
 
     _params = field_validator("parameters")(classmethod(lambda cls, v: _check_parameters(v)))
 
+    @field_validator("shard_size")
+    @classmethod
+    def _shard_size(cls, v: Union[int, str]) -> Union[int, str]:
+        parse_size(v)  # at load, not after the merge has run
+        return v
+
     @field_validator("dtype", "out_dtype")
     @classmethod
     def _dtype(cls, v: Optional[str]) -> Optional[str]:
@@ -209,15 +215,24 @@ class MergeConfig(_Strict):
 
 
 def parse_size(value: "int | str") -> int:
-    """``5GB``, ``500MB``, ``1e9`` or an int of bytes -> bytes."""
-    if isinstance(value, int):
+    """``5GB``, ``500MB``, ``1e9`` or an int of bytes -> bytes (a positive int)."""
+    expected = f"shard_size {value!r}: expected a positive number of bytes or a size like 2GB or 500MB"
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value <= 0:
+            raise SparsemergeError(expected)
         return value
     match = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgGtT]?)(i?)[bB]?\s*", str(value))
     if not match:
-        raise SparsemergeError(f"shard_size {value!r}: expected bytes or a size like 2GB or 500MB")
+        raise SparsemergeError(expected)
     base = 1024 if match.group(3) else 1000
     power = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}[match.group(2).lower()]
-    return int(float(match.group(1)) * base**power)
+    try:  # "1..2" is no float, "1e999" is infinite
+        size = int(float(match.group(1)) * base**power)
+    except (ValueError, OverflowError):
+        raise SparsemergeError(expected) from None
+    if size <= 0:
+        raise SparsemergeError(expected)
+    return size
 
 
 def load_config(source: "str | Path | dict[str, Any]") -> MergeConfig:

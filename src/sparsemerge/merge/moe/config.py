@@ -79,6 +79,14 @@ class MoEConfig(_Strict):
             raise SparsemergeError(f"keep_pattern must be an N:M pattern such as 2:4, got {v!r}")
         return v
 
+    @field_validator("shard_size")
+    @classmethod
+    def _shard_size(cls, v: Union[int, str]) -> Union[int, str]:
+        from sparsemerge.merge.config import parse_size
+
+        parse_size(v)  # at load, not after the experts are built
+        return v
+
     @field_validator("gate_mode")
     @classmethod
     def _gate_mode(cls, v: str) -> str:
