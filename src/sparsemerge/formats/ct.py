@@ -87,7 +87,12 @@ def read_checksums(folder: Path, config: dict[str, Any], keys: "set[str]") -> "d
         raise SparsemergeError(f"{where} is unreadable or malformed ({exc}); repack, or delete it to read the folder unchecked") from None
     if body.get("layout") != CHECKSUMS_LAYOUT or recorded != sealed or not isinstance(tensors, dict):
         raise SparsemergeError(f"{where} does not match its own sha256: it was edited or is corrupt - repack the model")
-    if body.get("quantization_config_sha256") != _sealed({"quantization_config": config.get("quantization_config")}):
+    try:
+        written = _sealed({"quantization_config": config.get("quantization_config")})
+    except ValueError as exc:  # NaN or infinity: no canonical JSON, so it is not what we wrote
+        raise SparsemergeError(f"the quantization_config in {str(folder / 'config.json')!r} holds a value JSON cannot "
+                               f"represent ({exc}); it was edited - restore it or repack the model") from None
+    if body.get("quantization_config_sha256") != written:
         raise SparsemergeError(
             f"the quantization_config in {str(folder / 'config.json')!r} differs from the one written with the weights "
             f"({where}): it was edited - restore it or repack the model"
@@ -103,6 +108,8 @@ def read_checksums(folder: Path, config: dict[str, Any], keys: "set[str]") -> "d
 
 def sparsity_config_of(config: dict[str, Any]) -> "dict[str, Any] | None":
     """The ``sparsity_config`` of a config.json (under quantization_config, or legacy top level)."""
+    if not isinstance(config, dict):
+        return None
     for holder in (config.get("quantization_config"), config.get("compression_config"), config):
         if isinstance(holder, dict) and isinstance(holder.get("sparsity_config"), dict) and holder["sparsity_config"]:
             return holder["sparsity_config"]

@@ -89,7 +89,7 @@ class PackedCheckpoint(TensorTable):
         try:
             shard, specs = record["shard"], record["fields"]
             items = [(k, s["key"], s["dtype"], [int(x) for x in s["shape"]]) for k, s in specs.items()]
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # e.g. "fields": null
             raise SparsemergeError(f"{what}: manifest entry is malformed ({exc})") from None
         fields = {}
         for fname, key, dt, shape in items:
@@ -144,7 +144,10 @@ class PackedCheckpoint(TensorTable):
         return dense.to(dtype or obj.dtype)
 
     def nbytes(self, name: str) -> int:
-        return int(self.record(name)["nbytes"])
+        try:
+            return int(self.record(name)["nbytes"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SparsemergeError(f"tensor {name!r}: manifest entry has no valid 'nbytes' ({exc!r}); the checkpoint is corrupt") from None
 
     def close(self) -> None:
         self._reader.close()
