@@ -89,7 +89,7 @@ def main() -> None:
     args.work.mkdir(parents=True, exist_ok=True)
     model = args.model or _default_model(args.work)
     rows = {}
-    for mode in ("fixed", "dynamic"):
+    for mode in ("loading", "dynamic"):
         env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_MMAP_THRESHOLD_", "SPARSEMERGE_MMAP_THRESHOLD")}
         if mode == "dynamic":
             env["SPARSEMERGE_MMAP_THRESHOLD"] = "dynamic"
@@ -102,8 +102,8 @@ def main() -> None:
     for mode, r in rows.items():
         print(" | ".join(str(x) for x in (mode, r["torch"], r["loaded"] - r["torch"], r["engine"] - r["loaded"], r["peak"],
                                            f"{r['prompt_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}")))
-    f, d = rows["fixed"], rows["dynamic"]
-    print(f"fixed / dynamic: peak {f['peak'] / d['peak']:.2f}x, prompt {f['prompt_tok_s'] / d['prompt_tok_s']:.2f}x, "
+    f, d = rows["loading"], rows["dynamic"]
+    print(f"loading / dynamic: peak {f['peak'] / d['peak']:.2f}x, prompt {f['prompt_tok_s'] / d['prompt_tok_s']:.2f}x, "
           f"decode {f['decode_tok_s'] / d['decode_tok_s']:.2f}x ({model}, {args.threads} threads)")
 
 

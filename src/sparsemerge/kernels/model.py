@@ -58,6 +58,13 @@ def load_packed(path: "str | os.PathLike[str]", dense: bool = False, verify: boo
     """A packed checkpoint as a model: N:M tensors become SparseLinear, hierarchical N:M
     (hnm) ones HierLinear (``dense=True``:
     every tensor decoded to a plain dense model, the baseline of ``bench``)."""
+    from sparsemerge.heap import loading_heap
+
+    with loading_heap():  # decoding's large temporaries must not stay in the heap (heap.py)
+        return _load_packed(path, dense, verify)
+
+
+def _load_packed(path: "str | os.PathLike[str]", dense: bool, verify: bool) -> SparseModel:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparsemerge.formats.model import read_packed
@@ -66,9 +73,6 @@ def load_packed(path: "str | os.PathLike[str]", dense: bool = False, verify: boo
     from sparsemerge.io.sources import _load_tokenizer
     from sparsemerge.kernels.hier import HierLinear
 
-    from sparsemerge.heap import fixed_mmap_threshold
-
-    fixed_mmap_threshold()  # decoding the tensors' temporaries must not grow the heap for good
     start = time.perf_counter()
     folder = Path(path)
     try:
@@ -190,9 +194,14 @@ def load_for_run(
     """Packed folder -> SparseLinear model as stored (``quant`` must be 'none' there: the
     codes come from the checkpoint); HF folder / file / 'smollm2' -> loaded, then its N:M
     layers converted with ``quant``. ``dense=True`` gives the dense float32 baseline."""
-    from sparsemerge.heap import fixed_mmap_threshold
+    from sparsemerge.heap import loading_heap
 
-    fixed_mmap_threshold()  # heap.py: conversion temporaries go back to the system
+    with loading_heap():  # conversion's large temporaries must not stay in the heap (heap.py)
+        return _load_for_run(spec, quant, group_size, pattern, prune, dense, head_quant, act_quant)
+
+
+def _load_for_run(spec: str, quant: str, group_size: Optional[int], pattern: str, prune: bool, dense: bool,
+                  head_quant: str, act_quant: str) -> SparseModel:
     from sparsemerge.io import load_model
 
     if is_packed_folder(spec):

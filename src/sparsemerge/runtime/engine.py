@@ -88,11 +88,11 @@ class DecodeEngine:
         limit = int(getattr(model.config, "max_position_embeddings", max_seq) or max_seq)
         self.max_seq = min(max_seq, limit)
         self.kv_cache = resolve_kv_cache(kv_cache)
-        from sparsemerge.heap import fixed_mmap_threshold
+        from sparsemerge.heap import loading_heap
 
-        fixed_mmap_threshold()  # preparing the streams makes many large temporaries (heap.py)
-        self._build_weights()
-        self._build_buffers()
+        with loading_heap():  # preparing the streams makes many large temporaries (heap.py)
+            self._build_weights()
+            self._build_buffers()
         self.pos = 0
 
     # ------------------------------------------------------------------ construction
