@@ -11,6 +11,7 @@ from sparsemerge.kernels import cpu_avx2 as A
 from sparsemerge.kernels import cpu_vnni as V
 from sparsemerge.kernels.cpu import cpu_matmul
 from sparsemerge.kernels.layout import pack_blocked, positions_of
+from sparsemerge.kernels.llvm_jit import merge_declarations
 from sparsemerge.kernels.reference import reference_matmul
 from sparsemerge.masks import nm_mask
 
@@ -172,20 +173,22 @@ def test_machine_code_is_avx2_only(vnni):
 
     llvm.initialize_native_target()
     llvm.initialize_native_asmprinter()
-    ir = "\n".join(A._a8_ir(f"k_{c}", c, vnni) for c in ("int8", "int4")) + ("" if vnni else "\n" + A._f32_ir())
-    seen, lines = set(), []
-    for line in ir.splitlines():
-        if line.startswith("declare") and line in seen:
-            continue
-        seen.add(line)
-        lines.append(line)
-    module = llvm.parse_assembly("\n".join(lines))
-    machine = llvm.Target.from_default_triple().create_target_machine(
-        cpu=A.TARGET_CPU, features="+avxvnni" if vnni else "", opt=3)
-    asm = machine.emit_assembly(module)
+    def assembly(prefetch):
+        ir = "\n".join(A._a8_ir(f"k_{c}", c, vnni, prefetch) for c in ("int8", "int4"))
+        ir += "" if vnni else "\n" + A._f32_ir()
+        module = llvm.parse_assembly(merge_declarations(ir))
+        machine = llvm.Target.from_default_triple().create_target_machine(
+            cpu=A.TARGET_CPU, features="+avxvnni" if vnni else "", opt=3)
+        return machine.emit_assembly(module)
+
+    asm = assembly(A.A8_PREFETCH_DEFAULT[vnni])
     assert "zmm" not in asm and "{evex}" not in asm and "%k1" not in asm
     for op in ["vpshufb", "vpsrlvd", "vpblendd"] + (["vpdpbusd"] if vnni else ["vpmaddubsw", "vpermilps"]):
         assert op in asm, op
+    # the software prefetch is there exactly when asked for, at its distance from the chunk
+    assert "prefetch" not in assembly(0)
+    ahead = [line for line in assembly(4096).splitlines() if "prefetcht0" in line]
+    assert len(ahead) == 2 and all(line.split()[1].startswith("4096(") for line in ahead), ahead
 
 
 # ---------------------------------------------------------------- the registry under a cap
@@ -242,6 +245,31 @@ def test_swapped_model_decodes_with_the_avx2_rows():
         out = model(ids).logits
         assert model.model.layers[0].mlp.down_proj.kernel_choice[0] == "avx2-f32"
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_avx2
+@pytest.mark.parametrize("vnni", [False, pytest.param(True, marks=needs_avxvnni)])
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_prefetch_distance_changes_no_number(vnni, codec):
+    """The software prefetch ahead of each chunk only warms the cache: with no prefetch, a
+    short and the default distance the kernels give the same float32 numbers."""
+    rows, cols = 37, 640
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(2))
+    layer = pack_blocked(sparse_weight(rows, cols, 5), 2, 4, codec, 128)
+    plan = A.prepare_a8(layer)
+    xu = np.full((plan["npairs"] + 1) * 128, 128, np.uint8)
+    xs = np.empty(-(-cols // 256), np.float32)
+    assert V._quantize(x.numpy()[0], xu, xs)
+    ptr = lambda a: a.ctypes.data  # noqa: E731
+    outs = []
+    for prefetch in (0, 64, A.A8_PREFETCH_BYTES):
+        out = np.zeros(rows, np.float32)
+        A.compiled_functions(vnni, prefetch)[codec](ptr(plan["stream"]), ptr(plan["scale"]), ptr(plan["corr"]), ptr(xu),
+                                                    ptr(xs), ptr(out), 0, rows, plan["npairs"], plan["tail"],
+                                                    plan["nscale"], plan["xb_per_q"])
+        outs.append(out)
+    torch.testing.assert_close(torch.from_numpy(outs[0])[None], V.reference_w8a8(layer, x), rtol=1e-5, atol=1e-4)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
 
 @needs_avx2

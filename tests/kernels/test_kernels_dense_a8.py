@@ -93,6 +93,28 @@ def test_variants_agree_bitwise(variant):
     assert torch.equal(y, D.dense_a8_matmul(plan, x, 1, variant="avx2"))
 
 
+@each_variant
+def test_prefetch_distance_changes_no_number(variant):
+    """The software prefetch only moves data into the cache: with it (one per row and chunk,
+    at its distance) and without, the same float32 numbers, whatever the row range."""
+    assert "call void @llvm.prefetch" not in D.kernel_ir(variant, "k", 0)
+    ir = D.kernel_ir(variant, "k", 4096)
+    calls = [line for line in ir.splitlines() if "call void @llvm.prefetch" in line]
+    assert len(calls) == D.QUAD + 1 and all("i32 0, i32 3, i32 1" in c for c in calls)  # g4's rows + g1's row
+    assert ir.count("i64 4096\n") == D.QUAD + 1
+    codes, scale, x = layer(37, 576, 64, 5)
+    plan = D.prepare(codes, scale, 64)
+    xu, xs = quantized(x, plan["npairs"])
+    par = (plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"])
+    outs = []
+    for prefetch in (0, 64, 4096):
+        out = np.zeros(37, np.float32)
+        _call(D.address(variant, prefetch), plan["stream"], plan["scale"], plan["corr"], xu, xs, out, 0, 37, *par)
+        outs.append(out)
+    check_close(outs[0][None], codes, scale, 64, x)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+
+
 # ---------------------------------------------------------------- the C ABI, row ranges, padding
 @njit
 def _call(addr, stream, wscale, corr, xu, xs, out, r0, r1, npairs, tail, nscale, xb_per_q):

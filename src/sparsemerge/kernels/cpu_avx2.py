@@ -65,6 +65,11 @@ XBLOCK = cpu_vnni.XBLOCK  # a8: inputs per activation scale
 REQUIRED_FEATURES = ("avx2", "fma")  # LLVM feature names (x86-64-v3 also has f16c, bmi2)
 VNNI_FEATURES = REQUIRED_FEATURES + ("avxvnni",)
 TARGET_CPU = "x86-64-v3"
+# a8: software prefetch this many bytes ahead of the chunk being read (0: none). On a Zen 3
+# the hardware prefetcher alone left the kernel at DRAM latency (compute and the loads did not
+# overlap); benchmarks/bench_prefetch.py measures the distances.
+A8_PREFETCH_BYTES = 4096
+A8_PREFETCH_DEFAULT = {False: A8_PREFETCH_BYTES, True: 0}  # per vnni: AVX-VNNI is not measured yet
 
 
 def _vec(values, ty: str) -> str:
@@ -196,6 +201,14 @@ _A8_INDEX = """
   %seld = shufflevector <8 x i32> %sad, <8 x i32> %sbd, <8 x i32> BLEND
   %sel = bitcast <8 x i32> %seld to <32 x i8>
   %wp = getelementptr i8, ptr %cp, i64 8
+PREFETCH
+"""
+# a read prefetch (rw 0) to all cache levels (locality 3) of data (cache type 1); harmless past
+# the stream's end (a prefetch never faults). The row streams are contiguous, so the chunks
+# ahead are this row's or the next row's.
+_A8_PREFETCH = """
+  %pfp = getelementptr i8, ptr %cp, i64 DISTANCE
+  call void @llvm.prefetch.p0(ptr %pfp, i32 0, i32 3, i32 1)
 """
 # INT8, AVX2: |c| * (sign(c) q), exact in int16 pairs; widened per chunk
 _A8_INT8 = """
@@ -240,6 +253,7 @@ declare <16 x i16> @llvm.x86.avx2.pmadd.ub.sw(<32 x i8>, <32 x i8>)
 declare <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16>, <16 x i16>)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
+declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 DECLARE_VNNI
 
 ; out[r] = sum_b wscale[r, b / xb_per_q] * xs[b] * (corr[r, b] + sum over block b of the dot)
@@ -303,7 +317,7 @@ def chunk_bytes(codec: str) -> int:
     return 8 + (32 if codec == "int8" else 16)
 
 
-def _a8_ir(name: str, codec: str, vnni: bool) -> str:
+def _a8_ir(name: str, codec: str, vnni: bool, prefetch: int) -> str:
     if codec == "int8":
         dot, accty, widen = (_A8_INT8_VNNI if vnni else _A8_INT8), "<8 x i32>", "  %acc32 = add <8 x i32> %acc, zeroinitializer"
     elif vnni:
@@ -311,7 +325,8 @@ def _a8_ir(name: str, codec: str, vnni: bool) -> str:
     else:
         dot, accty = _A8_INT4, "<16 x i16>"
         widen = "  %acc32 = call <8 x i32> @llvm.x86.avx2.pmadd.wd(<16 x i16> %acc, <16 x i16> ONES16)"
-    ir = (_A8_IR.replace("NAME", name).replace("INDEX", _A8_INDEX).replace("DOT", dot).replace("WIDEN", widen)
+    index = _A8_INDEX.replace("PREFETCH", _A8_PREFETCH.replace("DISTANCE", str(int(prefetch))) if prefetch > 0 else "")
+    ir = (_A8_IR.replace("NAME", name).replace("INDEX", index).replace("DOT", dot).replace("WIDEN", widen)
           .replace("ACCTY", accty).replace("CHUNK_BYTES", str(chunk_bytes(codec)))
           .replace("DECLARE_VNNI", "declare <8 x i32> @llvm.x86.avx512.vpdpbusd.256(<8 x i32>, <32 x i8>, <32 x i8>)"
                    if vnni else ""))
@@ -333,15 +348,20 @@ def cpu_features_missing(vnni: bool = False) -> list[str]:
     return features_missing(VNNI_FEATURES if vnni else REQUIRED_FEATURES)
 
 
+def _compiled_fns(vnni: bool = False, prefetch: Optional[int] = None) -> tuple[Optional[dict], Optional[str]]:
+    """({name: ctypes function}, None) or (None, reason). Compiled once per process and
+    prefetch distance (None: the default; the benchmark compiles several)."""
+    return _compile(bool(vnni), A8_PREFETCH_DEFAULT[bool(vnni)] if prefetch is None else int(prefetch))
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled_fns(vnni: bool = False) -> tuple[Optional[dict], Optional[str]]:
-    """({name: ctypes function}, None) or (None, reason). Compiled once per process."""
+def _compile(vnni: bool, prefetch: int) -> tuple[Optional[dict], Optional[str]]:
     try:
         missing = cpu_features_missing(vnni)
         if missing:
             return None, f"the CPU lacks {', '.join(missing)}"
         suffix = "avxvnni" if vnni else "avx2"
-        ir = "\n".join(_a8_ir(f"gemv24_{c}_{suffix}", c, vnni) for c in ("int8", "int4"))
+        ir = "\n".join(_a8_ir(f"gemv24_{c}_{suffix}", c, vnni, prefetch) for c in ("int8", "int4"))
         sigs = {f"gemv24_{c}_{suffix}": A8_PROTO for c in ("int8", "int4")}
         if not vnni:
             ir += "\n" + _f32_ir()
@@ -355,14 +375,16 @@ def _compiled_fns(vnni: bool = False) -> tuple[Optional[dict], Optional[str]]:
         return None, f"could not compile the AVX2 kernels: {exc}"
 
 
-def compiled_functions(vnni: bool = False) -> dict:
+def compiled_functions(vnni: bool = False, prefetch: Optional[int] = None) -> dict:
     """The raw ctypes functions, for callers that close over them in their own numba code:
     ``{"int8": fn, "int4": fn}`` with ``cpu_vnni``'s signature ``fn(stream, wscale, corr, xu,
     xs, out, r0, r1, npairs, tail, nscale, xb_per_q)`` on :func:`prepare_a8`'s plan, and (not
     ``vnni``) ``"f32": fn`` with ``cpu_gather``'s ``fn(vals, meta, x, out, r0, r1, units,
     quads, block_units)`` on :func:`prepare_f32`'s plan (``r0``, ``r1`` multiples of 4).
-    ``vnni=True``: the AVX-VNNI variants. Raises RuntimeError when unavailable."""
-    fns, reason = _compiled_fns(vnni)
+    ``vnni=True``: the AVX-VNNI variants; ``prefetch``: the INT8/INT4 kernels' prefetch
+    distance in bytes (0: none; None: :data:`A8_PREFETCH_DEFAULT`). Raises RuntimeError when
+    unavailable."""
+    fns, reason = _compiled_fns(vnni, prefetch)
     if fns is None:
         raise RuntimeError(reason)
     return fns

@@ -76,6 +76,9 @@ REQUIRED_FEATURES = {
 # (cpu, features) to compile for; None: the host. The 256-bit variants are x86-64-v3 code even
 # on an AVX-512 machine, which is how the tests run them everywhere.
 _TARGET = {"avx512vnni": (None, None), "avxvnni": ("x86-64-v3", "+avxvnni"), "avx2": ("x86-64-v3", "")}
+# software prefetch distance (bytes ahead in each row's stream; 0: none) per variant. Measured
+# on a Zen 3 for avx2 (benchmarks/bench_prefetch.py); the VNNI variants are not measured yet.
+PREFETCH_BYTES = {"avx512vnni": 0, "avxvnni": 0, "avx2": 4096}
 PROTO = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * 6), *([ctypes.c_int64] * 6))
 
 
@@ -90,6 +93,12 @@ declare i32 @llvm.vector.reduce.add.vLi32(<L x i32>)
 declare <4 x double> @llvm.fma.v4f64(<4 x double>, <4 x double>, <4 x double>)
 declare double @llvm.fma.f64(double, double, double)
 declare i64 @llvm.umin.i64(i64, i64)
+declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
+"""
+# after a row's dot: read-prefetch (rw 0, locality 3, data 1) DISTANCE bytes ahead of its chunk
+_PREFETCH = """
+  %pf{i} = getelementptr i8, ptr %wp{i}, i64 DISTANCE
+  call void @llvm.prefetch.p0(ptr %pf{i}, i32 0, i32 3, i32 1)
 """
 _X512 = """
   %xp = getelementptr i8, ptr %xu, i64 %xo
@@ -317,10 +326,13 @@ exit:
 """
 
 
-def kernel_ir(variant: str, name: str) -> str:
+def kernel_ir(variant: str, name: str, prefetch: Optional[int] = None) -> str:
     """The LLVM module of one variant: ``@name`` (the C signature above) and its row-group
-    helpers ``@name_g4`` / ``@name_g1``."""
+    helpers ``@name_g4`` / ``@name_g1``; ``prefetch`` bytes ahead (None: :data:`PREFETCH_BYTES`)."""
     lanes, decl, xload, dot = _VARIANT_IR[variant]
+    prefetch = PREFETCH_BYTES[variant] if prefetch is None else int(prefetch)
+    if prefetch > 0:
+        dot += _PREFETCH.replace("DISTANCE", str(prefetch))
     init = _INIT_ZERO if variant == "avx2" else _INIT_CORR  # the sign trick needs no correction
     mlo = _vec([v for j in range(lanes // 4) for v in (4 * j, 4 * j + 2, lanes + 4 * j, lanes + 4 * j + 2)], "i32")
     mhi = _vec([v for j in range(lanes // 4) for v in (4 * j + 1, 4 * j + 3, lanes + 4 * j + 1, lanes + 4 * j + 3)], "i32")
@@ -348,28 +360,34 @@ def _check_variant(variant: str) -> None:
         raise ValueError(f"unknown dense A8 variant {variant!r}; use one of {', '.join(VARIANTS)}")
 
 
+def _compiled(variant: str, prefetch: Optional[int] = None) -> tuple[Optional[dict], Optional[str]]:
+    """({"int8": ctypes function}, None) or (None, reason); compiled once per process, variant
+    and prefetch distance (None: :data:`PREFETCH_BYTES`), whenever the host has the features
+    (the cap only narrows the choice)."""
+    return _compile(variant, PREFETCH_BYTES[variant] if prefetch is None else int(prefetch))
+
+
 @functools.lru_cache(maxsize=None)
-def _compiled(variant: str) -> tuple[Optional[dict], Optional[str]]:
-    """({"int8": ctypes function}, None) or (None, reason); compiled once per process and
-    variant, whenever the host has the features (the cap only narrows the choice)."""
+def _compile(variant: str, prefetch: int) -> tuple[Optional[dict], Optional[str]]:
     try:
         lack = features_missing(REQUIRED_FEATURES[variant])
         if lack:
             return None, f"the CPU lacks {', '.join(lack)}"
         cpu, feats = _TARGET[variant]
         name = f"gemv_dense_a8_{variant}"
-        fns = compile_functions(kernel_ir(variant, name), {name: PROTO}, cpu=cpu, features=feats)
+        fns = compile_functions(kernel_ir(variant, name, prefetch), {name: PROTO}, cpu=cpu, features=feats)
         return {"int8": fns[name]}, None
     except Exception as exc:  # noqa: BLE001 - any llvmlite failure means "not available", with the reason
         return None, f"could not compile the dense A8 {variant} kernel: {exc}"
 
 
-def compiled_functions(variant: str) -> dict:
+def compiled_functions(variant: str, prefetch: Optional[int] = None) -> dict:
     """``{"int8": fn}``: the raw ctypes function ``fn(stream, wscale, corr, xu, xs, out, r0, r1,
-    npairs, tail, nscale, xb_per_q)`` on :func:`prepare`'s plan. Compiled if the host has the
-    variant's features (whatever the cap); RuntimeError otherwise."""
+    npairs, tail, nscale, xb_per_q)`` on :func:`prepare`'s plan, prefetching ``prefetch`` bytes
+    ahead (None: :data:`PREFETCH_BYTES`). Compiled if the host has the variant's features
+    (whatever the cap); RuntimeError otherwise."""
     _check_variant(variant)
-    fns, reason = _compiled(variant)
+    fns, reason = _compiled(variant, prefetch)
     if fns is None:
         raise RuntimeError(reason)
     return fns
@@ -499,9 +517,9 @@ def _run(addr, stream, wscale, corr, x, rows, nch, cps, nscale, spg, tasks):  # 
     return out
 
 
-def address(variant: str) -> int:
+def address(variant: str, prefetch: Optional[int] = None) -> int:
     """The kernel's address, for ``runtime.ffi.call_a8``."""
-    return ctypes.cast(compiled_functions(variant)["int8"], ctypes.c_void_p).value
+    return ctypes.cast(compiled_functions(variant, prefetch)["int8"], ctypes.c_void_p).value
 
 
 def dense_a8_matmul(plan: dict, x: Union[torch.Tensor, np.ndarray], threads: int = 1,
