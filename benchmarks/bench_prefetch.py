@@ -52,6 +52,17 @@ def sparse_runner(rows: int, cols: int, codec: str, distance: int, threads: int,
     return (lambda x: run(*args, x, *tail)), plan["nbytes"]
 
 
+def f32_runner(rows: int, cols: int, distance: int, threads: int, seed: int):
+    from sparsemerge.kernels import cpu_gather
+
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    layer = pack_blocked(w * nm_mask(w.abs(), 2, 4), 2, 4)
+    plan = cpu_avx2.prepare_f32(layer)
+    run = cpu_gather._row_runner(cpu_avx2.compiled_functions(False, f32_prefetch=distance)["f32"])
+    return (lambda x: run(plan["vals"], plan["meta"], x, rows, plan["units"], threads)), plan["nbytes"]
+
+
 def dense_runner(rows: int, cols: int, distance: int, threads: int, seed: int):
     rng = np.random.default_rng(seed)
     plan = dense_a8.prepare(rng.integers(-127, 128, (rows, cols)).astype(np.int8),
@@ -68,7 +79,9 @@ def bench_gemv(shapes: list[tuple[int, int, str]], distances: list[int], repeats
         x = np.random.default_rng(rows + cols).standard_normal((1, cols)).astype(np.float32)
         fns = {}
         for d in distances:
-            if kind == "dense int8":
+            if kind == "2:4 f32":
+                fns[d] = f32_runner(rows, cols, d, threads, rows + cols)
+            elif kind == "dense int8":
                 fns[d] = dense_runner(rows, cols, d, threads, rows + cols)
             else:
                 fns[d] = sparse_runner(rows, cols, kind.split()[1], d, threads, rows + cols)
@@ -126,6 +139,7 @@ def main(argv: "list[str] | None" = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--distances", default="0,1024,2048,4096,8192", help="bytes ahead; 0 (none) is the baseline")
     p.add_argument("--shapes", default=SHAPES, help="rows x cols of the 2:4 INT8 / INT4 g128 layers")
+    p.add_argument("--f32", action="store_true", help="also the float32 2:4 kernel at --shapes")
     p.add_argument("--head", default=HEAD, help="rows x cols of the dense INT8 head ('' to skip)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--threads", type=int, default=1)
@@ -146,7 +160,7 @@ def main(argv: "list[str] | None" = None) -> int:
     shapes = []
     for s in [s for s in args.shapes.split(",") if s]:
         r, c = map(int, s.split("x"))
-        shapes += [(r, c, "2:4 int8"), (r, c, "2:4 int4")]
+        shapes += [(r, c, "2:4 int8"), (r, c, "2:4 int4")] + ([(r, c, "2:4 f32")] if args.f32 else [])
     if args.head:
         r, c = map(int, args.head.split("x"))
         shapes.append((r, c, "dense int8"))

@@ -273,6 +273,21 @@ def test_prefetch_distance_changes_no_number(vnni, codec):
 
 
 @needs_avx2
+def test_f32_prefetch_changes_no_number():
+    from sparsemerge.kernels import cpu_gather
+
+    rows, cols = 40, 2048 + 320  # two column blocks
+    x = torch.randn(1, cols, generator=torch.Generator().manual_seed(3))
+    layer = pack_blocked(sparse_weight(rows, cols, 6), 2, 4)
+    plan = A.prepare_f32(layer)
+    outs = [cpu_gather._row_runner(A.compiled_functions(False, f32_prefetch=d)["f32"])(
+        plan["vals"], plan["meta"], x.numpy(), rows, plan["units"], 1) for d in (0, 1024)]
+    torch.testing.assert_close(torch.from_numpy(outs[0]), reference_matmul(layer, x), rtol=1e-4, atol=1e-4)
+    assert np.array_equal(outs[0], outs[1])
+    assert "prefetch.p0(ptr %pf" not in A._f32_ir(0) and A._f32_ir(1024).count("call void @llvm.prefetch") == 5
+
+
+@needs_avx2
 def test_raw_functions_follow_the_documented_abi():
     """The decode runtime calls the ctypes pointers itself: call them the same way here."""
     from sparsemerge.kernels import cpu_gather

@@ -70,6 +70,7 @@ TARGET_CPU = "x86-64-v3"
 # overlap); benchmarks/bench_prefetch.py measures the distances.
 A8_PREFETCH_BYTES = 4096
 A8_PREFETCH_DEFAULT = {False: A8_PREFETCH_BYTES, True: 0}  # per vnni: AVX-VNNI is not measured yet
+F32_PREFETCH_BYTES = 0  # the float32 kernel's (weights and metadata streams)
 
 
 def _vec(values, ty: str) -> str:
@@ -135,6 +136,16 @@ _F32_ROW_STEP = """
   %an{k} = call <8 x float> @llvm.fma.v8f32(<8 x float> %s0{k}, <8 x float> %w0{k}, <8 x float> %a{k})
   %bn{k} = call <8 x float> @llvm.fma.v8f32(<8 x float> %s1{k}, <8 x float> %w1{k}, <8 x float> %an{k})
 """
+# DISTANCE bytes ahead in the weight stream (each row step reads one 64-byte line of it) and
+# the same time ahead in the metadata stream (4 bytes per 64 of weights)
+_F32_PREFETCH = """
+  %pf{k} = getelementptr i8, ptr %wp{k}, i64 DISTANCE
+  call void @llvm.prefetch.p0(ptr %pf{k}, i32 0, i32 3, i32 1)
+"""
+_F32_META_PREFETCH = """
+  %pfm = getelementptr i8, ptr %mp0, i64 MDISTANCE
+  call void @llvm.prefetch.p0(ptr %pfm, i32 0, i32 3, i32 1)
+"""
 _F32_ROW_END = """
   %tot{k} = call reassoc float @llvm.vector.reduce.fadd.v8f32(float 0.0, <8 x float> %a{k})
   %ro{k} = add i64 %r, {k}
@@ -152,6 +163,7 @@ _F32_IR = """
 declare <8 x float> @llvm.x86.avx.vpermilvar.ps.256(<8 x float>, <8 x i32>)
 declare <8 x float> @llvm.fma.v8f32(<8 x float>, <8 x float>, <8 x float>)
 declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)
+declare void @llvm.prefetch.p0(ptr, i32, i32, i32)
 
 """
 # the unit's 32 inputs as four 8-float vectors (the in-lane vpermilps tables); the layout
@@ -168,11 +180,15 @@ _F32_XLOADS = """
 """
 
 
-def _f32_ir() -> str:
+def _f32_ir(prefetch: int = 0) -> str:
     def each(t: str) -> str:
         return "".join(t.replace("{k}", str(k)) for k in range(4))
 
-    ir = _F32_IR + f32_row_kernel("gemv24_f32_avx2", each(_F32_PHI), _F32_XLOADS, each(_F32_ROW_STEP), each(_F32_ROW_END))
+    steps = each(_F32_ROW_STEP)
+    if prefetch > 0:
+        steps += each(_F32_PREFETCH.replace("DISTANCE", str(prefetch)))
+        steps += _F32_META_PREFETCH.replace("MDISTANCE", str(max(64, prefetch // 16)))
+    ir = _F32_IR + f32_row_kernel("gemv24_f32_avx2", each(_F32_PHI), _F32_XLOADS, steps, each(_F32_ROW_END))
     return (ir.replace("SHIFT0", _vec([2 * j for j in range(8)], "i32"))
             .replace("SHIFT1", _vec([2 * j for j in range(8, 16)], "i32"))
             .replace("BLEND", _vec([0, 1, 10, 11, 4, 5, 14, 15], "i32")))
@@ -348,14 +364,16 @@ def cpu_features_missing(vnni: bool = False) -> list[str]:
     return features_missing(VNNI_FEATURES if vnni else REQUIRED_FEATURES)
 
 
-def _compiled_fns(vnni: bool = False, prefetch: Optional[int] = None) -> tuple[Optional[dict], Optional[str]]:
+def _compiled_fns(vnni: bool = False, prefetch: Optional[int] = None,
+                  f32_prefetch: Optional[int] = None) -> tuple[Optional[dict], Optional[str]]:
     """({name: ctypes function}, None) or (None, reason). Compiled once per process and
-    prefetch distance (None: the default; the benchmark compiles several)."""
-    return _compile(bool(vnni), A8_PREFETCH_DEFAULT[bool(vnni)] if prefetch is None else int(prefetch))
+    prefetch distances (None: the defaults; the benchmark compiles several)."""
+    return _compile(bool(vnni), A8_PREFETCH_DEFAULT[bool(vnni)] if prefetch is None else int(prefetch),
+                    F32_PREFETCH_BYTES if f32_prefetch is None else int(f32_prefetch))
 
 
 @functools.lru_cache(maxsize=None)
-def _compile(vnni: bool, prefetch: int) -> tuple[Optional[dict], Optional[str]]:
+def _compile(vnni: bool, prefetch: int, f32_prefetch: int) -> tuple[Optional[dict], Optional[str]]:
     try:
         missing = cpu_features_missing(vnni)
         if missing:
@@ -364,7 +382,7 @@ def _compile(vnni: bool, prefetch: int) -> tuple[Optional[dict], Optional[str]]:
         ir = "\n".join(_a8_ir(f"gemv24_{c}_{suffix}", c, vnni, prefetch) for c in ("int8", "int4"))
         sigs = {f"gemv24_{c}_{suffix}": A8_PROTO for c in ("int8", "int4")}
         if not vnni:
-            ir += "\n" + _f32_ir()
+            ir += "\n" + _f32_ir(f32_prefetch)
             sigs["gemv24_f32_avx2"] = F32_PROTO
         fns = compile_functions(ir, sigs, cpu=TARGET_CPU, features="+avxvnni" if vnni else "")
         out = {c: fns[f"gemv24_{c}_{suffix}"] for c in ("int8", "int4")}
@@ -375,16 +393,16 @@ def _compile(vnni: bool, prefetch: int) -> tuple[Optional[dict], Optional[str]]:
         return None, f"could not compile the AVX2 kernels: {exc}"
 
 
-def compiled_functions(vnni: bool = False, prefetch: Optional[int] = None) -> dict:
+def compiled_functions(vnni: bool = False, prefetch: Optional[int] = None, f32_prefetch: Optional[int] = None) -> dict:
     """The raw ctypes functions, for callers that close over them in their own numba code:
     ``{"int8": fn, "int4": fn}`` with ``cpu_vnni``'s signature ``fn(stream, wscale, corr, xu,
     xs, out, r0, r1, npairs, tail, nscale, xb_per_q)`` on :func:`prepare_a8`'s plan, and (not
     ``vnni``) ``"f32": fn`` with ``cpu_gather``'s ``fn(vals, meta, x, out, r0, r1, units,
     quads, block_units)`` on :func:`prepare_f32`'s plan (``r0``, ``r1`` multiples of 4).
     ``vnni=True``: the AVX-VNNI variants; ``prefetch``: the INT8/INT4 kernels' prefetch
-    distance in bytes (0: none; None: :data:`A8_PREFETCH_DEFAULT`). Raises RuntimeError when
-    unavailable."""
-    fns, reason = _compiled_fns(vnni, prefetch)
+    distance in bytes (0: none; None: :data:`A8_PREFETCH_DEFAULT`), ``f32_prefetch`` the float32
+    kernel's (None: :data:`F32_PREFETCH_BYTES`). Raises RuntimeError when unavailable."""
+    fns, reason = _compiled_fns(vnni, prefetch, f32_prefetch)
     if fns is None:
         raise RuntimeError(reason)
     return fns
