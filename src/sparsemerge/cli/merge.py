@@ -53,6 +53,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tv-quant", default="int8", choices=["none", "int8", "int4"], help="value codec of the task vector (default int8)")
     p.add_argument("--seed", type=int, help="seed for DARE/DELLA (overrides the config's seed)")
     p.add_argument("--threads", type=int, help="tensors merged concurrently (default: CPU count, at most 4)")
+    p.add_argument("--max-memory", metavar="SIZE",
+                   help="working memory to stay within, e.g. 1.5G (default: what the process limits and the system leave); "
+                        "larger tensors are merged in row blocks (linear, soups, task arithmetic, passthrough) or alone")
     p.add_argument("--list-methods", action="store_true", help="print the merge methods and exit")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_overwrite(p)
@@ -91,6 +94,11 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.config or not args.out:
         raise SparsemergeError("merge needs CONFIG.yaml and OUT (or --list-methods)")
+    max_memory = None
+    if args.max_memory is not None:
+        from sparsemerge.merge.memory import parse_size
+
+        max_memory = parse_size(args.max_memory)
     config = load_config(args.config)
     if args.seed is not None:
         config = type(config)(**{**config.model_dump(), "seed": args.seed})
@@ -103,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     keep_freed_memory()
     report = run_merge(
         config, args.out, overwrite=args.overwrite, keep_pattern=args.keep_pattern, keep_mask=args.keep_mask,
-        lora_rank=args.lora_rank, progress=not args.no_progress, workers=args.threads,
+        lora_rank=args.lora_rank, progress=not args.no_progress, workers=args.threads, max_memory=max_memory,
     )
     line = f"merged {report.tensors} tensors with {report.method} in {report.seconds:.1f} s -> {args.out}"
     if report.pattern:
@@ -114,6 +122,10 @@ def run(args: argparse.Namespace) -> int:
         if errs:
             line += f"; LoRA rank {report.lora['rank']}, mean relative error {sum(errs) / len(errs):.4f}"
     print(line)
+    mem = report.memory or {}
+    if mem.get("row_blocked") or mem.get("alone"):
+        print(f"memory: budget {mem['budget_bytes'] / 2**30:.2f} GiB, {mem['slot_bytes'] / 2**20:.0f} MiB per tensor in flight; "
+              f"{len(mem['row_blocked'])} tensors merged in row blocks, {len(mem['alone'])} alone")
     for seam in (report.stitch or {}).get("seams", []):
         print(f"stitch adapter before layer {seam['layer']} (into {seam['model']} layer {seam['source_layer']}): relative "
               f"error of the hidden state {seam['relative_error_identity']:.4f} as passthrough -> {seam['relative_error_fitted']:.4f} fitted")

@@ -140,6 +140,23 @@ class SafetensorsFile:
         read_into(self._fd, memoryview(buf.numpy()), info.offset, f"tensor {name!r} in {str(self.path)!r}")
         return buf.view(info.dtype).reshape(info.shape)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the first dimension into a new buffer (one positioned read of
+        their bytes: a large tensor can be processed in blocks without reading it whole)."""
+        info = self.info(name)
+        if not info.shape:
+            raise SparsemergeError(f"tensor {name!r} is a scalar: it has no rows")
+        rows = info.shape[0]
+        if not 0 <= start <= stop <= rows:
+            raise SparsemergeError(f"rows {start}:{stop} are outside tensor {name!r} of {rows} rows")
+        if self._fd is None:
+            raise SparsemergeError(f"{str(self.path)!r} is closed")
+        row_bytes = info.nbytes // rows if rows else 0
+        buf = torch.empty((stop - start) * row_bytes, dtype=torch.uint8)
+        read_into(self._fd, memoryview(buf.numpy()), info.offset + start * row_bytes,
+                  f"rows {start}:{stop} of tensor {name!r} in {str(self.path)!r}")
+        return buf.view(info.dtype).reshape(stop - start, *info.shape[1:])
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)

@@ -110,6 +110,13 @@ class TensorSource:
             return self._torch_state[path][name]
         return self._files[path].get(name)
 
+    def get_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` of the first dimension (a safetensors file reads only their bytes)."""
+        path = self._where(name)
+        if path in self._torch_state:
+            return self._torch_state[path][name][start:stop].clone()
+        return self._files[path].get_rows(name, start, stop)
+
     def config(self) -> dict[str, Any]:
         """The folder's config.json ({} without one); a corrupt one is a SparsemergeError."""
         path = self.folder / "config.json"

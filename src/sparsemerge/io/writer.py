@@ -290,6 +290,40 @@ class ShardedWriter:
 
     add = write
 
+    def write_rows(self, name: str, blocks: Iterable[torch.Tensor]) -> None:
+        """Add the next planned tensor as consecutive row blocks (``tensor[r0:r1]`` in order),
+        each written to its final offset as it comes: a tensor larger than memory is never whole."""
+        self._check_open()
+        try:
+            if self.plan is None:
+                raise SparsemergeError("internal: write_rows needs a planned writer")
+            if self._next >= len(self._order):
+                raise SparsemergeError(f"internal: writer got {name} after all planned tensors")
+            i, expected = self._order[self._next]
+            if name != expected.name or not expected.shape:
+                raise SparsemergeError(f"internal: writer expected {expected.name} {expected.shape}, got rows of {name}")
+            while self._shard_index < i:
+                self._open_planned(self._shard_index + 1)
+            assert self._fd is not None
+            rows, pos = 0, self._offsets[i][name]
+            for block in blocks:
+                if tuple(block.shape[1:]) != expected.shape[1:] or block.dtype != expected.dtype:
+                    raise SparsemergeError(
+                        f"internal: rows of {name} are {tuple(block.shape)} {block.dtype}, planned {expected.shape} {expected.dtype}"
+                    )
+                if rows + block.shape[0] > expected.shape[0]:
+                    raise SparsemergeError(f"internal: more than the planned {expected.shape[0]} rows of {name}")
+                data = tensor_bytes(block)
+                _write_all(self._fd, data, pos)
+                pos += len(data)
+                rows += block.shape[0]
+            if rows != expected.shape[0]:
+                raise SparsemergeError(f"internal: {rows} of the planned {expected.shape[0]} rows of {name} were written")
+            self._next += 1
+        except BaseException:
+            self.close()
+            raise
+
     def write_group(self, tensors: Mapping[str, torch.Tensor]) -> None:
         """Add tensors that belong together (one weight's fields) to the same shard."""
         if self.plan is not None:

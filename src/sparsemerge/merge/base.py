@@ -52,6 +52,9 @@ class MethodSpec:
     max_models: Optional[int] = None
     stochastic: bool = False
     base_is_input: bool = False  # linear/slerp: the base is one of the merged inputs
+    # each output row depends only on the same row of the inputs (elementwise formulas with
+    # per-tensor parameters): the engine may compute a large tensor in row blocks, exactly
+    rowwise: bool = False
 
     def check_counts(self, n_models: int, has_base: bool) -> None:
         if self.base == "required" and not has_base:
@@ -77,6 +80,7 @@ def register_method(
     max_models: Optional[int] = None,
     stochastic: bool = False,
     base_is_input: bool = False,
+    rowwise: bool = False,
 ) -> Callable[[Callable[[MergeInputs], torch.Tensor]], Callable[[MergeInputs], torch.Tensor]]:
     """Decorator: register ``fn(inputs) -> tensor`` as merge method ``name``."""
 
@@ -92,6 +96,7 @@ def register_method(
             max_models=max_models,
             stochastic=stochastic,
             base_is_input=base_is_input,
+            rowwise=rowwise,
         )
         MERGE_METHODS.register(name)(spec)
         return fn

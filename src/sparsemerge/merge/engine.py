@@ -25,6 +25,7 @@ from sparsemerge.errors import SparsemergeError
 from sparsemerge.finite import all_finite
 from sparsemerge.io.dtypes import dtype_from_name, dtype_name
 from sparsemerge.io.writer import PlannedTensor, ShardedWriter
+from sparsemerge.merge import memory as memory_mod
 from sparsemerge.merge import mergekit_yaml as params_mod
 from sparsemerge.merge.base import MergeInputs, MethodSpec, get_method, seed_for
 from sparsemerge.merge.config import MergeConfig, load_config
@@ -52,6 +53,9 @@ class MergeReport:
     pattern: Optional[dict[str, Any]] = None
     lora: Optional[dict[str, Any]] = None
     stitch: Optional[dict[str, Any]] = None  # fitted seam adapters (passthrough slices with adapter)
+    # the memory plan (merge/memory.py): budget, per-job slot, tensors computed in row blocks
+    # or alone; machine-dependent, so not part of the merge record
+    memory: Optional[dict[str, Any]] = None
 
     def to_json(self) -> dict[str, Any]:
         data = {"method": self.method, "tensors": self.tensors, "seconds": round(self.seconds, 3),
@@ -116,11 +120,15 @@ def run_merge(
     lora_rank: Optional[int] = None,
     progress: bool = False,
     workers: Optional[int] = None,
+    max_memory: Optional[int] = None,
 ) -> MergeReport:
     """Merge as ``config`` says and write ``out`` (an HF folder, or a LoRA adapter with ``lora_rank``).
 
     ``keep_pattern``/``keep_mask``/``lora_rank`` override the config's keys of the same names;
-    ``workers`` threads compute tensors concurrently (default: the CPU count, at most 4)."""
+    ``workers`` threads compute tensors concurrently (default: the CPU count, at most 4);
+    ``max_memory`` bytes bound the working memory (default: what the process limits and the
+    system leave, :func:`sparsemerge.merge.memory.memory_budget`): larger tensors are computed
+    in row blocks or alone."""
     from sparsemerge.io import atomic_output, ensure_writable
 
     cfg = config if isinstance(config, MergeConfig) else load_config(config)
@@ -139,6 +147,8 @@ def run_merge(
     inputs = _input_paths(cfg)
     ensure_writable(out, overwrite, inputs=inputs)
     workers = workers or min(4, os.cpu_count() or 1)
+    if isinstance(workers, bool) or int(workers) < 1:
+        raise SparsemergeError(f"workers (--threads) must be a whole number >= 1, got {workers!r}")
     spec = get_method(cfg.merge_method)
     params_mod.check_values(spec, _all_scopes(cfg))
     start = time.perf_counter()
@@ -163,6 +173,10 @@ def run_merge(
         wd = work_dtype if (work_dtype and j.dtype.is_floating_point) else j.dtype
         od = out_dtype if (out_dtype and j.dtype.is_floating_point) else wd
         planned.append(PlannedTensor(j.out_name, j.shape, od))
+    workers = max(1, int(workers or 1))
+    budget = memory_mod.memory_budget(max_memory)
+    slot = memory_mod.slot_bytes(budget, workers)
+    block_plans = [_block_plan(j, spec, sources, work_dtype, slot, projector, lora_out) for j in jobs]
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         metadata = {"format": "pt", "merged_by": "sparsemerge", "merge_method": spec.name}
         writer = None if lora_out else ShardedWriter(tmp, cfg.shard_bytes, plan=planned, metadata=metadata, layout="plan")
@@ -190,40 +204,69 @@ def run_merge(
             assert bpos is not None
             return low_rank_factors(merged.float() - raw[bpos].float(), int(cfg.lora_rank or 0))
 
+        def compute_rows(job: TensorJob, plan: PlannedTensor, rows: int) -> Any:
+            """The merged tensor in blocks of ``rows`` rows (rowwise methods only: exact)."""
+            wd = work_dtype or job.dtype
+            for r0 in range(0, job.shape[0], rows):
+                r1 = min(job.shape[0], r0 + rows)
+                tensors = [_read_rows(sources[ref.model], ref.name, r0, r1).to(wd) for ref in job.inputs]
+                merged = spec.fn(_method_inputs(job, spec, tensors, cfg))
+                if not all_finite(merged):
+                    _refuse_non_finite(job, tensors)
+                yield merged.to(plan.dtype)
+                del tensors, merged
+
+        def emit(job: TensorJob, result: Any) -> None:
+            if lora_out:
+                if result is not None:
+                    b, a, err = result
+                    lora_state[lora_key(job.out_name, "lora_A")] = a
+                    lora_state[lora_key(job.out_name, "lora_B")] = b
+                    lora_errors[job.out_name] = round(err, 6)
+            else:
+                assert writer is not None
+                writer.write(job.out_name, result)
+
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=len(jobs), desc=f"merge {spec.name}", unit="tensor")
         # Tensors are computed by a few worker threads (torch releases the GIL; sorts are
-        # single-threaded) and written in plan order; at most 2 * workers are in flight.
+        # single-threaded) and written in plan order; at most 2 * workers are in flight. A
+        # tensor over the memory slot is computed by this thread: in row blocks, or (methods
+        # that need the whole tensor) alone, once everything before it is written.
+        from collections import deque
         from concurrent.futures import ThreadPoolExecutor
 
-        n_workers = max(1, int(workers or 1))
         try:
-            with ThreadPoolExecutor(max_workers=n_workers) as pool:
-                pending: list[tuple[TensorJob, Any]] = []
-                todo = iter(zip(jobs, planned))
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                pending: deque = deque()
+                k = 0
                 while True:
-                    while len(pending) < 2 * n_workers:
-                        nxt = next(todo, None)
-                        if nxt is None:
-                            break
-                        pending.append((nxt[0], pool.submit(compute, *nxt)))
+                    while len(pending) < 2 * workers and k < len(jobs):
+                        bp = block_plans[k]
+                        if bp.exclusive and pending:
+                            break  # drain first
+                        job, plan = jobs[k], planned[k]
+                        k += 1
+                        if bp.exclusive or bp.rows:
+                            pending.append((job, plan, bp, None))
+                            if bp.exclusive:
+                                break  # nothing runs beside it
+                        else:
+                            pending.append((job, plan, bp, pool.submit(compute, job, plan)))
                     if not pending:
                         break
-                    job, future = pending.pop(0)
-                    result = future.result()
-                    if lora_out:
-                        if result is not None:
-                            b, a, err = result
-                            lora_state[lora_key(job.out_name, "lora_A")] = a
-                            lora_state[lora_key(job.out_name, "lora_B")] = b
-                            lora_errors[job.out_name] = round(err, 6)
-                    else:
+                    job, plan, bp, future = pending.popleft()
+                    if bp.rows:
                         assert writer is not None
-                        writer.write(job.out_name, result)
-                    del result, future
+                        writer.write_rows(job.out_name, compute_rows(job, plan, bp.rows))
+                    else:
+                        result = compute(job, plan) if future is None else future.result()
+                        emit(job, result)
+                        del result
+                    del future
                     if bar is not None:
                         bar.update(1)
             if writer is not None:
@@ -234,6 +277,11 @@ def run_merge(
             if bar is not None:
                 bar.close()
         report = MergeReport(Path(out), spec.name, len(jobs), 0.0)
+        report.memory = {
+            "budget_bytes": budget, "slot_bytes": slot, "workers": workers,
+            "row_blocked": {j.out_name: bp.rows for j, bp in zip(jobs, block_plans) if bp.rows},
+            "alone": [j.out_name for j, bp in zip(jobs, block_plans) if bp.exclusive],
+        }
         if lora_out:
             _write_lora(tmp, lora_state, cfg, sorted(lora_targets))
             report.lora = {"rank": cfg.lora_rank, "relative_error": lora_errors}
@@ -254,6 +302,31 @@ def run_merge(
         if close:
             close()
     return report
+
+
+def _block_plan(job: TensorJob, spec: MethodSpec, sources: dict[str, Source], work_dtype: Optional[torch.dtype],
+                slot: Optional[int], projector: Optional[PatternProjector], lora_out: bool) -> memory_mod.BlockPlan:
+    """Whole, in row blocks, or alone (merge/memory.py): row blocks only where each output row
+    is the method's formula over the same input rows - a rowwise method, every input of the
+    output's shape, no pattern projection or LoRA factorization (they need the whole tensor)."""
+    stored = [sources[ref.model].dtype(ref.name) for ref in job.inputs]
+    wd = work_dtype if (work_dtype and job.dtype.is_floating_point) else job.dtype
+    need = memory_mod.working_set(tuple(job.shape), stored, wd)
+    rowwise = (
+        spec.rowwise and job.dtype.is_floating_point and not lora_out
+        and all(tuple(sources[ref.model].shape(ref.name)) == tuple(job.shape) for ref in job.inputs)
+        and not (projector is not None and projector.targets(job.out_name))
+    )
+    return memory_mod.plan_tensor(tuple(job.shape), need, slot, rowwise)
+
+
+def _read_rows(source: Source, name: str, start: int, stop: int) -> torch.Tensor:
+    """Rows ``start:stop`` of a tensor: one positioned read where the source can (safetensors),
+    else the whole tensor sliced (a LoRA view: base + B A)."""
+    get_rows = getattr(source, "get_rows", None)
+    if get_rows is not None:
+        return get_rows(name, start, stop)
+    return source.get(name)[start:stop].clone()
 
 
 def _refuse_non_finite(job: TensorJob, tensors: list[torch.Tensor]) -> None:

@@ -217,6 +217,7 @@ for _variant in GTA_VARIANTS:
         model_params=_variant.model_params,
         global_params=_variant.global_params,
         stochastic=_variant.stochastic,
+        rowwise=_variant.sparsify is None,  # trimming and dropping look at the whole tensor
     )(_variant)
 
 _BY_NAME = {v.name: v for v in GTA_VARIANTS}

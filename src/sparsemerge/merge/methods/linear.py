@@ -41,6 +41,7 @@ def linear_combination(tensors: Sequence[torch.Tensor], weights: Sequence[float]
     model_params={"weight": REQUIRED},
     global_params={"normalize": True},
     base_is_input=True,
+    rowwise=True,
 )
 def linear(inputs: MergeInputs) -> torch.Tensor:
     return linear_combination(inputs.tensors, [p["weight"] for p in inputs.params], bool(inputs.globals.get("normalize", True)))
@@ -51,6 +52,7 @@ def linear(inputs: MergeInputs) -> torch.Tensor:
     "Wortsman et al. 2022, Model soups (arXiv:2203.05482): uniform soup (1/K) sum_k theta_k; chapter 10.3.6",
     base="optional",
     base_is_input=True,
+    rowwise=True,
 )
 def uniform_soup(inputs: MergeInputs) -> torch.Tensor:
     return linear_combination(inputs.tensors, [1.0] * len(inputs.tensors), True)

@@ -16,6 +16,7 @@ from sparsemerge.merge.base import MergeInputs, register_method
     min_models=1,
     max_models=1,
     base_is_input=True,
+    rowwise=True,
 )
 def passthrough(inputs: MergeInputs) -> torch.Tensor:
     tensor = inputs.tensors[0]
