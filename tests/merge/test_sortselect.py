@@ -129,3 +129,27 @@ def test_ops_match_mergekit_selection_on_tie_heavy_task_vectors(density, gamma):
     mask = torch.zeros(n)
     mask[torch.sort(flat).indices[bottom : bottom + target]] = 1
     assert torch.equal(ops.magnitude_outliers(tau, density, gamma), tau * mask.reshape_as(tau))
+
+
+@pytest.mark.parametrize("descending", [True, False])
+@pytest.mark.parametrize("lo,hi", [(0, 600), (100, 900), (0, 1000), (0, 0), (999, 1000)])
+def test_sort_window_bits_equals_the_mask(descending, lo, hi):
+    """The packed-bits variant (row-blocked TIES) selects exactly what sort_window_mask and
+    torch.sort select, ties included, and overwrites only the keys it was handed."""
+    from sparsemerge.merge.sortselect import sort_window_bits
+
+    g = torch.Generator().manual_seed(lo + hi)
+    flat = (torch.randint(0, 12, (1000,), generator=g).float() / 4)  # many ties
+    mask = sort_window_mask(flat, lo, hi, descending)
+    keys = flat.numpy().copy()
+    bits = sort_window_bits(keys, lo, hi, descending)
+    got = np.unpackbits(bits, bitorder="little")[:1000].astype(bool)
+    assert np.array_equal(got, mask.numpy())
+    ref = torch.zeros(1000, dtype=torch.bool)
+    ref[torch.sort(flat, descending=descending).indices[lo:hi]] = True
+    assert np.array_equal(got, ref.numpy())
+    nan = flat.numpy().copy()
+    nan[3] = np.nan
+    assert sort_window_bits(nan, 0, 10, descending) is None
+    with pytest.raises(ValueError, match="writable 1-D float32"):
+        sort_window_bits(flat.numpy().astype(np.float64), 0, 10, descending)

@@ -63,6 +63,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     defer(p, _add_registry_texts)  # the registries are read when merge is the command, not for every command
 
 
+def memory_limited() -> bool:
+    """A soft RLIMIT_DATA or RLIMIT_AS is set: freed memory must go back (no keep_freed_memory)."""
+    import resource
+
+    return any(resource.getrlimit(r)[0] != resource.RLIM_INFINITY for r in (resource.RLIMIT_DATA, resource.RLIMIT_AS))
+
+
 def keep_freed_memory() -> None:
     """glibc only: keep freed large blocks for reuse instead of unmapping them. A merge streams
     thousands of tensor-sized buffers; by default each one is a fresh mmap whose pages fault in
@@ -108,7 +115,12 @@ def run(args: argparse.Namespace) -> int:
         if not config.base_model:
             raise SparsemergeError("--task-vector-out needs a base_model in the config (the task vector is merge - base)")
         ensure_writable(args.task_vector_out, args.overwrite, inputs=[args.out, *config.referenced_models()])
-    keep_freed_memory()
+    if max_memory is None and not memory_limited():
+        keep_freed_memory()
+    else:  # bounded: blocks of 1 MiB and more are mapped and unmapped, so freeing one returns it at once
+        from sparsemerge import heap
+
+        heap.set_mmap_threshold(1 << 20)
     report = run_merge(
         config, args.out, overwrite=args.overwrite, keep_pattern=args.keep_pattern, keep_mask=args.keep_mask,
         lora_rank=args.lora_rank, progress=not args.no_progress, workers=args.threads, max_memory=max_memory,

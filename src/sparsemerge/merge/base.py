@@ -38,6 +38,10 @@ class MergeInputs:
     globals: dict[str, Any] = field(default_factory=dict)
     generator: Optional[torch.Generator] = None
     base_index: Optional[int] = None  # position of the base in ``tensors`` for base_is_input methods
+    # a row block of the tensor (merge/memory.py): rows [start, stop) of the first dimension,
+    # and what the method's row_prepare computed over the whole tensor first
+    rows: Optional[tuple[int, int]] = None
+    row_state: Any = None
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,11 @@ class MethodSpec:
     # each output row depends only on the same row of the inputs (elementwise formulas with
     # per-tensor parameters): the engine may compute a large tensor in row blocks, exactly
     rowwise: bool = False
+    # methods with a whole-tensor step (TIES' top-k trim): ``row_prepare(block, rows,
+    # block_rows)`` computes it from row blocks (``block(r0, r1, models)`` reads them) and
+    # returns the state each block's call receives in ``MergeInputs.row_state`` (None: the
+    # tensor cannot be done in blocks, it is computed whole)
+    row_prepare: Optional[Callable[..., Any]] = None
 
     def check_counts(self, n_models: int, has_base: bool) -> None:
         if self.base == "required" and not has_base:
@@ -81,6 +90,7 @@ def register_method(
     stochastic: bool = False,
     base_is_input: bool = False,
     rowwise: bool = False,
+    row_prepare: Optional[Callable[..., Any]] = None,
 ) -> Callable[[Callable[[MergeInputs], torch.Tensor]], Callable[[MergeInputs], torch.Tensor]]:
     """Decorator: register ``fn(inputs) -> tensor`` as merge method ``name``."""
 
@@ -97,6 +107,7 @@ def register_method(
             stochastic=stochastic,
             base_is_input=base_is_input,
             rowwise=rowwise,
+            row_prepare=row_prepare,
         )
         MERGE_METHODS.register(name)(spec)
         return fn

@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from sparsemerge import heap
 from sparsemerge.errors import SparsemergeError
 from sparsemerge.finite import all_finite
 from sparsemerge.io.dtypes import dtype_from_name, dtype_name
@@ -176,7 +177,7 @@ def run_merge(
     workers = max(1, int(workers or 1))
     budget = memory_mod.memory_budget(max_memory)
     slot = memory_mod.slot_bytes(budget, workers)
-    block_plans = [_block_plan(j, spec, sources, work_dtype, slot, projector, lora_out) for j in jobs]
+    block_plans = [_block_plan(j, spec, sources, work_dtype, slot, budget, projector, lora_out) for j in jobs]
     with atomic_output(out, overwrite=overwrite, inputs=inputs) as tmp:
         metadata = {"format": "pt", "merged_by": "sparsemerge", "merge_method": spec.name}
         writer = None if lora_out else ShardedWriter(tmp, cfg.shard_bytes, plan=planned, metadata=metadata, layout="plan")
@@ -205,16 +206,34 @@ def run_merge(
             return low_rank_factors(merged.float() - raw[bpos].float(), int(cfg.lora_rank or 0))
 
         def compute_rows(job: TensorJob, plan: PlannedTensor, rows: int) -> Any:
-            """The merged tensor in blocks of ``rows`` rows (rowwise methods only: exact)."""
+            """The merged tensor in blocks of ``rows`` rows (exact: rowwise methods, or a
+            row_prepare that computed the whole-tensor step first)."""
             wd = work_dtype or job.dtype
+            positions = _chosen_positions(job, spec)
+            bpos = base_pos[id(job)]
+
+            def block(r0: int, r1: int, models: Optional[list[int]] = None) -> MergeInputs:
+                """Rows r0:r1 of the inputs (only the base and ``models``, indices of the
+                method's tensors, when given; the others are None)."""
+                wanted = set(range(len(job.inputs))) if models is None else {positions[m] for m in models} | {bpos}
+                tensors = [_read_rows(sources[ref.model], ref.name, r0, r1).to(wd) if p in wanted else None
+                           for p, ref in enumerate(job.inputs)]
+                inputs = _method_inputs(job, spec, tensors, cfg)
+                inputs.rows = (r0, r1)
+                return inputs
+
+            state = spec.row_prepare(block, job.shape[0], rows) if spec.row_prepare is not None else None
+            if spec.row_prepare is not None and state is None:  # the method needs the whole tensor after all
+                yield compute(job, plan)
+                return
             for r0 in range(0, job.shape[0], rows):
-                r1 = min(job.shape[0], r0 + rows)
-                tensors = [_read_rows(sources[ref.model], ref.name, r0, r1).to(wd) for ref in job.inputs]
-                merged = spec.fn(_method_inputs(job, spec, tensors, cfg))
+                inputs = block(r0, min(job.shape[0], r0 + rows))
+                inputs.row_state = state
+                merged = spec.fn(inputs)
                 if not all_finite(merged):
-                    _refuse_non_finite(job, tensors)
+                    _refuse_non_finite(job, [t for t in (inputs.base, *inputs.tensors) if t is not None])
                 yield merged.to(plan.dtype)
-                del tensors, merged
+                del inputs, merged
 
         def emit(job: TensorJob, result: Any) -> None:
             if lora_out:
@@ -259,13 +278,20 @@ def run_merge(
                     if not pending:
                         break
                     job, plan, bp, future = pending.popleft()
-                    if bp.rows:
-                        assert writer is not None
-                        writer.write_rows(job.out_name, compute_rows(job, plan, bp.rows))
-                    else:
-                        result = compute(job, plan) if future is None else future.result()
-                        emit(job, result)
-                        del result
+                    if bp.exclusive:  # alone: hand what earlier tensors freed back before it starts
+                        heap.trim()
+                    try:
+                        if bp.rows:
+                            assert writer is not None
+                            writer.write_rows(job.out_name, compute_rows(job, plan, bp.rows))
+                        else:
+                            result = compute(job, plan) if future is None else future.result()
+                            emit(job, result)
+                            del result
+                    except (MemoryError, RuntimeError) as exc:
+                        if isinstance(exc, RuntimeError) and "allocate" not in str(exc):
+                            raise
+                        raise _out_of_memory(job, spec, sources, work_dtype, budget, bp, exc) from None
                     del future
                     if bar is not None:
                         bar.update(1)
@@ -305,7 +331,8 @@ def run_merge(
 
 
 def _block_plan(job: TensorJob, spec: MethodSpec, sources: dict[str, Source], work_dtype: Optional[torch.dtype],
-                slot: Optional[int], projector: Optional[PatternProjector], lora_out: bool) -> memory_mod.BlockPlan:
+                slot: Optional[int], budget: Optional[int], projector: Optional[PatternProjector],
+                lora_out: bool) -> memory_mod.BlockPlan:
     """Whole, in row blocks, or alone (merge/memory.py): row blocks only where each output row
     is the method's formula over the same input rows - a rowwise method, every input of the
     output's shape, no pattern projection or LoRA factorization (they need the whole tensor)."""
@@ -313,11 +340,37 @@ def _block_plan(job: TensorJob, spec: MethodSpec, sources: dict[str, Source], wo
     wd = work_dtype if (work_dtype and job.dtype.is_floating_point) else job.dtype
     need = memory_mod.working_set(tuple(job.shape), stored, wd)
     rowwise = (
-        spec.rowwise and job.dtype.is_floating_point and not lora_out
+        (spec.rowwise or spec.row_prepare is not None) and job.dtype.is_floating_point and not lora_out
         and all(tuple(sources[ref.model].shape(ref.name)) == tuple(job.shape) for ref in job.inputs)
         and not (projector is not None and projector.targets(job.out_name))
     )
-    return memory_mod.plan_tensor(tuple(job.shape), need, slot, rowwise)
+    plan = memory_mod.plan_tensor(tuple(job.shape), need, slot, rowwise)
+    if plan.rows and spec.row_prepare is not None:  # its whole-tensor step runs with nothing beside it
+        if budget is not None and memory_mod.prepare_bytes(tuple(job.shape), len(job.inputs)) > budget:
+            return memory_mod.BlockPlan(exclusive=True)
+        return memory_mod.BlockPlan(rows=plan.rows, exclusive=True)
+    return plan
+
+
+def _out_of_memory(job: TensorJob, spec: MethodSpec, sources: dict[str, Source], work_dtype: Optional[torch.dtype],
+                   budget: Optional[int], bp: memory_mod.BlockPlan, exc: BaseException) -> SparsemergeError:
+    stored = [sources[ref.model].dtype(ref.name) for ref in job.inputs]
+    need = memory_mod.working_set(tuple(job.shape), stored, work_dtype or job.dtype)
+    how = f"in blocks of {bp.rows} rows" if bp.rows else "whole"
+    room = f"the budget was {budget / 2**30:.2f} GiB" if budget is not None else "no budget was known"
+    hint = ("" if (spec.rowwise or spec.row_prepare) else f"; {spec.name} cannot merge it in row blocks (linear, "
+            "task_arithmetic, model_soup, passthrough and ties without rescale can)")
+    what = " ".join(str(exc).split())[:160]
+    return SparsemergeError(
+        f"out of memory merging {job.out_name} {list(job.shape)} {how} (~{need / 2**30:.2f} GiB of working memory whole; "
+        f"{room}){hint}. Raise the memory limit, pass a smaller --max-memory so more is done in blocks, or use "
+        f"--threads 1. Nothing was written. (The allocation that failed: {what})"
+    )
+
+
+def _chosen_positions(job: TensorJob, spec: MethodSpec) -> list[int]:
+    """Positions in ``job.inputs`` of the method's ``tensors`` (as :func:`_method_inputs` picks them)."""
+    return [i for i, ref in enumerate(job.inputs) if spec.base_is_input or not ref.is_base]
 
 
 def _read_rows(source: Source, name: str, start: int, stop: int) -> torch.Tensor:

@@ -17,9 +17,13 @@ So before the merge starts:
   ``rowwise`` method (an elementwise formula: linear, soups, task arithmetic, passthrough),
   computed in blocks of rows that fit the slot - each block read from the inputs with one
   positioned read per model, merged, and written at its final offset (exact: the same
-  arithmetic per element). Other methods (TIES/DARE/DELLA trim or draw over the whole tensor,
-  SLERP and model stock use whole-tensor norms) run such a tensor alone, with no other job in
-  flight.
+  arithmetic per element);
+* TIES (a top-k trim over each whole task vector, then elementwise steps) first gathers each
+  model's ``|tau|`` from the row blocks and selects on it (``methods/gta.py``, ~8 bytes per
+  entry, :func:`prepare_bytes`), alone, then merges the blocks with the masks' slices;
+* other methods (DARE/DELLA draw over the whole tensor, SLERP and model stock use
+  whole-tensor norms; TIES with a rescale norm) run such a tensor alone, with no other job
+  in flight.
 """
 from __future__ import annotations
 
@@ -129,7 +133,16 @@ def plan_tensor(shape: tuple[int, ...], need: int, slot: Optional[int], rowwise:
         return BlockPlan(exclusive=True)
     per_row = max(1, need // shape[0])
     rows = max(1, min(shape[0], slot // per_row), MIN_BLOCK_BYTES // per_row)
-    return BlockPlan(rows=min(rows, shape[0])) if rows < shape[0] else BlockPlan()
+    return BlockPlan(rows=rows) if rows < shape[0] else BlockPlan(exclusive=True)
+
+
+def prepare_bytes(shape: tuple[int, ...], n_inputs: int) -> int:
+    """Peak bytes of a row_prepare (TIES' trim over the whole tensor): float32 keys and int32
+    indices per entry during one model's selection, plus every model's packed mask."""
+    numel = 1
+    for d in shape:
+        numel *= d
+    return numel * 8 + n_inputs * (numel // 8 + 1)
 
 
 def slot_bytes(budget: Optional[int], workers: int) -> Optional[int]:

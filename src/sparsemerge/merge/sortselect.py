@@ -187,3 +187,65 @@ def sort_window_mask(flat: torch.Tensor, lo: int, hi: int, descending: bool) -> 
         return None
     _mark(idx, lo, hi, mask)
     return torch.from_numpy(mask)
+
+
+@numba.njit(cache=True, nogil=True)
+def _negate_checked(keys: np.ndarray) -> bool:  # pragma: no cover - jitted
+    """keys = -keys in place; False if they hold a NaN."""
+    ok = True
+    for i in range(keys.shape[0]):
+        x = keys[i]
+        ok &= x == x
+        keys[i] = -x
+    return ok
+
+
+@numba.njit(cache=True, nogil=True)
+def _has_nan(keys: np.ndarray) -> bool:  # pragma: no cover - jitted
+    for i in range(keys.shape[0]):
+        if keys[i] != keys[i]:
+            return True
+    return False
+
+
+@numba.njit(cache=True, nogil=True)
+def _iota(idx: np.ndarray) -> None:  # pragma: no cover - jitted
+    for i in range(idx.shape[0]):
+        idx[i] = i
+
+
+@numba.njit(cache=True, nogil=True)
+def _mark_bits(idx: np.ndarray, lo: int, hi: int, bits: np.ndarray) -> None:  # pragma: no cover - jitted
+    for p in range(lo, hi):
+        j = idx[p]
+        bits[j >> 3] |= np.uint8(1 << (j & 7))
+
+
+def sort_window_bits(keys: np.ndarray, lo: int, hi: int, descending: bool) -> Optional[np.ndarray]:
+    """:func:`sort_window_mask` on a float32 buffer the caller hands over (it is overwritten),
+    as packed bits (``np.unpackbits(bits, bitorder="little")[:n]`` is the mask): 4 bytes of
+    index per entry beside the keys and n/8 for the result - the least memory the replay
+    needs, for tensors that are merged in row blocks (merge/memory.py). None where
+    :func:`sort_window_mask` would be (NaN, depth limit)."""
+    if keys.ndim != 1 or keys.dtype != np.float32 or not keys.flags.writeable:
+        raise ValueError("sort_window_bits needs a writable 1-D float32 array")
+    n = keys.shape[0]
+    lo, hi = max(0, lo), min(n, hi)
+    bits = np.zeros((n + 7) // 8, dtype=np.uint8)
+    if hi <= lo:
+        return bits
+    if descending:
+        if not _negate_checked(keys):
+            return None
+    elif _has_nan(keys):
+        return None
+    if lo == 0 and hi == n:
+        bits[:] = 0xFF
+        return bits
+    idx = np.empty(n, dtype=np.int32 if n < 2**31 else np.int64)
+    _iota(idx)
+    if not _replay_select(keys, idx, lo, hi):
+        return None
+    _mark_bits(idx, lo, hi, bits)
+    return bits
+

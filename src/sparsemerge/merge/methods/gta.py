@@ -97,7 +97,9 @@ def generalized_task_arithmetic(
     deltas = base.new_empty((len(inputs.tensors), *base.shape))
     for i, (tensor, params) in enumerate(zip(inputs.tensors, inputs.params)):
         delta = tensor - base
-        if sparsify is not None:
+        if inputs.row_state is not None:  # a row block: the whole tensor's trim masks, sliced
+            delta = _apply_trim_rows(delta, inputs.row_state[i], inputs.rows)
+        elif sparsify is not None:
             delta = sparsify(delta, params, norm, inputs.generator)
         deltas[i] = delta
     weights = weights_tensor([p["weight"] for p in inputs.params], deltas[0])
@@ -123,6 +125,64 @@ def generalized_task_arithmetic(
     if lam != 1:
         mixed *= lam
     return (base + mixed).to(base.dtype)
+
+
+# ----------------------------------------------------------------------------- TIES' trim in row blocks
+# A tensor too large for memory (merge/memory.py) is merged in row blocks. The trim keeps the
+# top-k magnitudes of each whole task vector, so first, one model at a time, |tau_i| is
+# gathered from the row blocks into one float32 buffer and the selection is replayed on it
+# (sortselect.sort_window_bits: mergekit's choice among ties, kept as packed bits, n / 8
+# bytes); then every block is merged with its slice of the masks - the same numbers as the
+# whole tensor. Peak: ~8 bytes per entry (keys and index) during one model's selection.
+KEEP_ALL, KEEP_NONE = "all", "none"
+
+
+def trim_row_prepare(block: Callable[..., MergeInputs], rows: int, block_rows: int) -> Optional[list[Any]]:
+    """The trim masks of every model for a tensor of ``rows`` rows (``row_prepare``); None when
+    the rows cannot be used (a rescale norm needs the whole tensor, or the replay fell back)."""
+    import numpy as np
+
+    from sparsemerge.merge.sortselect import sort_window_bits
+
+    first = block(0, min(rows, block_rows), [])
+    if rescale_norm(first.globals) is not None or first.base is None:
+        return None
+    numel = rows * first.base[0].numel()
+    states: list[Any] = []
+    for i, params in enumerate(first.params):
+        density = float(params.get("density", 1.0))
+        if density >= 1:
+            states.append(KEEP_ALL)
+            continue
+        if density <= 0 or numel == 0:
+            states.append(KEEP_NONE)
+            continue
+        keys = np.empty(numel, np.float32)
+        for r0 in range(0, rows, block_rows):
+            r1 = min(rows, r0 + block_rows)
+            part = block(r0, r1, [i])
+            mag = (part.tensors[i] - part.base).abs().reshape(-1).float()  # as magnitude_trim: |tau| then float32
+            keys[r0 * (numel // rows): r1 * (numel // rows)] = mag.numpy()
+            del part, mag
+        bits = sort_window_bits(keys, 0, max(1, int(density * numel)), descending=True)
+        del keys
+        if bits is None:
+            return None
+        states.append(bits)
+    return states
+
+
+def _apply_trim_rows(delta: torch.Tensor, state: Any, rows: Optional[tuple[int, int]]) -> torch.Tensor:
+    import numpy as np
+
+    if isinstance(state, str):
+        return delta if state == KEEP_ALL else torch.zeros_like(delta)
+    assert rows is not None
+    per_row = delta[0].numel() if delta.shape[0] else 0
+    start, stop = rows[0] * per_row, rows[1] * per_row
+    raw = np.unpackbits(state[start // 8: (stop + 7) // 8], bitorder="little")[start % 8: start % 8 + (stop - start)]
+    mask = torch.from_numpy(raw).reshape(delta.shape).to(delta.dtype)
+    return delta * mask
 
 
 # ----------------------------------------------------------------------------- step 1: sparsification
@@ -218,6 +278,7 @@ for _variant in GTA_VARIANTS:
         global_params=_variant.global_params,
         stochastic=_variant.stochastic,
         rowwise=_variant.sparsify is None,  # trimming and dropping look at the whole tensor
+        row_prepare=trim_row_prepare if _variant.sparsify is TRIM else None,
     )(_variant)
 
 _BY_NAME = {v.name: v for v in GTA_VARIANTS}
