@@ -151,6 +151,11 @@ def run_merge(
     if isinstance(workers, bool) or int(workers) < 1:
         raise SparsemergeError(f"workers (--threads) must be a whole number >= 1, got {workers!r}")
     spec = get_method(cfg.merge_method)
+    if getattr(spec.fn, "sparsify", None) is not None:
+        # the trims' selection is numba code: import it here, before the workers start and
+        # before memory runs short (imported first in a worker thread under memory pressure,
+        # numba's import of scipy - whose OpenBLAS retries its buffers forever - hung a merge)
+        import sparsemerge.merge.sortselect  # noqa: F401
     params_mod.check_values(spec, _all_scopes(cfg))
     start = time.perf_counter()
     sources: dict[str, Source] = {ref: open_model(ref, cfg) for ref in cfg.referenced_models()}
