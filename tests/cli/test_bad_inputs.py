@@ -272,6 +272,8 @@ CASES = [
     Case("pack-nan-in-kept-position", lambda w, t, s: ["pack", s, t / "out", "--no-progress"], 2, "NaN or inf", nan_weight),
     Case("prune-float-labelled-i32", lambda w, t, s: ["prune", s, t / "out", "--no-progress"], 2, "stored as int32", int32_label),
     Case("merge-density-0", _yaml("ties", "weight: 0.5, density: 0", True), 2, "'density' must be in (0, 1]"),
+    Case("merge-max-memory-nonsense", lambda w, t, s: _yaml("linear", "weight: 0.5")(w, t, s) + ["--max-memory=-2G"], 2,
+         "a memory size must be positive and finite, got '-2G'"),
     Case("merge-density-negative", _yaml("ties", "weight: 0.5, density: -0.5", True), 2, "'density' must be in (0, 1]"),
     Case("merge-density-above-1", _yaml("ties", "weight: 0.5, density: 1.5", True), 2, "'density' must be in (0, 1]"),
     Case("merge-density-inf", _yaml("ties", "weight: 0.5, density: .inf", True), 2, "'density' must be a finite number"),
