@@ -338,3 +338,20 @@ def test_kv_cache_choice_and_errors(monkeypatch):
     assert resolve_kv_cache("auto") == "float32"
     with pytest.raises(SparsemergeError, match="F16C"):
         resolve_kv_cache("float16")
+
+
+def test_time_ops_covers_every_product_and_leaves_the_state_alone(act_quant="int8"):
+    """The per-op breakdown (benchmarks/bench_decode_breakdown.py): one entry per plan row in
+    plan order, with its bytes; timing the ops writes only to scratch buffers, so decoding
+    goes on with the same logits as an engine that was never timed."""
+    model = _sparse_llama("int8", act_quant=act_quant)
+    timed = DecodeEngine(model, max_seq=32, kv_cache=KV, act_quant=act_quant)
+    plain = DecodeEngine(model, max_seq=32, kv_cache=KV, act_quant=act_quant)
+    for e in (timed, plain):
+        e.prefill(IDS[:4])
+    rows = timed.time_ops(repeats=2, flush_bytes=1 << 16)
+    assert [r["name"] for r in rows] == [p.name for p in timed.plan.layers]
+    assert [r["bytes"] for r in rows] == [p.bytes for p in timed.plan.layers]
+    assert rows[-1]["name"] == "lm_head" and all(r["seconds"] >= 0 for r in rows)
+    for t in IDS[4:8]:
+        np.testing.assert_array_equal(timed.step(t), plain.step(t))

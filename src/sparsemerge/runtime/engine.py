@@ -469,6 +469,45 @@ class DecodeEngine:
             times.append(time.perf_counter() - t0)
         return float(np.median(times[1:]))
 
+    def time_ops(self, repeats: int = 10, flush_bytes: int = 96 << 20) -> list[dict]:
+        """Each product of a step timed alone (the plan's rows, the head included): the best of
+        ``repeats`` calls, each after reading ``flush_bytes`` so its weights stream from DRAM
+        as in decoding (0: from the cache), less the cost of calling ``run_op`` from Python
+        (an empty op timed the same way). ``[{"name", "kernel", "rows", "cols", "bytes",
+        "seconds"}]`` in plan order; their sum is close to :meth:`time_products`."""
+        c = self.plan.config
+        h_buf, x_buf, qkv, att, gu, act, xu, xs, tmp, attn, bits = self.bufs
+        sink = np.zeros(max(c["vocab"], self.max_rows) + SLACK, np.float32)
+        hidden, heads, inter = x_buf[: c["hidden"]], att[: c["heads"] * c["head_dim"]], act[: c["intermediate"]]
+        input_of_slot = {0: hidden, 1: hidden, 2: hidden, 3: heads, 4: hidden, 5: hidden, 6: inter}
+        slot_of = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "o_proj": 3, "gate_proj": 4, "up_proj": 5, "down_proj": 6}
+        flush = np.ones(max(1, flush_bytes // 4), np.float32)
+        threads = int(self.cfg[S.C_THREADS])
+
+        def best(op, x, fn=S.run_op) -> float:
+            fn(op, x, xu, xs, sink, tmp, threads, self.kw)  # warm (dispatch, page faults)
+            times = []
+            for _ in range(max(1, repeats)):
+                if flush_bytes:
+                    float(flush.sum())
+                t0 = time.perf_counter()
+                fn(op, x, xu, xs, sink, tmp, threads, self.kw)
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        call = best(self.head_op, hidden, S.run_nothing)
+        out = []
+        for p in self.plan.layers:
+            if p.name == "lm_head":
+                op, x = self.head_op, hidden
+            else:
+                parts = p.name.split(".")
+                slot = slot_of[parts[-1].split("+")[0]]
+                op, x = self.ops[int(parts[2]), slot], input_of_slot[slot]
+            out.append({"name": p.name, "kernel": p.kernel, "rows": p.rows, "cols": p.cols, "bytes": p.bytes,
+                        "seconds": max(0.0, best(op, x) - call)})
+        return out
+
     def time_attention(self, repeats: int = 20) -> float:
         """Median seconds of one step's attention alone (every layer, over the cache positions
         written so far, on the step's buffers): the share of a token that grows with the context."""

@@ -530,6 +530,13 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
     return ok
 
 
+@njit(cache=True)
+def run_nothing(op, x, xu, xs, dst, tmp, threads, kw):  # pragma: no cover - jitted
+    """:func:`run_op`'s arguments and nothing else: the cost of calling it from Python
+    (``DecodeEngine.time_ops`` subtracts it)."""
+    return op[0]
+
+
 @njit(error_model="numpy", cache=True)
 def products_only(cfg, ops, head_op, bufs, kw, sink):  # pragma: no cover - jitted
     """Every product of one decoding step, in the step's order and on its buffers, and

@@ -1,0 +1,92 @@
+"""Where a decoded token's time goes, product by product: the head against the sparse layers.
+
+    .venv/bin/python benchmarks/bench_decode_breakdown.py outputs/bench-llamacpp/smol-24-int4-g128
+    .venv/bin/python benchmarks/bench_decode_breakdown.py MODEL --threads 2 --cpu-level avx2
+
+Builds the decode engine of a packed checkpoint (INT8 activations by default), decodes
+``--tokens`` tokens after a short prompt, then times every product of a step alone
+(``DecodeEngine.time_ops``: each after a 96 MiB read, so its weights come from DRAM as in
+decoding; the cost of the Python call subtracted) and prints them grouped by projection
+(q+k+v, o, gate+up, down over all layers, and the head): milliseconds, MB read, GB/s and share
+of the products. Beside it the step's own split: one token, the products run back to back
+(``time_products``, weights partly cached by then), attention, the rest.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def group_of(name: str) -> str:
+    if name == "lm_head":
+        return "head"
+    last = name.split(".")[-1]
+    return {"q_proj": "q+k+v", "k_proj": "q+k+v", "v_proj": "q+k+v", "o_proj": "o", "gate_proj": "gate+up",
+            "up_proj": "gate+up", "down_proj": "down"}[last.split("+")[0]]
+
+
+def main(argv: "list[str] | None" = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a packed checkpoint (sparsemerge pack)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--cpu-level", default=None, help="cap the CPU features (e.g. avx2), as SPARSEMERGE_CPU_FEATURES")
+    p.add_argument("--act-quant", default="int8", choices=["none", "int8"])
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=10)
+    args = p.parse_args(argv)
+    if args.cpu_level:
+        os.environ["SPARSEMERGE_CPU_FEATURES"] = args.cpu_level
+    import sparsemerge  # noqa: F401 - before torch (huge pages)
+    import torch
+
+    from sparsemerge.eval.report import format_table
+    from sparsemerge.kernels.model import load_packed
+    from sparsemerge.runtime.engine import DecodeEngine
+
+    torch.set_num_threads(args.threads)
+    loaded = load_packed(args.model)
+    engine = DecodeEngine(loaded.model, loaded.tokenizer, act_quant=args.act_quant, max_seq=args.tokens + 64)
+    prompt = "The history of the printing press begins in"
+    engine.generate(prompt, max_new_tokens=4)  # JIT warm-up
+    best = None
+    for _ in range(3):
+        res = engine.generate(prompt, max_new_tokens=args.tokens)
+        if best is None or res.decode_seconds < best.decode_seconds:
+            best = res
+    per_token = best.decode_seconds / max(1, len(best.tokens) - 1)
+    step = statistics.mean(best.step_seconds)
+    products = engine.time_products(repeats=20)
+    attention = engine.time_attention(repeats=20)
+    ops = engine.time_ops(repeats=args.repeats)
+    groups: dict[str, list[float]] = {}
+    for r in ops:
+        g = groups.setdefault(group_of(r["name"]), [0.0, 0.0, 0])
+        g[0] += r["seconds"]
+        g[1] += r["bytes"]
+        g[2] += 1
+    total = sum(g[0] for g in groups.values())
+    rows = [(name, g[2], 1e3 * g[0], g[1] / 1e6, g[1] / max(g[0], 1e-12) / 1e9, 100 * g[0] / total)
+            for name, g in sorted(groups.items(), key=lambda kv: -kv[1][0])]
+    rows.append(("all products, each alone", len(ops), 1e3 * total, sum(g[1] for g in groups.values()) / 1e6,
+                 sum(g[1] for g in groups.values()) / total / 1e9, 100.0))
+    print(f"{os.path.basename(args.model.rstrip('/'))}: kernels {engine.plan.kernel_counts()}, threads {args.threads}, "
+          f"act_quant {args.act_quant}, SPARSEMERGE_CPU_FEATURES={os.environ.get('SPARSEMERGE_CPU_FEATURES', 'native')}")
+    print(format_table(["products", "ops", "ms (from DRAM)", "MB", "GB/s", "% of products"], rows))
+    print()
+    print(format_table(["per token", "ms"], [
+        ("token (decode, best of 3)", 1e3 * per_token),
+        ("step", 1e3 * step),
+        ("products back to back (time_products)", 1e3 * products),
+        ("attention (time_attention)", 1e3 * attention),
+        ("rest of the step", 1e3 * max(0.0, step - products)),
+        ("python around the step", 1e3 * max(0.0, per_token - step)),
+    ]))
+    print(f"decode {1 / per_token:.1f} tok/s; measured {time.strftime('%Y-%m-%d %H:%M:%S')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
