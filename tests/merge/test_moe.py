@@ -99,6 +99,43 @@ def test_hidden_rows_at_layer0_are_the_last_tokens_embeddings(family, tmp_path):
     assert not torch.equal(tensors(tmp_path / "avg")["model.layers.1.mlp.gate.weight"], tensors(tmp_path / "moe")["model.layers.1.mlp.gate.weight"])
 
 
+def test_routers_shared_between_threads_equal_one_thread(family, tmp_path, monkeypatch):
+    """The main thread, done copying, takes experts' forward passes from the router thread's
+    queue; every router equals the one-thread gate_vectors result bit for bit, and both threads
+    did compute rows (each row is slowed so that the main thread arrives in time)."""
+    import threading
+    import time
+
+    import sparsemerge.merge.moe.build as build
+    from sparsemerge.merge.moe import gate_vectors
+    from sparsemerge.merge.moe.gates import expert_gate_fn as real_fn, prepare_tokenizer
+    from transformers import AutoTokenizer
+
+    root, base, tuned, tok = family
+    cfg = _cfg(base, tuned * 2, "hidden", dtype="float32")  # six experts, prompts of the three kinds
+    ran_on: list[str] = []
+
+    def slow_fn(*args, **kwargs):
+        row = real_fn(*args, **kwargs)
+
+        def slowed(expert):
+            ran_on.append(threading.current_thread().name)
+            time.sleep(0.2)
+            return row(expert)
+        return slowed
+
+    monkeypatch.setattr(build, "expert_gate_fn", slow_fn)
+    monkeypatch.setattr(build, "_spare_core", lambda: True)
+    build_moe(cfg, tmp_path / "moe", allow_identical_experts=True)
+    assert "MainThread" in ran_on and len(set(ran_on)) == 2 and len(ran_on) == 6
+    got = tensors(tmp_path / "moe")
+    config = load_moe_config(cfg)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(base))
+    want = gate_vectors("hidden", config.experts, 2, 64, tokenizer=tokenizer, model_folder=Path(base)).float()
+    for layer in range(2):
+        assert torch.equal(got[f"model.layers.{layer}.mlp.gate.weight"], want[layer])
+
+
 def test_random_gates_are_seeded(family, tmp_path):
     root, base, tuned, _ = family
     cfg = {"base_model": str(base), "gate_mode": "random", "experts": [{"source_model": str(t)} for t in tuned]}

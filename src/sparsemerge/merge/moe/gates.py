@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -70,8 +71,11 @@ def cheap_embedding(embed: torch.Tensor, batch: Any, num_layers: int) -> torch.T
 def hidden_state_vectors(model: Any, batch: Any, average: bool) -> torch.Tensor:
     """The hidden state entering each layer, at the last position (or averaged over positions),
     averaged over the prompts: ``[layers, hidden]`` in the model's dtype."""
+    # the decoder alone: its hidden states are the causal LM's, bit for bit, without the LM head's
+    # [batch, seq, vocab] product (a fifth of SmolLM2's forward) that the gates never read
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     with torch.no_grad():
-        out = model(**batch.to(model.device), output_hidden_states=True, return_dict=True)
+        out = decoder(**batch.to(model.device), output_hidden_states=True, return_dict=True)
     states = torch.stack(out.hidden_states[:-1])  # [layers, batch, seq, hidden]; [-1] is the final norm's output
     if average:
         states = states.sum(dim=2) / states.shape[2]
@@ -107,13 +111,26 @@ def gate_vectors(
 
     ``embed`` returns the base's token embedding (cheap_embed); ``model_folder`` is the base's
     HF folder (hidden modes); ``tokenizer`` is needed by every mode with prompts."""
-    shape = (num_layers, len(experts), hidden_size)
     if mode in RANDOM_MODES:
-        gen = torch.Generator().manual_seed(seed)
-        if mode == "random":
-            return torch.randn(shape, generator=gen)
-        scale = math.sqrt(1.0 / hidden_size)
-        return torch.rand(shape, generator=gen) * 2 * scale - scale
+        return random_gates(mode, (num_layers, len(experts), hidden_size), seed)
+    row = expert_gate_fn(mode, num_layers, tokenizer=tokenizer, embed=embed, model_folder=model_folder)
+    return stack_gates([row(e) for e in experts])
+
+
+def random_gates(mode: str, shape: tuple[int, int, int], seed: int) -> torch.Tensor:
+    """``N(0, 1)`` (random) or ``U(-1/sqrt(H), 1/sqrt(H))`` (uniform_random), seeded."""
+    gen = torch.Generator().manual_seed(seed)
+    if mode == "random":
+        return torch.randn(shape, generator=gen)
+    scale = math.sqrt(1.0 / shape[-1])
+    return torch.rand(shape, generator=gen) * 2 * scale - scale
+
+
+def expert_gate_fn(mode: str, num_layers: int, *, tokenizer: Any = None, embed: Optional[Callable[[], torch.Tensor]] = None,
+                   model_folder: Optional[Path] = None) -> Callable[[Expert], torch.Tensor]:
+    """A function giving one expert's unit router rows ``[layers, hidden]`` for a prompt mode;
+    what it needs (the base model for hidden modes, the embedding for cheap_embed) is loaded
+    here, once. The experts' rows are independent: several threads may call it at once."""
     if tokenizer is None:
         raise SparsemergeError(f"gate_mode {mode} tokenizes the prompts, but the base model has no tokenizer; add one to its folder")
     if mode == "cheap_embed":
@@ -134,14 +151,26 @@ def gate_vectors(
 
     else:  # the config validator lists the modes
         raise SparsemergeError(f"unknown gate_mode {mode!r}")
-    rows = []
-    for expert in experts:
-        v = vec(tokenize_prompts(expert.positive_prompts or [], tokenizer))
+
+    lock = threading.Lock()  # a fast tokenizer used by two threads at once can fail ("Already borrowed")
+
+    def batch(prompts: Sequence[str]) -> Any:
+        with lock:
+            return tokenize_prompts(prompts, tokenizer)
+
+    def row(expert: Expert) -> torch.Tensor:
+        v = vec(batch(expert.positive_prompts or []))
         if expert.negative_prompts:
-            v -= vec(tokenize_prompts(expert.negative_prompts, tokenizer))
+            v -= vec(batch(expert.negative_prompts))
         v /= v.norm(p=2, dim=-1, keepdim=True).clamp(min=1e-8)
-        rows.append(v)
-    return torch.stack(rows, dim=0).permute(1, 0, 2)  # [experts, layers, hidden] -> [layers, experts, hidden]
+        return v
+
+    return row
+
+
+def stack_gates(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Per-expert ``[layers, hidden]`` rows -> ``[layers, experts, hidden]``."""
+    return torch.stack(list(rows), dim=0).permute(1, 0, 2)
 
 
 def degenerate_layers(gates: torch.Tensor, threshold: float = 5.0) -> list[int]:
