@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from deploy_testlib import make_base, make_finetune
-from sparsemerge.deploy.scheduler import TaskScheduler
+from sparsemerge.deploy.scheduler import Cancelled, TaskScheduler
 from sparsemerge.deploy.server import TaskServer
 from sparsemerge.deploy.store import TaskStore
 from sparsemerge.deploy.switch import TaskSwitcher
@@ -161,6 +161,26 @@ def test_scheduler_serves_a_task_in_bursts_and_switches_between_requests_only():
     # a runs on (2 in a row: burst), then the longest waiting (b), then a again, then b, then c
     assert [t for t, _ in sched.history] == ["a", "a", "b", "b", "a", "a", "c"]
     assert switched == [t for i, (t, _) in enumerate(sched.history) if i == 0 or sched.history[i - 1][0] != t]
+    sched.close()
+
+
+def test_scheduler_runs_in_the_callers_thread_and_ctrl_c_cancels_the_running_job():
+    """`sparsemerge serve` runs the worker in the main thread (run_here); Ctrl-C there cancels
+    the running job (its client gets Cancelled) and stops the loop."""
+    ran_on = []
+    sched = TaskScheduler(lambda task: None, start=False)
+    ok = sched.submit("a", lambda job: ran_on.append(threading.current_thread()) or "done")
+
+    def interrupted(job):
+        raise KeyboardInterrupt
+
+    stopped = sched.submit("a", interrupted)
+    sched.submit("a", lambda job: sched.close())  # ends the loop (instead of a hang) if Ctrl-C were swallowed
+    with pytest.raises(KeyboardInterrupt):
+        sched.run_here()
+    assert ok.wait(1) == "done" and ran_on == [threading.current_thread()]
+    with pytest.raises(Cancelled):
+        stopped.wait(1)
     sched.close()
 
 

@@ -50,10 +50,18 @@ class Job:
 
 
 class TaskScheduler:
-    """Per-task queues and the worker thread. ``switch(task)`` makes the model serve ``task``
-    (e.g. ``TaskSwitcher.activate``); it runs only on the worker, between jobs."""
+    """Per-task queues and the worker. ``switch(task)`` makes the model serve ``task``
+    (e.g. ``TaskSwitcher.activate``); it runs only on the worker, between jobs.
 
-    def __init__(self, switch: Callable[[str], Any], burst: int = 8) -> None:
+    The worker is a thread of its own (``start=True``, or :meth:`start` later) or the caller's
+    thread (:meth:`run_here`, until :meth:`close`): ``sparsemerge serve`` decodes in the main
+    thread, because numba's parallel regions launched from another thread cost ~40 us each
+    instead of ~1 us once the main thread has launched some (libgomp then manages more threads
+    than there are cores and stops spinning between regions), and a decode step launches
+    hundreds of them (measured: 11-17 ms per SmolLM2 step from a worker thread, 6-8 ms from
+    the main thread)."""
+
+    def __init__(self, switch: Callable[[str], Any], burst: int = 8, start: bool = True) -> None:
         if burst < 1:
             raise SparsemergeError(f"burst must be >= 1, got {burst}")
         self._switch = switch
@@ -67,8 +75,22 @@ class TaskScheduler:
         self.switches = 0
         self.cancelled = 0  # jobs stopped because their client left (or the server stopped)
         self.history: list[tuple[str, int]] = []  # (task, job seq) in the order run (tests, stats)
-        self._worker = threading.Thread(target=self._run, name="sparsemerge-worker", daemon=True)
-        self._worker.start()
+        self._worker: Optional[threading.Thread] = None
+        if start:
+            self.start()
+
+    def start(self) -> None:
+        """Run the worker in a thread of its own."""
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._run, name="sparsemerge-worker", daemon=True)
+            self._worker.start()
+
+    def run_here(self) -> None:
+        """Run the worker in this thread until :meth:`close`. A KeyboardInterrupt (Ctrl-C)
+        cancels the running job and propagates."""
+        if self._worker is not None:
+            raise SparsemergeError("the scheduler's worker already runs in a thread of its own")
+        self._run()
 
     def submit(self, task: str, fn: Callable[[Job], Any]) -> Job:
         job = Job(task, fn)
@@ -116,6 +138,10 @@ class TaskScheduler:
                 self._in_a_row += 1
                 self.history.append((job.task, job.seq))
                 job.result = job.fn(job)
+            except KeyboardInterrupt:  # Ctrl-C with the worker in the main thread: stop serving
+                job.error = Cancelled()
+                self.cancelled += 1
+                raise
             except BaseException as exc:  # the job's error goes to its caller; the worker goes on
                 job.error = exc
                 self.cancelled += isinstance(exc, Cancelled)
@@ -136,4 +162,5 @@ class TaskScheduler:
                     job.done.set()
                 q.clear()
             self._cv.notify_all()
-        self._worker.join(timeout)
+        if self._worker is not None and self._worker is not threading.current_thread():
+            self._worker.join(timeout)

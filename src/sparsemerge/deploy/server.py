@@ -51,7 +51,7 @@ class TaskServer:
         self.switcher = TaskSwitcher(self.store, loaded.model, self.engine, cache_bytes=cache_bytes)
         self.context = self.engine.max_seq
         self.vocab = int(self.engine.plan.config["vocab"])
-        self.scheduler = TaskScheduler(self.switcher.activate, burst)
+        self.scheduler = TaskScheduler(self.switcher.activate, burst, start=False)  # start() or serve_forever() runs it
         self.httpd = _HTTPServer((host, port), _Handler)
         self.httpd.app = self  # type: ignore[attr-defined]
         self._thread: Optional[threading.Thread] = None
@@ -94,18 +94,26 @@ class TaskServer:
 
     # ------------------------------------------------------------------ lifetime
     def start(self) -> "TaskServer":
-        """Serve in a background thread (tests); :meth:`stop` ends it."""
+        """Serve in background threads (tests, embedding in a program); :meth:`stop` ends it.
+        Decoding there is slower than under :meth:`serve_forever` (see TaskScheduler)."""
+        self.scheduler.start()
         self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         self._thread.start()
         return self
 
     def serve_forever(self) -> None:
-        """Serve in this thread until Ctrl-C (KeyboardInterrupt), then shut down cleanly."""
+        """Serve until Ctrl-C (KeyboardInterrupt), then shut down cleanly: HTTP in a background
+        thread, the model's worker in this one (numba's parallel regions are fastest launched
+        from the main thread; see TaskScheduler)."""
+        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.2}, daemon=True)
+        self._thread.start()
         try:
-            self.httpd.serve_forever(poll_interval=0.2)
+            self.scheduler.run_here()
         except KeyboardInterrupt:
             pass
         finally:
+            self.httpd.shutdown()
+            self._thread.join(10)
             self.close()
 
     def stop(self) -> None:
