@@ -68,6 +68,43 @@ def test_streaming_and_stop_strings(engine):
         assert "".join(streamed) == cut2.text == cut.text  # the stop string is never streamed
 
 
+def test_stream_decodes_in_the_callers_thread(engine, monkeypatch):
+    """numba's parallel regions are ~40x slower to launch from a second thread once the main
+    thread has launched some, so stream() must not hand the decoding to a thread of its own."""
+    import threading
+
+    threads = set()
+    real_step = engine.step
+
+    def step(tok):
+        threads.add(threading.current_thread())
+        return real_step(tok)
+
+    monkeypatch.setattr(engine, "step", step)
+    pieces = list(engine.stream("the quick brown", max_new_tokens=6))
+    assert threads == {threading.current_thread()} and len(pieces) >= 1
+
+
+def test_short_prompts_are_prefilled_by_the_step_like_the_batched_path(engine, monkeypatch):
+    """Prompts of up to STEPPED_PREFILL_MAX tokens go through the compiled step (no ~70 ms
+    transformers forward): the same logits and cache as the batched prefill, within float error."""
+    import numpy as np
+
+    import sparsemerge.runtime.engine as E
+
+    ids = [5, 17, 42, 7, 99]
+    assert len(ids) <= E.STEPPED_PREFILL_MAX
+    engine.reset()
+    stepped = engine.prefill(ids).copy()
+    kc = engine.kc[:, :, : len(ids)].copy()
+    monkeypatch.setattr(E, "STEPPED_PREFILL_MAX", 0)
+    engine.reset()
+    batched = engine.prefill(ids).copy()
+    assert engine.pos == len(ids)
+    np.testing.assert_allclose(stepped, batched, rtol=0, atol=1e-4 * float(np.abs(batched).max()))
+    np.testing.assert_allclose(kc, engine.kc[:, :, : len(ids)], rtol=0, atol=1e-4)
+
+
 def test_max_seq_is_checked_before_generating(engine):
     with pytest.raises(Exception, match="max_seq"):
         engine.generate([1] * 90, max_new_tokens=10)

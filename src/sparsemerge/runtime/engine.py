@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Generator, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,13 @@ SLACK = 128  # floats of slack behind every output buffer (kernels write whole r
 def _list(ty) -> typed.List:
     return typed.List.empty_list(ty)
 
+
+
+# A batched prefill through the transformers model costs ~70 ms before its first token (Python
+# per module) and ~1.7 ms per token after; a compiled step ~6-9 ms per token (SmolLM2 2:4 + INT8
+# on a Zen 4 core pair: 1 token 49 vs 9 ms, 4 tokens 75 vs 34, 8 tokens 83 vs 66, 16 tokens 90
+# vs 137). Up to this many prompt tokens the step is faster.
+STEPPED_PREFILL_MAX = 8
 
 @dataclass
 class GenerationResult:
@@ -529,7 +536,8 @@ class DecodeEngine:
 
     def prefill(self, ids: Sequence[int]) -> np.ndarray:
         """Run the prompt through the transformers model (batched sparse kernels), keep its
-        keys/values, return the last position's logits."""
+        keys/values, return the last position's logits. Prompts of up to
+        ``STEPPED_PREFILL_MAX`` tokens go through the compiled step instead."""
         ids = list(ids)
         if not ids:
             raise SparsemergeError("the prompt is empty: give at least one token")
@@ -539,7 +547,7 @@ class DecodeEngine:
             raise SparsemergeError(f"prompt token ids {bad[:5]} are outside the vocabulary (0..{vocab - 1})")
         if self.pos + len(ids) > self.max_seq:
             raise SparsemergeError(f"prompt of {len(ids)} tokens does not fit max_seq={self.max_seq}")
-        if self.pos > 0:  # continuing: feed token by token through the compiled step
+        if self.pos > 0 or len(ids) <= STEPPED_PREFILL_MAX:  # continuing, or short: through the compiled step
             for t in ids:
                 logits = self.step(t)
             return logits
@@ -568,6 +576,25 @@ class DecodeEngine:
         or when the text contains one of ``stop`` (returned without it). ``on_token(id,
         text_piece)`` streams; the pieces join to the returned text (with stop strings, the last
         few characters are held back until they cannot begin one)."""
+        steps = self._generation(prompt, max_new_tokens, sampling, stop, need_pieces=on_token is not None)
+        while True:
+            try:
+                tok, piece = next(steps)
+            except StopIteration as end:
+                return end.value
+            if on_token is not None:
+                on_token(tok, piece)
+
+    def stream(self, prompt, max_new_tokens: int = 64, sampling: Optional[SamplingConfig] = None,
+               stop: Sequence[str] = ()) -> Iterator[str]:
+        """Yield text pieces as they are made, decoding in the caller's thread (numba's parallel
+        regions are slow to launch from a second thread: see deploy.scheduler.TaskScheduler)."""
+        for _tok, piece in self._generation(prompt, max_new_tokens, sampling, stop, need_pieces=True):
+            yield piece
+
+    def _generation(self, prompt, max_new_tokens: int, sampling: Optional[SamplingConfig], stop: Sequence[str],
+                    need_pieces: bool) -> Generator[tuple[int, str], None, GenerationResult]:
+        """The decode loop as a generator of ``(token id, text piece)``; returns the result."""
         sampling = sampling or SamplingConfig()
         if max_new_tokens < 1:
             raise SparsemergeError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -584,7 +611,7 @@ class DecodeEngine:
         text, reason = "", "length"
         steps = []
         stop = [s for s in stop if s]
-        need_text = on_token is not None or bool(stop)  # decoding text per token costs ~0.1 ms
+        need_text = need_pieces or bool(stop)  # decoding text per token costs ~0.1 ms
         # streamed text is held back by len(longest stop) - 1 characters, so that a stop
         # string is never shown before it is recognised
         hold = max((len(s) for s in stop), default=1) - 1
@@ -599,10 +626,10 @@ class DecodeEngine:
             hit = next((s for s in stop if s in text), None) if stop else None
             if hit is not None:  # the text up to the stop string (which is not returned)
                 text, done, reason = text[: text.index(hit)], True, "stop string"
-            if on_token is not None:
+            if need_pieces:
                 safe = len(text) if done or i + 1 == max_new_tokens else max(shown, len(text) - hold)
-                on_token(tok, text[shown:safe])
-                shown = safe
+                piece, shown = text[shown:safe], safe
+                yield tok, piece
             if done:
                 break
             if i + 1 < max_new_tokens:
@@ -613,30 +640,6 @@ class DecodeEngine:
             text = self.tokenizer.decode(out, skip_special_tokens=True)
         t2 = time.perf_counter()
         return GenerationResult(out, text, len(ids), t1 - t0, t2 - t1, reason, steps)
-
-    def stream(self, prompt, max_new_tokens: int = 64, sampling: Optional[SamplingConfig] = None,
-               stop: Sequence[str] = ()) -> Iterator[str]:
-        """Yield text pieces as they are made (a generator over :meth:`generate`)."""
-        import queue
-        import threading
-
-        q: "queue.Queue" = queue.Queue()
-        done = object()
-
-        def work():
-            try:
-                self.generate(prompt, max_new_tokens, sampling, stop, on_token=lambda t, p: q.put(p))
-            finally:
-                q.put(done)
-
-        th = threading.Thread(target=work, daemon=True)
-        th.start()
-        while True:
-            item = q.get()
-            if item is done:
-                break
-            yield item
-        th.join()
 
     # ------------------------------------------------------------------ text
     def _encode(self, prompt) -> list[int]:
