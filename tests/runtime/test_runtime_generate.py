@@ -36,6 +36,37 @@ def test_sampler_is_seeded_and_follows_the_distribution():
         SamplingConfig(top_p=0.0)
 
 
+def test_nucleus_equals_a_full_stable_sort_and_draws_equal_rng_choice():
+    """The partial-sort nucleus keeps exactly what sorting the whole vocabulary keeps (ties at
+    the cut to the lower ids), and the sampler's inverse-cdf draw is rng.choice's."""
+    from sparsemerge.runtime.sampling import nucleus
+
+    def full_sort(p, top_p):
+        order = np.argsort(-p, kind="stable")
+        n = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)
+        mask = np.zeros(p.shape[0], bool)
+        mask[order[:n]] = True
+        return mask
+
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n = int(rng.integers(5, 50000))
+        z = rng.standard_normal(n) * [0.1, 1.0, 3.0, 10.0][trial % 4]
+        if trial % 3 == 0:
+            z = np.round(z, 1)  # many equal probabilities, also at the cut
+        p = np.exp(z - z.max())
+        p /= p.sum()
+        for top_p in (0.05, 0.5, 0.9, 0.999):
+            assert np.array_equal(nucleus(p, top_p), full_sort(p, top_p)), (trial, n, top_p)
+    z = rng.standard_normal(3000) * 2
+    cfg = SamplingConfig(temperature=0.8, top_p=0.95, seed=11)
+    p = sample_probs(z, cfg)
+    ref = np.random.default_rng(11)
+    assert [Sampler(cfg)(z) for _ in range(1)] == [int(ref.choice(p.shape[0], p=p))]
+    s, ref = Sampler(cfg), np.random.default_rng(11)
+    assert [s(z) for _ in range(200)] == [int(ref.choice(p.shape[0], p=p)) for _ in range(200)]
+
+
 @pytest.fixture
 def engine(tiny_tokenizer):
     model = make_tiny_llama(vocab_size=384, hidden=128, intermediate=256)

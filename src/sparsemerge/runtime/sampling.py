@@ -62,18 +62,42 @@ def sample_probs(logits: np.ndarray, cfg: SamplingConfig) -> np.ndarray:
     if cfg.top_k and cfg.top_k < z.shape[0]:
         kth = np.partition(z, -cfg.top_k)[-cfg.top_k]
         keep &= z >= kth
-    zk = np.where(keep, z, -np.inf)
-    p = np.exp(zk - zk.max())
+        z = np.where(keep, z, -np.inf)
+    p = z  # reused in place: a vocabulary of 49k costs ~0.1 ms per pass
+    p -= z.max()
+    np.exp(p, out=p)
     p /= p.sum()
     if cfg.top_p < 1.0:
-        order = np.argsort(-p, kind="stable")
-        cum = np.cumsum(p[order])
-        n = int(np.searchsorted(cum, cfg.top_p) + 1)  # smallest prefix with mass >= top_p
-        mask = np.zeros_like(keep)
-        mask[order[:n]] = True
-        p = np.where(mask, p, 0.0)
+        p = np.where(nucleus(p, cfg.top_p), p, 0.0)
         p /= p.sum()
     return p
+
+
+def nucleus(p: np.ndarray, top_p: float) -> np.ndarray:
+    """The mask of the smallest prefix of ``p`` sorted descending (a stable sort: among equal
+    probabilities the lower token id first) whose mass reaches ``top_p``.
+
+    Sorting a 49k vocabulary costs ~6 ms, as much as a decode step; the nucleus is usually far
+    smaller, so the ``k`` largest are found by partition (k = 64, 256, ...) and only they are
+    sorted. Their values in descending order are the full sort's first ``k`` values, so the
+    cumulative sums and the cut are the same numbers; ties at the cut go to the lower ids."""
+    size = p.shape[0]
+    k = 64
+    while k < size:
+        top = np.sort(p[np.argpartition(-p, k - 1)[:k]])[::-1]
+        cum = np.cumsum(top)
+        if cum[-1] >= top_p:
+            n = int(np.searchsorted(cum, top_p) + 1)
+            cut = top[n - 1]
+            mask = p > cut
+            mask[np.flatnonzero(p == cut)[: n - int(mask.sum())]] = True
+            return mask
+        k *= 4
+    order = np.argsort(-p, kind="stable")
+    n = int(np.searchsorted(np.cumsum(p[order]), top_p) + 1)
+    mask = np.zeros(size, bool)
+    mask[order[:n]] = True
+    return mask
 
 
 class Sampler:
@@ -86,4 +110,8 @@ class Sampler:
         if self.cfg.temperature == 0:
             return int(np.argmax(logits))
         p = sample_probs(logits, self.cfg)
-        return int(self.rng.choice(p.shape[0], p=p))
+        # what rng.choice(len(p), p=p) draws (the same cdf and uniform; tested), without its
+        # checks of p, which cost more than the rest of sampling over a 49k vocabulary
+        cdf = np.cumsum(p)
+        cdf /= cdf[-1]
+        return int(cdf.searchsorted(self.rng.random(), side="right"))
