@@ -200,16 +200,25 @@ def serve_under_load(store_dir: Path, names: "list[str]", requests: int, clients
         with ThreadPoolExecutor(clients) as pool:
             list(pool.map(one, load))
         wall = time.perf_counter() - t0
+        loaded_stats = {"wall_s": wall, "requests_per_s": requests / wall, "tokens_per_s": sum(generated) / wall,
+                        "completion_tokens": sum(generated), "latency_p50_ms": 1e3 * pct(latencies, 50),
+                        "latency_p99_ms": 1e3 * pct(latencies, 99)}
+        # the same kind of requests one at a time, one task: the single-stream rate for comparison
+        n_seq = max(1, requests // 4)
+        latencies, generated = [], []
+        s0 = time.perf_counter()
+        for _ in range(n_seq):
+            one((names[0] if names else "base", prompts[0]))
+        sequential = {"requests": n_seq, "tokens_per_s": sum(generated) / (time.perf_counter() - s0),
+                      "latency_p50_ms": 1e3 * pct(latencies, 50)}
     finally:
         server.send_signal(2)  # Ctrl-C: the server shuts down cleanly
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
             server.kill()
-    return {"requests": requests, "clients": clients, "max_tokens": max_tokens, "threads": threads,
-            "wall_s": wall, "requests_per_s": requests / wall, "tokens_per_s": sum(generated) / wall,
-            "completion_tokens": sum(generated), "latency_p50_ms": 1e3 * pct(latencies, 50),
-            "latency_p99_ms": 1e3 * pct(latencies, 99), "served_equal_alone": not mismatches,
+    return {"requests": requests, "clients": clients, "max_tokens": max_tokens, "threads": threads, **loaded_stats,
+            "one_client_one_task": sequential, "served_equal_alone": not mismatches,
             "mismatched": mismatches, "checked": models, "server_exit": server.returncode}
 
 
