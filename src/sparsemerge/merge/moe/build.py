@@ -252,10 +252,12 @@ class _RouterWork:
 
         def get() -> torch.Tensor:
             if self._gates is None:
-                if self.ready.is_set() and self.row_fn is not None and _spare_core():
+                self.ready.wait()  # set once the router thread is prepared, or has failed
+                if self.row_fn is not None and _spare_core():
                     self.take()
                 future.result()  # re-raises the router thread's error
-                self._gates = stack_gates(self.rows)  # type: ignore[arg-type]
+                if self._gates is None:  # the random modes set it directly
+                    self._gates = stack_gates(self.rows)  # type: ignore[arg-type]
             return self._gates
 
         return get
