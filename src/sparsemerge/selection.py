@@ -20,8 +20,10 @@ from sparsemerge.errors import SparsemergeError
 # Linear weights inside the repeated transformer blocks (…layers.3.mlp.up_proj, …h.3.attn.c_fc).
 # Shared lists: copy them (``list(DEFAULT_INCLUDE)``) before changing one.
 DEFAULT_INCLUDE = [r"(^|\.)(layers|layer|h|blocks|block|decoder\.layers|encoder\.layer)\.\d+\..*"]
-# Embeddings, the output head and norms stay dense (chapter 10.1.6).
-DEFAULT_EXCLUDE = [r"(^|\.)(lm_head|embed_tokens|wte|wpe|embed_out|output)$", r"norm"]
+# Embeddings, the output head and norms stay dense (chapter 10.1.6), and so do MoE routers
+# ([experts, hidden]: tiny, and every token's choice of experts depends on them; llm-compressor's
+# MoE recipes ignore "re:.*mlp.gate$" for the same reason).
+DEFAULT_EXCLUDE = [r"(^|\.)(lm_head|embed_tokens|wte|wpe|embed_out|output)$", r"norm", r"(^|\.)mlp\.(gate|shared_expert_gate)$"]
 
 _WEIGHT = ".weight"
 

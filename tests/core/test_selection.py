@@ -142,3 +142,12 @@ def test_pattern_projector_targets_the_default_layers() -> None:
     for name, selected in DEFAULT_CASES:
         assert proj.targets(name + ".weight") is selected
         assert not proj.targets(name + ".bias")
+
+
+def test_moe_routers_are_never_targeted_by_default():
+    from sparsemerge.selection import LayerFilter
+
+    default = LayerFilter.default()
+    assert not default("model.layers.3.mlp.gate") and not default("model.layers.3.mlp.shared_expert_gate")
+    assert default("model.layers.3.mlp.gate_proj") and default("model.layers.3.mlp.experts.gate_up_proj")
+    assert default("model.layers.3.mlp.shared_expert.gate_proj")

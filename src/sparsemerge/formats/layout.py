@@ -72,10 +72,14 @@ def _progress(items: list[str], enabled: bool, desc: str) -> Iterator[str]:
     yield from tqdm(items, desc=desc, unit="tensor")
 
 
+def _target_filter(config: "PackConfig") -> "LayerFilter":
+    """Module name -> targeted (an empty or missing include/exclude list means the default)."""
+    return LayerFilter(config.include or DEFAULT_INCLUDE, config.exclude or DEFAULT_EXCLUDE)
+
+
 def _targets(config: "PackConfig") -> Callable[[str], bool]:
-    """Tensor name -> packed in the sparse format (an empty or
-    missing include/exclude list means the default)."""
-    return LayerFilter(config.include or DEFAULT_INCLUDE, config.exclude or DEFAULT_EXCLUDE).weight
+    """Tensor name -> packed in the sparse format (``NAME.weight`` of a targeted module)."""
+    return _target_filter(config).weight
 
 
 @dataclass

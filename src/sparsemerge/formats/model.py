@@ -57,7 +57,9 @@ from sparsemerge.errors import SparsemergeError
 from sparsemerge.finite import all_finite
 from sparsemerge.formats.base import FORMATS, LAYOUTS, CodecSpec, SparseFormat, check_pack_format, dtype_name, format_options
 from sparsemerge.formats.dense import Dense
-from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, STORED_DTYPES, VERSION, PackReport, _progress, _targets, copy_side_files
+from sparsemerge.formats.layout import (LAYOUT, MANIFEST_NAME, STORED_DTYPES, VERSION, PackReport, _progress, _target_filter, _targets,
+                                        copy_side_files)
+from sparsemerge.formats.stacks import is_expert_stack, slice_name
 from sparsemerge.formats.nm_coding import CODINGS
 from sparsemerge.io.checksum import MANIFEST_DIGEST_KEY, fields_digest, manifest_digest, record_digest
 from sparsemerge.io.writer import ShardedWriter
@@ -218,6 +220,24 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
         writer = ShardedWriter(tmp, config.shard_size, prefix="packed", single_name=None, metadata={"format": LAYOUT}, index=False)
         records: dict[str, Any] = {}
         names = source.names()
+        selected = _target_filter(config)
+
+        def add(name: str, tensor: torch.Tensor, is_target: bool, stack: "dict[str, Any] | None" = None) -> None:
+            layer_config, dense_reason = config.for_layer(patterns, name) if is_target else (config, None)
+            obj, reason = encode_tensor(name, tensor, layer_config, is_target)
+            reason = reason or dense_reason
+            if reason is not None:
+                report.kept_dense.append((name, reason))
+            elif obj.name != "dense":
+                report.packed.append(name)
+            fields = obj.fields()
+            records[name] = _record(name, obj, tensor.dtype, fields)
+            if stack is not None:
+                records[name]["stack"] = stack
+            writer.add_group({f"{name}:{k}": v for k, v in fields.items()})
+            report.nbytes += records[name]["nbytes"]
+            report.numel += obj.numel
+
         for name in _progress(names, progress, "pack"):
             tensor = source.get(name)
             if not all_finite(tensor):  # one pass, no tensor-sized temporary (finite.py)
@@ -226,19 +246,12 @@ def pack(src: Any, out: "str | Path", config: "PackConfig | None" = None, overwr
                     f"tensor {name!r} holds {bad} NaN or inf values: the packed model would compute NaN - "
                     "fix or re-export the source before packing"
                 )
-            layer_config, dense_reason = config.for_layer(patterns, name) if targeted(name) else (config, None)
-            obj, reason = encode_tensor(name, tensor, layer_config, targeted(name))
-            reason = reason or dense_reason
-            if reason is not None:
-                report.kept_dense.append((name, reason))
-            elif obj.name != "dense":
-                report.packed.append(name)
-            fields = obj.fields()
-            records[name] = _record(name, obj, tensor.dtype, fields)
+            if is_expert_stack(name, tensor) and selected(name):  # MoE experts: one 2-D entry per expert (stacks.py)
+                for e in range(tensor.shape[0]):
+                    add(slice_name(name, e), tensor[e], True, {"of": name, "index": e, "count": int(tensor.shape[0])})
+            else:
+                add(name, tensor, targeted(name))
             del tensor
-            writer.add_group({f"{name}:{k}": v for k, v in fields.items()})
-            report.nbytes += records[name]["nbytes"]
-            report.numel += obj.numel
         location = writer.finish()
         shards: dict[str, list[str]] = {}
         for name, record in records.items():

@@ -13,6 +13,7 @@ from sparsemerge.errors import SparsemergeError
 from sparsemerge.formats.base import FORMATS, SparseFormat, TensorTable, dtype_from_name, dtype_name
 from sparsemerge.formats.dense import Dense
 from sparsemerge.formats.layout import LAYOUT, MANIFEST_NAME, READABLE_VERSIONS, _progress, copy_side_files
+from sparsemerge.formats.stacks import StackCollector, stack_entry
 from sparsemerge.io.checksum import MANIFEST_DIGEST_KEY, fields_digest, manifest_digest, record_digest
 from sparsemerge.io.reader import ShardReader
 from sparsemerge.io.writer import ShardedWriter
@@ -208,11 +209,19 @@ def unpack(path: "str | Path", out: "str | Path", overwrite: bool = False, dtype
         packed.config()  # a broken config.json fails now, not after every tensor is decoded
     with packed, atomic_output(out, overwrite=overwrite, inputs=[path]) as tmp:
         writer = ShardedWriter(tmp, shard_size, metadata={"format": "pt"})  # model.safetensors, or shards + index
+        stacks = StackCollector()  # MoE experts stored one entry per expert (stacks.py)
         for name in _progress(packed.names(), progress, "unpack"):
             tensor = packed.get_dense(name)
             if target is not None and tensor.is_floating_point():
                 tensor = tensor.to(target)
-            writer.write(name, tensor)
+            stack = stack_entry(packed.record(name), f"tensor {name!r}") if isinstance(packed, PackedCheckpoint) else None
+            if stack is None:
+                writer.write(name, tensor)
+                continue
+            parts = stacks.add(*stack, tensor, f"tensor {name!r}")
+            if parts is not None:
+                writer.write(stack[0], torch.stack(parts))
+        stacks.finish()
         writer.finish()
         for name in copy_side_files(packed.folder, tmp):
             if name == "config.json":

@@ -68,6 +68,7 @@ def _load_packed(path: "str | os.PathLike[str]", dense: bool, verify: bool) -> S
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparsemerge.formats.model import read_packed
+    from sparsemerge.formats.stacks import StackCollector, stack_entry
     from sparsemerge.formats.hnm import HNMPacked
     from sparsemerge.formats.nm import NMPacked
     from sparsemerge.io.sources import _load_tokenizer
@@ -85,9 +86,23 @@ def _load_packed(path: "str | os.PathLike[str]", dense: bool, verify: bool) -> S
     int8_tables: list[str] = []
     state: dict[str, torch.Tensor] = {}
     expected = {n: tuple(t.shape) for n, t in list(model.named_parameters()) + list(model.named_buffers())}
+    stacks, experts = StackCollector(), {}  # MoE experts, one entry per expert (formats/stacks.py)
     with read_packed(folder) as ckpt:
         for name in ckpt.names():
             obj = ckpt.get_format(name, verify=verify)
+            stack = stack_entry(ckpt.record(name), f"tensor {name!r}") if hasattr(ckpt, "record") else None
+            if stack is not None:
+                of, _index, count = stack
+                if of not in expected or (count, *obj.shape) != expected[of]:
+                    raise SparsemergeError(
+                        f"config.json of {str(folder)!r} does not match its weights: {of} is {count} experts of "
+                        f"{'x'.join(map(str, obj.shape))} in the checkpoint, the config makes it "
+                        f"{'x'.join(map(str, expected.get(of, ()))) or 'no such tensor'}; restore the config.json of the model that was packed"
+                    )
+                parts = stacks.add(*stack, obj, f"tensor {name!r}")
+                if parts is not None:
+                    experts[of] = parts
+                continue
             if name in expected and tuple(obj.shape) != expected[name]:  # checked before any layer is swapped
                 raise SparsemergeError(
                     f"config.json of {str(folder)!r} does not match its weights: {name} is "
@@ -111,6 +126,8 @@ def _load_packed(path: "str | os.PathLike[str]", dense: bool, verify: bool) -> S
                 swapped.append(module_name)
             else:
                 state[name] = obj.to_dense().float()
+    stacks.finish()
+    swapped += _experts(model, experts, state, dense)
     for name in [k for k in state if k.endswith(".bias") and k[: -len(".bias")] in swapped]:
         del state[name]
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
@@ -132,6 +149,30 @@ def _load_packed(path: "str | os.PathLike[str]", dense: bool, verify: bool) -> S
         raise SparsemergeError(f"packed checkpoint {str(folder)!r} lacks tensors {still_meta[:5]}")
     model.eval()
     return SparseModel(model, _load_tokenizer(folder), "dense" if dense else "packed", time.perf_counter() - start, swapped)
+
+
+def _experts(model: nn.Module, experts: dict, state: dict, dense: bool) -> list[str]:
+    """Fused experts modules whose gate_up and down stacks are N:M become SparseExperts (each
+    expert's two products on the N:M kernels, no dense copy); other stacks go dense into
+    ``state``. Returns the swapped module names."""
+    from sparsemerge.formats.nm import NMPacked
+    from sparsemerge.merge.moe.sparse import SparseExperts
+
+    swapped = []
+    modules = {name.rsplit(".", 1)[0] for name in experts}
+    for module_name in sorted(modules):
+        gate_up, down = experts.get(f"{module_name}.gate_up_proj"), experts.get(f"{module_name}.down_proj")
+        module = _get(model, module_name)
+        if (not dense and gate_up is not None and down is not None and hasattr(module, "act_fn")
+                and all(isinstance(o, NMPacked) for o in gate_up + down)):
+            _replace(model, module_name, SparseExperts([SparseLinear.from_packed(o, None) for o in gate_up],
+                                                       [SparseLinear.from_packed(o, None) for o in down], module.act_fn))
+            swapped.append(module_name)
+            continue
+        for part, objs in (("gate_up_proj", gate_up), ("down_proj", down)):
+            if objs is not None:
+                state[f"{module_name}.{part}"] = torch.stack([o.to_dense().float() for o in objs])
+    return swapped
 
 
 def _int8_codes(obj) -> "tuple[torch.Tensor, torch.Tensor, int] | None":
