@@ -1,6 +1,7 @@
-"""Software prefetch in the AVX2 INT8-activation kernels: GEMV and decoding at several distances.
+"""Software prefetch in the INT8-activation kernels: GEMV and decoding at several distances.
 
-    .venv/bin/python benchmarks/bench_prefetch.py                      # GEMV, 1 thread
+    .venv/bin/python benchmarks/bench_prefetch.py                      # GEMV, 1 thread, AVX2 rows
+    .venv/bin/python benchmarks/bench_prefetch.py --vnni512            # the AVX-512 VNNI rows
     .venv/bin/python benchmarks/bench_prefetch.py --decode outputs/bench-llamacpp/smol-24-int4-g128
 
 The kernels (``kernels/cpu_avx2.py`` gemv24 int8/int4, ``kernels/dense_a8.py`` avx2: the dense
@@ -23,7 +24,10 @@ import statistics
 import sys
 import time
 
-os.environ.setdefault("SPARSEMERGE_CPU_FEATURES", "avx2")  # before the kernels are imported
+# --vnni512: the AVX-512 VNNI rows (cpu_vnni, dense_a8 avx512vnni) on a CPU that has them;
+# otherwise the AVX2 rows, forced so that an AVX-512 machine runs them too
+VNNI512 = "--vnni512" in sys.argv
+os.environ.setdefault("SPARSEMERGE_CPU_FEATURES", "native" if VNNI512 else "avx2")  # before the kernels are imported
 
 import sparsemerge  # noqa: F401,E402 - before torch: huge pages for its buffers
 
@@ -45,8 +49,15 @@ def sparse_runner(rows: int, cols: int, codec: str, distance: int, threads: int,
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g)
     layer = pack_blocked(w * nm_mask(w.abs(), 2, 4), 2, 4, codec, 128)
-    plan = cpu_avx2.prepare_a8(layer)
-    run = cpu_vnni._row_runner(cpu_avx2.compiled_functions(False, distance)[codec])
+    if VNNI512:
+        plan = cpu_vnni.prepare(layer)
+        fns, reason = cpu_vnni._compiled_fns(distance)
+        if fns is None:
+            raise SystemExit(f"--vnni512: {reason}")
+        run = cpu_vnni._row_runner(fns[codec])
+    else:
+        plan = cpu_avx2.prepare_a8(layer)
+        run = cpu_vnni._row_runner(cpu_avx2.compiled_functions(False, distance)[codec])
     args = (plan["stream"], plan["scale"], plan["corr"])
     tail = (rows, plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"], threads)
     return (lambda x: run(*args, x, *tail)), plan["nbytes"]
@@ -67,7 +78,7 @@ def dense_runner(rows: int, cols: int, distance: int, threads: int, seed: int):
     rng = np.random.default_rng(seed)
     plan = dense_a8.prepare(rng.integers(-127, 128, (rows, cols)).astype(np.int8),
                             (rng.random((rows, 1)) * 0.01 + 1e-3).astype(np.float32), 0)
-    addr = dense_a8.address("avx2", distance)
+    addr = dense_a8.address("avx512vnni" if VNNI512 else "avx2", distance)
     args = (plan["stream"], plan["scale"], plan["corr"])
     tail = (rows, plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"], threads)
     return (lambda x: dense_a8._run(addr, *args, x[0], *tail)), plan["stream"].nbytes
@@ -111,12 +122,18 @@ def bench_decode(model_dir: str, distances: list[int], tokens: int, repeats: int
     loaded = load_packed(model_dir)
     prompt = "The history of the printing press begins in"
     engines = {}
+    defaults = (cpu_avx2.A8_PREFETCH_DEFAULT[False], cpu_vnni.PREFETCH_BYTES, dict(dense_a8.PREFETCH_BYTES))
     for d in distances:  # the engine takes the module defaults when it resolves its kernels
-        cpu_avx2.A8_PREFETCH_DEFAULT[False] = d
-        dense_a8.PREFETCH_BYTES["avx2"] = d
+        if VNNI512:
+            cpu_vnni.PREFETCH_BYTES = d
+            dense_a8.PREFETCH_BYTES["avx512vnni"] = d
+        else:
+            cpu_avx2.A8_PREFETCH_DEFAULT[False] = d
+            dense_a8.PREFETCH_BYTES["avx2"] = d
         engines[d] = DecodeEngine(loaded.model, loaded.tokenizer, act_quant="int8", max_seq=tokens + 64)
         engines[d].generate(prompt, max_new_tokens=4)  # JIT warm-up
-    cpu_avx2.A8_PREFETCH_DEFAULT[False] = cpu_avx2.A8_PREFETCH_BYTES
+    cpu_avx2.A8_PREFETCH_DEFAULT[False], cpu_vnni.PREFETCH_BYTES = defaults[:2]
+    dense_a8.PREFETCH_BYTES.update(defaults[2])
     first = engines[distances[0]]
     kernels = first.plan.kernel_counts()
     results = {d: [] for d in distances}
@@ -146,6 +163,7 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--decode", nargs="*", default=[], help="packed checkpoints to decode at every distance")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--decode-repeats", type=int, default=5)
+    p.add_argument("--vnni512", action="store_true", help="the AVX-512 VNNI kernels instead of the AVX2 ones")
     args = p.parse_args(argv)
     distances = [int(d) for d in args.distances.split(",")]
     if distances[0] != 0:

@@ -154,3 +154,25 @@ def test_swapped_layer_token_path_matches_the_kernel_and_keeps_nan():
         torch.testing.assert_close(y.reshape(1, -1), expect, rtol=1e-5, atol=1e-4)
         x[0, 0, 3] = float("nan")
         assert torch.isnan(layer(x)).any()  # not finite: the float path, NaN propagates
+
+
+@needs_vnni
+@pytest.mark.parametrize("codec", ["int8", "int4"])
+def test_prefetch_distance_changes_no_number(codec):
+    """The software prefetch (PREFETCH_BYTES ahead of each pair) only touches the cache: with
+    none, one line and the default distance the kernel gives the same float32 numbers, which
+    equal the w8a8 reference."""
+    import numpy as np
+
+    rows, cols = 37, 640  # pairs and a tail chunk
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(rows, cols, generator=g)
+    layer = pack_blocked(w * nm_mask(w.abs(), 2, 4), 2, 4, codec, 128)
+    x = torch.randn(1, cols, generator=g)
+    plan = V.prepare(layer)
+    outs = [V._row_runner(V._compiled_fns(d)[0][codec])(plan["stream"], plan["scale"], plan["corr"], x.numpy(), rows,
+                                                        plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"], 1)
+            for d in (0, 64, V.PREFETCH_BYTES)]
+    assert V.PREFETCH_BYTES > 0
+    torch.testing.assert_close(torch.from_numpy(np.asarray(outs[0])).reshape(1, rows), V.reference_w8a8(layer, x), rtol=1e-5, atol=1e-4)
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
