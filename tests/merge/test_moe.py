@@ -369,3 +369,21 @@ def test_packed_moe_experts_load_onto_the_kernels_and_unpack_exactly(family, tmp
     assert main(["run", str(tmp_path / "packed"), "--prompt", "The team won", "--max-new-tokens", "4"]) == 0
     # the dense baseline of `bench` decodes the stacks back into the fused tensors
     assert torch.allclose(load_packed(tmp_path / "packed", dense=True).model(ids).logits, want, atol=1e-4)
+
+
+def test_an_output_config_that_cannot_be_built_fails_the_build_and_writes_nothing(family, tmp_path, monkeypatch):
+    """The output config.json is built in the router thread while the tensors are copied; its
+    failure ends the build with that error and leaves nothing under the output name."""
+    import sparsemerge.merge.moe.build as build
+
+    root, base, tuned, tok = family
+
+    def broken(*args, **kwargs):
+        raise SparsemergeError("the base's config cannot become a Mixtral config")
+
+    monkeypatch.setattr(build, "_config_json", broken)
+    for mode in ("cheap_embed", "random"):
+        with pytest.raises(SparsemergeError, match="cannot become a Mixtral config"):
+            build_moe(_cfg(base, tuned, mode), tmp_path / mode)
+        assert not (tmp_path / mode).exists()
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())

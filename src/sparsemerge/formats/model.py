@@ -59,8 +59,8 @@ from sparsemerge.formats.base import FORMATS, LAYOUTS, CodecSpec, SparseFormat, 
 from sparsemerge.formats.dense import Dense
 from sparsemerge.formats.layout import (LAYOUT, MANIFEST_NAME, STORED_DTYPES, VERSION, PackReport, _progress, _target_filter, _targets,
                                         copy_side_files)
-from sparsemerge.formats.stacks import is_expert_stack, slice_name
 from sparsemerge.formats.nm_coding import CODINGS
+from sparsemerge.formats.stacks import is_expert_stack, slice_name
 from sparsemerge.io.checksum import MANIFEST_DIGEST_KEY, fields_digest, manifest_digest, record_digest
 from sparsemerge.io.writer import ShardedWriter
 from sparsemerge.patterns import NM, Hierarchical, parse_pattern

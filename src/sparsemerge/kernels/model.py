@@ -68,9 +68,9 @@ def _load_packed(path: "str | os.PathLike[str]", dense: bool, verify: bool) -> S
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from sparsemerge.formats.model import read_packed
-    from sparsemerge.formats.stacks import StackCollector, stack_entry
     from sparsemerge.formats.hnm import HNMPacked
     from sparsemerge.formats.nm import NMPacked
+    from sparsemerge.formats.stacks import StackCollector, stack_entry
     from sparsemerge.io.sources import _load_tokenizer
     from sparsemerge.kernels.hier import HierLinear
 

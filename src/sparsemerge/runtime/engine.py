@@ -32,12 +32,12 @@ def _list(ty) -> typed.List:
     return typed.List.empty_list(ty)
 
 
-
 # A batched prefill through the transformers model costs ~70 ms before its first token (Python
 # per module) and ~1.7 ms per token after; a compiled step ~6-9 ms per token (SmolLM2 2:4 + INT8
 # on a Zen 4 core pair: 1 token 49 vs 9 ms, 4 tokens 75 vs 34, 8 tokens 83 vs 66, 16 tokens 90
 # vs 137). Up to this many prompt tokens the step is faster.
 STEPPED_PREFILL_MAX = 8
+
 
 @dataclass
 class GenerationResult:

@@ -194,7 +194,7 @@ def _build(cfg: MoEConfig, sources: dict[str, Any], out: Path, overwrite: bool, 
     pool = ThreadPoolExecutor(max_workers=1)
     future = pool.submit(work.run)
     try:
-        return _write(cfg, ins, sources, out, overwrite, inputs, start, progress, atomic_output, work.gates(future), future)
+        return _write(cfg, ins, sources, out, overwrite, inputs, start, progress, atomic_output, work, future)
     finally:
         work.cancel()
         pool.shutdown(wait=True)
@@ -216,10 +216,16 @@ class _RouterWork:
         self.next = 0
         self.stopped = False
         self._gates: Optional[torch.Tensor] = None
+        self.out_config: Any = None  # the output config.json, built here (a bad base config fails early)
 
     def run(self) -> None:
-        """The router thread: prepare, then take experts until none are left."""
+        """The router thread: the output config, then prepare and take experts until none are left."""
         try:
+            # in this thread, not the main one: its transformers imports would hold the import
+            # lock against the main thread's copying; a bad base config fails before the copying ends
+            ins = self.ins
+            self.out_config = _config_json(ins.arch, ins.base_folder, len(self.cfg.experts), self.cfg.experts_per_token,
+                                           ins.intermediate, ins.out_dtype)
             if self.cfg.gate_mode in RANDOM_MODES:
                 shape = (self.ins.layers, len(self.experts), self.ins.hidden)
                 self._gates = random_gates(self.cfg.gate_mode, shape, self.cfg.seed)
@@ -272,8 +278,9 @@ def _spare_core() -> bool:
 
 
 def _write(cfg: MoEConfig, ins: MoEInputs, sources: dict[str, Any], out: Path, overwrite: bool, inputs: list[str], start: float,
-           progress: bool, atomic_output: Any, gates: Callable[[], torch.Tensor], gates_future: Future) -> MoEReport:
+           progress: bool, atomic_output: Any, work: "_RouterWork", gates_future: Future) -> MoEReport:
     """Plan every output tensor (routers last), then write them in order; config, tokenizer and record beside."""
+    gates = work.gates(gates_future)
     base = sources[cfg.base_model]
     arch, layers, hidden, inter, out_dtype = ins.arch, ins.layers, ins.hidden, ins.intermediate, ins.out_dtype
     head, per_layer, tail, base_folder = ins.head, ins.per_layer, ins.tail, ins.base_folder
@@ -358,10 +365,8 @@ def _write(cfg: MoEConfig, ins: MoEInputs, sources: dict[str, Any], out: Path, o
             writer.close()
             if bar is not None:
                 bar.close()
-        # built after the tensors: its transformers imports would otherwise hold the import lock
-        # against the router thread's and delay the first write by ~1.5 s; by now they are loaded
-        out_cfg = _config_json(arch, base_folder, n_exp, cfg.experts_per_token, inter, out_dtype)
-        out_cfg.save_pretrained(tmp)
+        gates()  # the router thread is done (or its error is raised here)
+        work.out_config.save_pretrained(tmp)
         for name in TOKENIZER_FILES:
             if (base_folder / name).is_file():
                 shutil.copyfile(base_folder / name, tmp / name)
