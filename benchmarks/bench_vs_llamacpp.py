@@ -11,9 +11,10 @@ tokens/s for one 512-token prompt, and perplexity over held-out BBC windows from
 token ids on both sides (ours: the decode step itself, token by token, so the number includes
 the INT8 activation rounding; llama.cpp: its logits for every position). ``--cpu-levels avx2``
 caps the kernels to AVX2 (``SPARSEMERGE_CPU_FEATURES=avx2``) so the AVX2 numbers are known on
-an AVX-512 machine. Our per-token breakdown splits a decoding step into the products (the
-kernels), the rest of the compiled step (norms, RoPE, attention, SwiGLU) and the Python
-around it (sampling, text).
+an AVX-512 machine. Our per-token breakdown (``DecodeEngine.breakdown``) splits a token into
+the products (the kernels), attention, the element-wise rest (norms, RoPE, SwiGLU, ...) and
+the runtime's own overhead (the compiled step beyond those, and the Python around it:
+sampling, text), with the overhead's share of the token.
 
 Our models (built when missing, under --work): SparseGPT 2:4 (the demo's 8 x 512
 calibration), packed 2:4 + INT4 in groups of 128 and 2:4 + INT8 per channel, embedding and
@@ -79,13 +80,11 @@ def worker(args) -> None:
         if res.decode_seconds < best:
             best, best_res = res.decode_seconds, res
     out["decode_tps"] = best_res.decode_tokens_per_s
-    per_token = best_res.decode_seconds / max(1, len(best_res.tokens) - 1)
-    step = float(np.mean(best_res.step_seconds))  # the mean, as per_token is: outliers land in neither share
-    kernels = engine.time_products(repeats=20)
-    attention = engine.time_attention(repeats=20)  # at the last decoded position
     out["kv_cache"] = engine.kv_cache
-    out["breakdown_ms"] = {"token": 1e3 * per_token, "products": 1e3 * kernels, "attention": 1e3 * attention,
-                           "rest_of_step": 1e3 * max(0.0, step - kernels), "python": 1e3 * max(0.0, per_token - step)}
+    # the engine is at the end of the best run: its parts timed on that run's buffers and cache
+    # (the mean step, as the token time is: outliers land in neither share)
+    parts = engine.breakdown(best_res, repeats=20)
+    out["breakdown_ms"] = {k: 1e3 * v for k, v in parts.items()}
     best = math.inf
     for _ in range(args.repeats):
         engine.reset()
@@ -209,7 +208,7 @@ def print_table(results: list[dict]) -> None:
     ppl = {r["model"]: r["perplexity"] for r in results if "perplexity" in r}
     peer = {r["threads"]: r for r in results if r["model"].startswith("llama.cpp")}
     head = ["model", "threads", "kernels", "file MB", "decode tok/s", "x llama.cpp", "prompt tok/s", "x llama.cpp",
-            "peak RSS MiB", "perplexity", "ms/token: products / rest of step (attention) / python"]
+            "peak RSS MiB", "perplexity", "ms/token: products / attention / element-wise / overhead (% of token)"]
     rows = []
     for r in results:
         p = peer.get(r["threads"])
@@ -219,8 +218,8 @@ def print_table(results: list[dict]) -> None:
         rows.append([r["model"], r["threads"], r.get("cpu_level", "-"), f"{r['file_mb']:.1f}", f"{r['decode_tps']:.1f}",
                      f"{dx:.2f}", f"{r['prompt_tps']:.0f}", f"{px:.2f}", f"{r['peak_rss_mib']:.0f}",
                      f"{ppl.get(r['model'], float('nan')):.2f}",
-                     f"{b['products']:.2f} / {b['rest_of_step']:.2f} ({b.get('attention', float('nan')):.2f}) / {b['python']:.2f}"
-                     if b else "-"])
+                     f"{b['products']:.2f} / {b['attention']:.2f} / {b['elementwise']:.2f} / {b['overhead']:.2f}"
+                     f" ({100 * b['overhead'] / b['token']:.0f}%)" if b and "overhead" in b else "-"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
     print("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for row in rows:

@@ -355,3 +355,34 @@ def test_time_ops_covers_every_product_and_leaves_the_state_alone(act_quant="int
     assert rows[-1]["name"] == "lm_head" and all(r["seconds"] >= 0 for r in rows)
     for t in IDS[4:8]:
         np.testing.assert_array_equal(timed.step(t), plain.step(t))
+
+
+def test_breakdown_times_each_part_and_leaves_the_state_alone():
+    """``DecodeEngine.breakdown`` (bench_vs_llamacpp.py's per-token split): products,
+    attention and the element-wise rest are timed on the step's own buffers; the element-wise
+    part writes one KV cache slot and puts it back, so a full cache is unchanged and decoding
+    goes on with the logits of an engine that was never timed."""
+    model = _sparse_llama("int8", act_quant="int8")
+    timed = DecodeEngine(model, max_seq=12, kv_cache=KV, act_quant="int8")
+    plain = DecodeEngine(model, max_seq=12, kv_cache=KV, act_quant="int8")
+    res = timed.generate(IDS[:4], max_new_tokens=5)
+    ref = plain.generate(IDS[:4], max_new_tokens=5)
+    assert res.tokens == ref.tokens and len(res.step_seconds) == 4
+    logits = timed.logits.copy()
+    parts = timed.breakdown(res, repeats=2)
+    assert set(parts) == {"token", "step", "products", "attention", "elementwise", "dispatch", "python", "overhead"}
+    assert all(v >= 0 for v in parts.values()) and parts["products"] > 0 and parts["elementwise"] > 0
+    assert parts["overhead"] == pytest.approx(parts["dispatch"] + parts["python"])
+    assert parts["dispatch"] == pytest.approx(
+        max(0.0, parts["step"] - parts["products"] - parts["attention"] - parts["elementwise"]))
+    np.testing.assert_array_equal(timed.logits, logits)  # time_products writes the logits to a sink
+    for t in (3, 8):
+        np.testing.assert_array_equal(timed.step(t), plain.step(t))
+    while timed.pos < timed.max_seq:
+        timed.step(5)
+    full_k, full_v = timed.kc.copy(), timed.vc.copy()
+    timed.time_elementwise(repeats=2)  # writes slot max_seq - 1, which holds a real key and value
+    np.testing.assert_array_equal(timed.kc, full_k)
+    np.testing.assert_array_equal(timed.vc, full_v)
+    with pytest.raises(SparsemergeError, match="not in the cache"):
+        timed.time_attention(pos=timed.pos)

@@ -447,6 +447,45 @@ class DecodeEngine:
             if not np.shares_memory(target, arrays[0]):
                 np.copyto(target, arrays[0])
 
+    def time_elementwise(self, repeats: int = 20) -> float:
+        """Median seconds of one step's element-wise rest alone - the embedding row, RMSNorm
+        and the INT8 quantization of activations, RoPE, the KV cache write, SwiGLU and the
+        residuals (``step.decode_step_parts`` with only PART_ELEMENTWISE) - on the step's
+        buffers. The cache slot it writes is restored afterwards."""
+        slot = min(self.pos, self.max_seq - 1)
+        saved_k, saved_v = self.kc[:, :, slot].copy(), self.vc[:, :, slot].copy()
+        times = []
+        try:
+            for _ in range(repeats + 1):
+                t0 = time.perf_counter()
+                S.decode_step_parts(0, slot, self.cfg, self.eps, self.scaling, self.ops, self.head_op, self.a8_in,
+                                    self.norms, self.emb, self.kc, self.vc, self.cos, self.sin, self.bufs, self.kw,
+                                    self.logits, S.PART_ELEMENTWISE)
+                times.append(time.perf_counter() - t0)
+        finally:
+            self.kc[:, :, slot], self.vc[:, :, slot] = saved_k, saved_v
+        return float(np.median(times[1:]))
+
+    def breakdown(self, result: GenerationResult, repeats: int = 20) -> dict[str, float]:
+        """Where a decoded token of ``result`` (the last generation of this engine) went, in
+        seconds: ``products`` (:meth:`time_products`), ``attention`` (:meth:`time_attention`
+        at the middle decoded position), ``elementwise`` (:meth:`time_elementwise`) - the
+        work - and the runtime's own overhead: ``dispatch`` (the step's time beyond that work:
+        calling the compiled step, the op table, starting threads per product) and ``python``
+        (sampling, stop checks, the loop around the step); ``overhead`` is their sum."""
+        steps = len(result.step_seconds)
+        if steps < 1:
+            raise SparsemergeError("breakdown needs a generation of at least 2 tokens")
+        token = result.decode_seconds / steps
+        step = float(np.mean(result.step_seconds))
+        products = self.time_products(repeats)
+        attention = self.time_attention(repeats, pos=max(0, self.pos - 1 - steps // 2))
+        elementwise = self.time_elementwise(repeats)
+        dispatch = max(0.0, step - products - attention - elementwise)
+        python = max(0.0, token - step)
+        return {"token": token, "step": step, "products": products, "attention": attention, "elementwise": elementwise,
+                "dispatch": dispatch, "python": python, "overhead": dispatch + python}
+
     # ------------------------------------------------------------------ running
     def reset(self) -> None:
         self.pos = 0
@@ -515,16 +554,20 @@ class DecodeEngine:
                         "seconds": max(0.0, best(op, x) - call)})
         return out
 
-    def time_attention(self, repeats: int = 20) -> float:
+    def time_attention(self, repeats: int = 20, pos: Optional[int] = None) -> float:
         """Median seconds of one step's attention alone (every layer, over the cache positions
-        written so far, on the step's buffers): the share of a token that grows with the context."""
+        up to ``pos``, default the last one written, on the step's buffers): the share of a
+        token that grows with the context."""
         from sparsemerge.runtime.attention import PAR_MIN_POS, attend
 
         if self.pos < 1:
             raise SparsemergeError("time_attention needs a filled cache: run a prompt first")
+        pos = self.pos - 1 if pos is None else int(pos)
+        if not 0 <= pos < self.pos:
+            raise SparsemergeError(f"time_attention: position {pos} is not in the cache (0..{self.pos - 1})")
         c = self.plan.config
         bufs = self.bufs
-        pos, threads = self.pos - 1, self.threads if self.pos - 1 >= PAR_MIN_POS else 1
+        threads = self.threads if pos >= PAR_MIN_POS else 1
         times = []
         for _ in range(repeats + 1):
             t0 = time.perf_counter()

@@ -463,9 +463,26 @@ def silu_mul(gu, inter, out, bits):  # pragma: no cover - jitted
 
 
 # ---------------------------------------------------------------- the step
+# the parts of a step (``decode_step_parts``): the products, attention over the cache, and
+# the element-wise rest (embedding row, RMSNorm + INT8 quantization, RoPE, the KV cache
+# write, SwiGLU, residuals) - a token's time less the three is the runtime's own overhead
+PART_PRODUCTS, PART_ATTENTION, PART_ELEMENTWISE = 1, 2, 4
+PART_ALL = PART_PRODUCTS | PART_ATTENTION | PART_ELEMENTWISE
+
+
 @njit(error_model="numpy", cache=True)
 def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, kc, vc, cos, sin, bufs, kw, logits):  # pragma: no cover - jitted
     """Run token ``token`` at position ``pos`` through the model; writes ``logits``.
+    Returns False if an activation was not finite (see :func:`decode_step_parts`)."""
+    return decode_step_parts(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, kc, vc, cos, sin, bufs, kw,
+                             logits, PART_ALL)
+
+
+@njit(error_model="numpy", cache=True)
+def decode_step_parts(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, kc, vc, cos, sin, bufs, kw, logits, parts):  # pragma: no cover - jitted
+    """The step, running only the ``parts`` (PART_* bits; PART_ALL: a real step). Less than
+    all parts computes nothing meaningful: it times a part on the step's own buffers
+    (``DecodeEngine.time_elementwise``).
 
     ``a8_in[layer, 0..1]``: whether the attention / MLP input feeds an A8 op (quantize it),
     ``a8_in[layer, 2..3]``: the same for o_proj / down_proj inputs; ``a8_in[layers, 0]`` the head.
@@ -482,9 +499,14 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
     h_buf, x_buf, qkv, att, gu, act, xu, xs, tmp, attn, bits = bufs
     h = h_buf[:H]  # the buffers carry slack behind them: norms need the exact length
     x = x_buf[:H]
+    products = (parts & PART_PRODUCTS) != 0
+    attention = (parts & PART_ATTENTION) != 0
+    elementwise = (parts & PART_ELEMENTWISE) != 0
     table, codes, escale = emb
     # embedding lookup: float table or INT8 codes with row/group scales
-    if table.shape[0] > 1:
+    if not elementwise:
+        pass
+    elif table.shape[0] > 1:
         for i in range(H):
             h[i] = table[token, i]
     else:
@@ -496,37 +518,49 @@ def decode_step(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms, emb, 
     ok = True
     for layer in range(L):
         lo = ops[layer]
-        ok &= norm_and_quantize(h, norms[2 * layer], eps, x, xu, xs, a8_in[layer, 0] != 0)
-        for slot in SLOT_QKV:
-            if lo[slot, F_KIND] >= 0:
-                run_op(lo[slot], x, xu, xs, qkv, tmp, threads, kw)
-        rope(qkv[: NH * HD], NH, HD, c, s)
-        rope(qkv[NH * HD: (NH + KVH) * HD], KVH, HD, c, s)
         kl = kc[layer]
         vl = vc[layer]
-        for g in range(KVH):
-            for i in range(HD):
-                kl[g, pos, i] = from_f32(kl, qkv[(NH + g) * HD + i])
-                vl[g, pos, i] = from_f32(vl, qkv[(NH + KVH + g) * HD + i])
-        attend(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], attn, att, threads if pos >= PAR_MIN_POS else 1)
-        if a8_in[layer, 2] != 0:
+        if elementwise:
+            ok &= norm_and_quantize(h, norms[2 * layer], eps, x, xu, xs, a8_in[layer, 0] != 0)
+        if products:
+            for slot in SLOT_QKV:
+                if lo[slot, F_KIND] >= 0:
+                    run_op(lo[slot], x, xu, xs, qkv, tmp, threads, kw)
+        if elementwise:
+            rope(qkv[: NH * HD], NH, HD, c, s)
+            rope(qkv[NH * HD: (NH + KVH) * HD], KVH, HD, c, s)
+            for g in range(KVH):
+                for i in range(HD):
+                    kl[g, pos, i] = from_f32(kl, qkv[(NH + g) * HD + i])
+                    vl[g, pos, i] = from_f32(vl, qkv[(NH + KVH + g) * HD + i])
+        if attention:
+            attend(qkv, kl, vl, pos, NH, KVH, HD, scaling, cfg[C_WINDOW], attn, att, threads if pos >= PAR_MIN_POS else 1)
+        if elementwise and a8_in[layer, 2] != 0:
             ok &= quantize_a8(att[: NH * HD], xu, xs)
-        run_op(lo[SLOT_O[0]], att[: NH * HD], xu, xs, x_buf, tmp, threads, kw)
-        for i in range(H):
-            h[i] += x[i]
-        ok &= norm_and_quantize(h, norms[2 * layer + 1], eps, x, xu, xs, a8_in[layer, 1] != 0)
-        for slot in SLOT_GU:
-            if lo[slot, F_KIND] >= 0:
-                run_op(lo[slot], x, xu, xs, gu, tmp, threads, kw)
-        silu_mul(gu, INTER, act, bits)
-        if a8_in[layer, 3] != 0:
-            ok &= quantize_a8(act[:INTER], xu, xs)
-        run_op(lo[SLOT_DOWN[0]], act[:INTER], xu, xs, x_buf, tmp, threads, kw)
-        for i in range(H):
-            h[i] += x[i]
-    ok &= norm_and_quantize(h, norms[2 * L], eps, x, xu, xs, a8_in[L, 0] != 0)
-    ok &= np.isfinite(x.sum())
-    run_op(head_op, x, xu, xs, logits, tmp, threads, kw)
+        if products:
+            run_op(lo[SLOT_O[0]], att[: NH * HD], xu, xs, x_buf, tmp, threads, kw)
+        if elementwise:
+            for i in range(H):
+                h[i] += x[i]
+            ok &= norm_and_quantize(h, norms[2 * layer + 1], eps, x, xu, xs, a8_in[layer, 1] != 0)
+        if products:
+            for slot in SLOT_GU:
+                if lo[slot, F_KIND] >= 0:
+                    run_op(lo[slot], x, xu, xs, gu, tmp, threads, kw)
+        if elementwise:
+            silu_mul(gu, INTER, act, bits)
+            if a8_in[layer, 3] != 0:
+                ok &= quantize_a8(act[:INTER], xu, xs)
+        if products:
+            run_op(lo[SLOT_DOWN[0]], act[:INTER], xu, xs, x_buf, tmp, threads, kw)
+        if elementwise:
+            for i in range(H):
+                h[i] += x[i]
+    if elementwise:
+        ok &= norm_and_quantize(h, norms[2 * L], eps, x, xu, xs, a8_in[L, 0] != 0)
+        ok &= np.isfinite(x.sum())
+    if products:
+        run_op(head_op, x, xu, xs, logits, tmp, threads, kw)
     return ok
 
 
