@@ -2,11 +2,14 @@
 
     .venv/bin/python benchmarks/bench_prefetch.py                      # GEMV, 1 thread, AVX2 rows
     .venv/bin/python benchmarks/bench_prefetch.py --vnni512            # the AVX-512 VNNI rows
+    .venv/bin/python benchmarks/bench_prefetch.py --avxvnni            # the AVX-VNNI (VEX 256-bit) rows
     .venv/bin/python benchmarks/bench_prefetch.py --decode outputs/bench-llamacpp/smol-24-int4-g128
 
 The kernels (``kernels/cpu_avx2.py`` gemv24 int8/int4, ``kernels/dense_a8.py`` avx2: the dense
 INT8 head) can issue one ``prefetcht0`` per row and 64-column chunk, ``D`` bytes ahead in the
-weight stream (``A8_PREFETCH_DEFAULT`` / ``PREFETCH_BYTES``; 0 = none). Each distance is compiled
+weight stream (``A8_PREFETCH_DEFAULT`` / ``PREFETCH_BYTES``; 0 = none); ``--avxvnni`` and
+``--vnni512`` time those kernels' VNNI variants instead (a CPU with the feature: Alder Lake or
+Zen 5 for AVX-VNNI). Each distance is compiled
 separately; all are timed interleaved in one process (round robin), each GEMV call after a
 96 MiB read so its weights stream from DRAM as in decoding. Ratios are against D = 0 (the
 minimum time of each; the median ratio beside it).
@@ -25,16 +28,19 @@ import sys
 import time
 
 # --vnni512: the AVX-512 VNNI rows (cpu_vnni, dense_a8 avx512vnni) on a CPU that has them;
-# otherwise the AVX2 rows, forced so that an AVX-512 machine runs them too
+# --avxvnni: the AVX-VNNI rows (cpu_avx2 vnni variants, dense_a8 avxvnni); otherwise the AVX2
+# rows - each forced with the CPU cap, so that an AVX-512 machine runs the 256-bit ones too
 VNNI512 = "--vnni512" in sys.argv
-os.environ.setdefault("SPARSEMERGE_CPU_FEATURES", "native" if VNNI512 else "avx2")  # before the kernels are imported
+AVXVNNI = "--avxvnni" in sys.argv
+MODE = "avx512vnni" if VNNI512 else "avxvnni" if AVXVNNI else "avx2"
+os.environ.setdefault("SPARSEMERGE_CPU_FEATURES", {"avx512vnni": "native", "avxvnni": "avxvnni", "avx2": "avx2"}[MODE])
 
 import sparsemerge  # noqa: F401,E402 - before torch: huge pages for its buffers
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from sparsemerge.kernels import cpu_avx2, cpu_vnni, dense_a8  # noqa: E402
+from sparsemerge.kernels import cpu_avx2, cpu_vnni, dense_a8, features  # noqa: E402
 from sparsemerge.kernels.layout import pack_blocked  # noqa: E402
 from sparsemerge.masks import nm_mask  # noqa: E402
 
@@ -57,7 +63,7 @@ def sparse_runner(rows: int, cols: int, codec: str, distance: int, threads: int,
         run = cpu_vnni._row_runner(fns[codec])
     else:
         plan = cpu_avx2.prepare_a8(layer)
-        run = cpu_vnni._row_runner(cpu_avx2.compiled_functions(False, distance)[codec])
+        run = cpu_vnni._row_runner(cpu_avx2.compiled_functions(AVXVNNI, distance)[codec])
     args = (plan["stream"], plan["scale"], plan["corr"])
     tail = (rows, plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"], threads)
     return (lambda x: run(*args, x, *tail)), plan["nbytes"]
@@ -78,7 +84,7 @@ def dense_runner(rows: int, cols: int, distance: int, threads: int, seed: int):
     rng = np.random.default_rng(seed)
     plan = dense_a8.prepare(rng.integers(-127, 128, (rows, cols)).astype(np.int8),
                             (rng.random((rows, 1)) * 0.01 + 1e-3).astype(np.float32), 0)
-    addr = dense_a8.address("avx512vnni" if VNNI512 else "avx2", distance)
+    addr = dense_a8.address(MODE, distance)
     args = (plan["stream"], plan["scale"], plan["corr"])
     tail = (rows, plan["npairs"], plan["tail"], plan["nscale"], plan["xb_per_q"], threads)
     return (lambda x: dense_a8._run(addr, *args, x[0], *tail)), plan["stream"].nbytes
@@ -122,17 +128,17 @@ def bench_decode(model_dir: str, distances: list[int], tokens: int, repeats: int
     loaded = load_packed(model_dir)
     prompt = "The history of the printing press begins in"
     engines = {}
-    defaults = (cpu_avx2.A8_PREFETCH_DEFAULT[False], cpu_vnni.PREFETCH_BYTES, dict(dense_a8.PREFETCH_BYTES))
+    defaults = (dict(cpu_avx2.A8_PREFETCH_DEFAULT), cpu_vnni.PREFETCH_BYTES, dict(dense_a8.PREFETCH_BYTES))
     for d in distances:  # the engine takes the module defaults when it resolves its kernels
         if VNNI512:
             cpu_vnni.PREFETCH_BYTES = d
-            dense_a8.PREFETCH_BYTES["avx512vnni"] = d
         else:
-            cpu_avx2.A8_PREFETCH_DEFAULT[False] = d
-            dense_a8.PREFETCH_BYTES["avx2"] = d
+            cpu_avx2.A8_PREFETCH_DEFAULT[AVXVNNI] = d
+        dense_a8.PREFETCH_BYTES[MODE] = d
         engines[d] = DecodeEngine(loaded.model, loaded.tokenizer, act_quant="int8", max_seq=tokens + 64)
         engines[d].generate(prompt, max_new_tokens=4)  # JIT warm-up
-    cpu_avx2.A8_PREFETCH_DEFAULT[False], cpu_vnni.PREFETCH_BYTES = defaults[:2]
+    cpu_avx2.A8_PREFETCH_DEFAULT.update(defaults[0])
+    cpu_vnni.PREFETCH_BYTES = defaults[1]
     dense_a8.PREFETCH_BYTES.update(defaults[2])
     first = engines[distances[0]]
     kernels = first.plan.kernel_counts()
@@ -164,7 +170,12 @@ def main(argv: "list[str] | None" = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--decode-repeats", type=int, default=5)
     p.add_argument("--vnni512", action="store_true", help="the AVX-512 VNNI kernels instead of the AVX2 ones")
+    p.add_argument("--avxvnni", action="store_true", help="the AVX-VNNI (256-bit) kernels instead of the AVX2 ones")
     args = p.parse_args(argv)
+    if args.vnni512 and args.avxvnni:
+        p.error("--vnni512 and --avxvnni time different kernels: pick one")
+    if args.avxvnni and "avxvnni" not in features.host_features():
+        p.error("--avxvnni: this CPU has no AVX-VNNI (Alder Lake, Zen 5 and newer have it)")
     distances = [int(d) for d in args.distances.split(",")]
     if distances[0] != 0:
         distances = [0] + [d for d in distances if d != 0]
@@ -173,7 +184,7 @@ def main(argv: "list[str] | None" = None) -> int:
     numba.set_num_threads(args.threads)
     torch.set_num_threads(args.threads)
     flags = open("/proc/cpuinfo").read().split("flags", 2)[1].split("\n")[0] if os.path.exists("/proc/cpuinfo") else ""
-    print(f"CPU: avx512f={'avx512f' in flags} avx2={'avx2' in flags}; threads {args.threads}; "
+    print(f"CPU: avx512f={'avx512f' in flags} avx_vnni={'avx_vnni' in flags} avx2={'avx2' in flags}; kernels {MODE}; threads {args.threads}; "
           f"SPARSEMERGE_CPU_FEATURES={os.environ['SPARSEMERGE_CPU_FEATURES']}")
     shapes = []
     for s in [s for s in args.shapes.split(",") if s]:

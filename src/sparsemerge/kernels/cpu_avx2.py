@@ -69,7 +69,9 @@ TARGET_CPU = "x86-64-v3"
 # the hardware prefetcher alone left the kernel at DRAM latency (compute and the loads did not
 # overlap); benchmarks/bench_prefetch.py measures the distances.
 A8_PREFETCH_BYTES = 4096
-A8_PREFETCH_DEFAULT = {False: A8_PREFETCH_BYTES, True: 0}  # per vnni: AVX-VNNI is not measured yet
+# per vnni (the AVX-VNNI variants): 4096 too, measured on a Zen 5 (SmolLM2 2:4 decoding 1.23-1.31x
+# INT4 g128, 1.05-1.14x INT8 against none, BENCHMARKS.md)
+A8_PREFETCH_DEFAULT = {False: A8_PREFETCH_BYTES, True: A8_PREFETCH_BYTES}
 F32_PREFETCH_BYTES = 0  # the float32 kernel's (weights and metadata streams)
 
 
