@@ -13,8 +13,8 @@ the INT8 activation rounding; llama.cpp: its logits for every position). ``--cpu
 caps the kernels to AVX2 (``SPARSEMERGE_CPU_FEATURES=avx2``) so the AVX2 numbers are known on
 an AVX-512 machine. Our per-token breakdown (``DecodeEngine.breakdown``) splits a token into
 the products (the kernels), attention, the element-wise rest (norms, RoPE, SwiGLU, ...) and
-the runtime's own overhead (the compiled step beyond those, and the Python around it:
-sampling, text), with the overhead's share of the token.
+the runtime's own overhead (calling the compiled step, and the Python around it: sampling,
+text), with the overhead's share of the token.
 
 Our models (built when missing, under --work): SparseGPT 2:4 (the demo's 8 x 512
 calibration), packed 2:4 + INT4 in groups of 128 and 2:4 + INT8 per channel, embedding and

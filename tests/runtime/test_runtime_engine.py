@@ -370,11 +370,15 @@ def test_breakdown_times_each_part_and_leaves_the_state_alone():
     assert res.tokens == ref.tokens and len(res.step_seconds) == 4
     logits = timed.logits.copy()
     parts = timed.breakdown(res, repeats=2)
-    assert set(parts) == {"token", "step", "products", "attention", "elementwise", "dispatch", "python", "overhead"}
-    assert all(v >= 0 for v in parts.values()) and parts["products"] > 0 and parts["elementwise"] > 0
+    assert set(parts) == {"token", "step", "products", "attention", "elementwise", "dispatch", "python", "overhead",
+                          "unattributed"}
+    assert all(parts[k] > 0 for k in ("token", "step", "products", "attention", "elementwise", "dispatch"))
+    assert parts["python"] == pytest.approx(max(0.0, parts["token"] - parts["step"]))
     assert parts["overhead"] == pytest.approx(parts["dispatch"] + parts["python"])
-    assert parts["dispatch"] == pytest.approx(
-        max(0.0, parts["step"] - parts["products"] - parts["attention"] - parts["elementwise"]))
+    assert parts["unattributed"] == pytest.approx(
+        parts["step"] - parts["products"] - parts["attention"] - parts["elementwise"] - parts["dispatch"])
+    # a step that runs none of its parts costs less than the element-wise part, which does work
+    assert parts["dispatch"] < parts["elementwise"]
     np.testing.assert_array_equal(timed.logits, logits)  # time_products writes the logits to a sink
     for t in (3, 8):
         np.testing.assert_array_equal(timed.step(t), plain.step(t))
@@ -382,6 +386,7 @@ def test_breakdown_times_each_part_and_leaves_the_state_alone():
         timed.step(5)
     full_k, full_v = timed.kc.copy(), timed.vc.copy()
     timed.time_elementwise(repeats=2)  # writes slot max_seq - 1, which holds a real key and value
+    timed.time_dispatch(repeats=2)
     np.testing.assert_array_equal(timed.kc, full_k)
     np.testing.assert_array_equal(timed.vc, full_v)
     with pytest.raises(SparsemergeError, match="not in the cache"):

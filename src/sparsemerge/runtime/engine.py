@@ -447,11 +447,9 @@ class DecodeEngine:
             if not np.shares_memory(target, arrays[0]):
                 np.copyto(target, arrays[0])
 
-    def time_elementwise(self, repeats: int = 20) -> float:
-        """Median seconds of one step's element-wise rest alone - the embedding row, RMSNorm
-        and the INT8 quantization of activations, RoPE, the KV cache write, SwiGLU and the
-        residuals (``step.decode_step_parts`` with only PART_ELEMENTWISE) - on the step's
-        buffers. The cache slot it writes is restored afterwards."""
+    def _time_step_parts(self, parts: int, repeats: int) -> float:
+        """Median seconds of ``step.decode_step_parts`` running only ``parts`` on the step's
+        buffers; the cache slot it may write is restored afterwards."""
         slot = min(self.pos, self.max_seq - 1)
         saved_k, saved_v = self.kc[:, :, slot].copy(), self.vc[:, :, slot].copy()
         times = []
@@ -460,19 +458,35 @@ class DecodeEngine:
                 t0 = time.perf_counter()
                 S.decode_step_parts(0, slot, self.cfg, self.eps, self.scaling, self.ops, self.head_op, self.a8_in,
                                     self.norms, self.emb, self.kc, self.vc, self.cos, self.sin, self.bufs, self.kw,
-                                    self.logits, S.PART_ELEMENTWISE)
+                                    self.logits, parts)
                 times.append(time.perf_counter() - t0)
         finally:
             self.kc[:, :, slot], self.vc[:, :, slot] = saved_k, saved_v
         return float(np.median(times[1:]))
 
+    def time_elementwise(self, repeats: int = 20) -> float:
+        """Median seconds of one step's element-wise rest alone - the embedding row, RMSNorm
+        and the INT8 quantization of activations, RoPE, the KV cache write, SwiGLU and the
+        residuals (``step.decode_step_parts`` with only PART_ELEMENTWISE) - on the step's
+        buffers. The cache slot it writes is restored afterwards."""
+        return self._time_step_parts(S.PART_ELEMENTWISE, repeats)
+
+    def time_dispatch(self, repeats: int = 20) -> float:
+        """Median seconds of a step that runs none of its parts: calling the compiled step
+        from Python (unboxing its arguments) and walking the layers and the op table - the
+        step's own cost beyond its work."""
+        return self._time_step_parts(0, repeats)
+
     def breakdown(self, result: GenerationResult, repeats: int = 20) -> dict[str, float]:
         """Where a decoded token of ``result`` (the last generation of this engine) went, in
-        seconds: ``products`` (:meth:`time_products`), ``attention`` (:meth:`time_attention`
-        at the middle decoded position), ``elementwise`` (:meth:`time_elementwise`) - the
-        work - and the runtime's own overhead: ``dispatch`` (the step's time beyond that work:
-        calling the compiled step, the op table, starting threads per product) and ``python``
-        (sampling, stop checks, the loop around the step); ``overhead`` is their sum."""
+        seconds, each part timed alone on the step's buffers: ``products``
+        (:meth:`time_products`), ``attention`` (:meth:`time_attention` at the middle decoded
+        position), ``elementwise`` (:meth:`time_elementwise`) - the work - and the runtime's
+        own overhead: ``dispatch`` (:meth:`time_dispatch`) and ``python`` (the token's time
+        beyond its step in ``result``: sampling, stop checks, the loop); ``overhead`` is their
+        sum. ``unattributed``: the step's time less its four parts, signed - how well the
+        parts timed alone add up to the step (timing noise, and products that run faster or
+        slower back to back than between the other parts)."""
         steps = len(result.step_seconds)
         if steps < 1:
             raise SparsemergeError("breakdown needs a generation of at least 2 tokens")
@@ -481,10 +495,11 @@ class DecodeEngine:
         products = self.time_products(repeats)
         attention = self.time_attention(repeats, pos=max(0, self.pos - 1 - steps // 2))
         elementwise = self.time_elementwise(repeats)
-        dispatch = max(0.0, step - products - attention - elementwise)
+        dispatch = self.time_dispatch(repeats)
         python = max(0.0, token - step)
         return {"token": token, "step": step, "products": products, "attention": attention, "elementwise": elementwise,
-                "dispatch": dispatch, "python": python, "overhead": dispatch + python}
+                "dispatch": dispatch, "python": python, "overhead": dispatch + python,
+                "unattributed": step - products - attention - elementwise - dispatch}
 
     # ------------------------------------------------------------------ running
     def reset(self) -> None:
