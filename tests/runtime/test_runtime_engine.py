@@ -391,3 +391,23 @@ def test_breakdown_times_each_part_and_leaves_the_state_alone():
     np.testing.assert_array_equal(timed.vc, full_v)
     with pytest.raises(SparsemergeError, match="not in the cache"):
         timed.time_attention(pos=timed.pos)
+
+
+def test_step_runs_the_compiled_entry_point_and_follows_a_swapped_array():
+    """``step`` calls the step's compiled entry point (numba's dispatcher would type ~50
+    arrays per call), resolved once for the engine's argument objects; an argument replaced by
+    a new object is picked up, not the stale one."""
+    from sparsemerge.runtime import step as S
+
+    model = _sparse_llama("int8", act_quant="int8")
+    engine = DecodeEngine(model, max_seq=12, kv_cache=KV, act_quant="int8")
+    plain = DecodeEngine(model, max_seq=12, kv_cache=KV, act_quant="int8")
+    np.testing.assert_array_equal(engine.step(IDS[0]), plain.step(IDS[0]))
+    entry = engine._entries[S.decode_step][1]
+    assert entry is not S.decode_step and callable(entry)
+    old = engine.logits
+    engine.logits = np.full_like(old, -1.0)  # a new object: the step must write into it
+    out = engine.step(IDS[1])
+    assert out is engine.logits and not np.shares_memory(out, old)
+    np.testing.assert_array_equal(out, plain.step(IDS[1]))
+    assert engine._entries[S.decode_step][0][-1] is engine.logits  # resolved again for the new array
