@@ -520,12 +520,10 @@ def decode_step_parts(token, pos, cfg, eps, scaling, ops, head_op, a8_in, norms,
     elementwise = (parts & PART_ELEMENTWISE) != 0
     table, codes, escale = emb
     # embedding lookup: float table or INT8 codes with row/group scales
-    if not elementwise:
-        pass
-    elif table.shape[0] > 1:
+    if elementwise and table.shape[0] > 1:
         for i in range(H):
             h[i] = table[token, i]
-    else:
+    elif elementwise:
         group = cfg[C_EMB_GROUP]
         for i in range(H):
             h[i] = np.float32(codes[token, i]) * escale[token, i // group]
