@@ -162,6 +162,7 @@ def main() -> None:
     import sparsemerge  # noqa: F401
     from sparsemerge.eval.data import eval_windows
     from sparsemerge.io import load_model
+    from sparsemerge.io.atomic import write_json_atomic
 
     models = args.models or build_models(args.work)
     tok = load_model("smollm2").tokenizer
@@ -200,7 +201,7 @@ def main() -> None:
                 results.append(r)
                 print(json.dumps(r), flush=True)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
+        write_json_atomic(args.json, results)  # a temporary name, renamed when complete
     print_table(results)
 
 
